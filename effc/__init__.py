@@ -1,0 +1,15 @@
+"""effc: a torch.compile backend that makes models cheaper to run by rewriting them.
+
+    compiled = torch.compile(model, backend="effc", options={"debug_dir": "effc_debug"})
+
+The backend is registered through the `torch_dynamo_backends` entry point, so
+`backend="effc"` works without importing this package.
+"""
+
+from effc.compiler.backend import reset, session_report as report
+from effc.compiler.config import Config
+from effc.compiler.explain import explain
+from effc.compiler.report import Report
+
+__version__ = "0.1.0"
+__all__ = ["Config", "Report", "explain", "report", "reset"]

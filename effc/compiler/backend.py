@@ -1,0 +1,97 @@
+"""`torch.compile(model, backend="effc", options=...)`: the function Dynamo calls per graph.
+
+Flow (DESIGN.md): options -> Config -> PassManager over the enabled passes -> verify ->
+lowering -> a callable. The callable re-derives the rewrite when a weight it was derived
+from has changed since (the stale-weight guard).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from effc.compiler.config import Config
+from effc.compiler.dumper import Dumper, new_graph_name
+from effc.compiler.graph_facts import copy_graph_module
+from effc.compiler.lowering import lower, resolve
+from effc.compiler.pass_manager import PassContext, PassManager
+from effc.compiler.report import GraphReport, Report
+from effc.compiler.verify import verify_outputs
+from effc.compiler.weight_guard import stale, stamp
+from effc.passes import registered
+
+SESSION = Report()  # every graph compiled in this process since effc.reset()
+
+
+class CompiledGraph:
+    """What Dynamo runs for one graph: the lowered, rewritten graph, kept fresh."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config,
+                 grad_enabled: bool, lower_result: bool = True):
+        self.original = copy_graph_module(gm)
+        self.config = config
+        self.lower_result = lower_result
+        self.report = GraphReport(graph=new_graph_name(config.debug_dir), grad_enabled=grad_enabled,
+                                  config=config.to_dict(), nodes_before=len(gm.graph.nodes),
+                                  lowering=resolve(config.lowering) if lower_result else "none")
+        self._build(example_inputs)
+
+    def _build(self, example_inputs: Sequence[Any]) -> None:
+        start = time.perf_counter()
+        config, report = self.config, self.report
+        report.passes, report.verify, report.notes = [], [], []
+        gm = copy_graph_module(self.original)
+        ctx = PassContext(gm, example_inputs, config, report.grad_enabled)
+        report.inputs = ctx.facts.describe()
+        instruments = list(config.instruments)
+        if config.debug_dir is not None:
+            instruments.append(Dumper(Path(config.debug_dir) / report.graph))
+        passes = [registered()[name](cfg) for name, cfg in config.passes.items()]
+        manager = PassManager(passes, instruments, strict=config.strict, disabled=config.disable)
+        gm = manager.run(gm, ctx, report)
+        report.nodes_after = len(gm.graph.nodes)
+        if config.verify:
+            report.verify = verify_outputs(self.original.forward, gm.forward, ctx.facts)
+        self.gm = gm
+        self.fn = lower(gm, example_inputs, config.lowering) if self.lower_result else gm.forward
+        self.stamps = stamp(ctx.facts, ctx.ledger.derived_from)
+        report.compile_seconds = time.perf_counter() - start
+        for inst in instruments:
+            inst.on_graph_end(gm, ctx, report)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.stamps:
+            changed = stale(self.stamps, args)
+            if changed:
+                self.report.rederivations += 1
+                self._build(args)
+                self.report.notes.append(f"re-derived after these weights changed: "
+                                         f"{', '.join(changed)}")
+        return self.fn(*args)
+
+
+def effc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 options: Mapping[str, Any] | None = None, mode: str | None = None) -> CompiledGraph:
+    """The effc backend (entry point `torch_dynamo_backends: effc`)."""
+    if mode is not None:
+        raise ValueError(f"effc: torch.compile(mode={mode!r}) has no meaning for effc; "
+                         "accepted: mode=None or 'default'. Pass effc's settings in options=")
+    config = Config.from_options(options)
+    compiled = CompiledGraph(gm, example_inputs, config, torch.is_grad_enabled())
+    SESSION.graphs.append(compiled.report)
+    return compiled
+
+
+def session_report() -> Report:
+    """Every graph compiled with effc in this process since the last `reset()`."""
+    return SESSION
+
+
+def reset() -> None:
+    """Forget the session report (compiled models keep working)."""
+    SESSION.graphs.clear()

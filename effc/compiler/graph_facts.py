@@ -1,0 +1,184 @@
+"""What every pass needs to know about the FX graph Dynamo hands effc.
+
+Dynamo lifts parameters and buffers into the graph as placeholders whose example inputs are
+the `nn.Parameter` objects themselves; `node.meta["grapharg"].source` names the module path.
+`GraphFacts` maps each placeholder to a `GraphInput` (kind, readable fully-qualified name,
+example value) so passes can ask "is this argument a weight, and which one?".
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+InputKind = Literal["parameter", "buffer", "input", "symint"]
+
+_ROOT = re.compile(r"^[LG]\['([^']*)'\]")
+_TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]"  # nn.Module dicts
+                    r"|\.([A-Za-z_]\w*)"                              # attribute
+                    r"|\[(?:'([^']*)'|(\d+))\]")                       # key or index
+_ROOTS_DROPPED = {"self", "fn", "mod", "model", "module", "m"}
+
+
+def fqn_from_source(source_name: str) -> str:
+    """`L['self']._modules['model']._parameters['weight']` -> `model.weight`.
+
+    The root (`self`/`fn`, the compiled module) is dropped so names equal
+    `model.named_parameters()`; other roots (a global, a function argument) are kept.
+    Unparsable text (a source kind this does not know) is returned unchanged.
+    """
+    m = _ROOT.match(source_name)
+    if not m:
+        return source_name
+    parts = [] if m.group(1) in _ROOTS_DROPPED else [m.group(1)]
+    pos = m.end()
+    while pos < len(source_name):
+        t = _TOKEN.match(source_name, pos)
+        if not t:
+            return source_name
+        parts.append(next(g for g in t.groups() if g is not None))
+        pos = t.end()
+    return ".".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """One placeholder: its position in the calling convention, kind, name and example."""
+
+    index: int
+    node_name: str
+    kind: InputKind
+    name: str
+    value: Any
+
+
+def _kind(source_name: str, value: Any) -> InputKind:
+    if isinstance(value, (torch.SymInt, int, float, bool)) and not isinstance(value, torch.Tensor):
+        return "symint"
+    if isinstance(value, torch.nn.Parameter) or "._parameters[" in source_name:
+        return "parameter"
+    if "._buffers[" in source_name:
+        return "buffer"
+    return "input"
+
+
+class GraphFacts:
+    """Placeholders of a Dynamo graph, classified and named; stable across graph copies."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(example_inputs):
+            raise ValueError(f"graph has {len(placeholders)} placeholders but "
+                             f"{len(example_inputs)} example inputs were given")
+        self.inputs: list[GraphInput] = []
+        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+            grapharg = node.meta.get("grapharg")
+            source = grapharg.source.name if grapharg is not None else node.name
+            kind = _kind(source, value)
+            name = fqn_from_source(source) if kind in ("parameter", "buffer") else source
+            self.inputs.append(GraphInput(i, node.name, kind, name, value))
+        self._by_node = {gi.node_name: gi for gi in self.inputs}
+        self.weights = {gi.name: gi for gi in self.inputs if gi.kind in ("parameter", "buffer")}
+
+    def input_of(self, node: Any) -> GraphInput | None:
+        """The GraphInput behind `node` if it is a placeholder, else None."""
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return self._by_node.get(node.name)
+        return None
+
+    def weight_name(self, node: Any) -> str | None:
+        """Fully-qualified parameter/buffer name if `node` is a lifted weight, else None."""
+        gi = self.input_of(node)
+        return gi.name if gi is not None and gi.kind in ("parameter", "buffer") else None
+
+    def weight_value(self, node: Any) -> torch.Tensor | None:
+        """The real tensor behind a weight placeholder (compile-time value), else None."""
+        gi = self.input_of(node)
+        return gi.value if gi is not None and gi.kind in ("parameter", "buffer") else None
+
+    def describe(self) -> dict[str, int]:
+        """Counts per kind, and parameter elements, for the report."""
+        out: dict[str, int] = {k: 0 for k in ("parameter", "buffer", "input", "symint")}
+        for gi in self.inputs:
+            out[gi.kind] += 1
+        out["parameter_elements"] = sum(gi.value.numel() for gi in self.inputs
+                                        if gi.kind == "parameter")
+        return out
+
+
+def matches(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+    """True if `name` passes the glob filters: some include matches (or none given), no exclude.
+
+    A pattern also matches the owning module: `*.mlp.*` and `layers.0.mlp` both select
+    `layers.0.mlp.down_proj.weight`.
+    """
+    def hit(pattern: str) -> bool:
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+    include, exclude = list(include), list(exclude)
+    return (not include or any(map(hit, include))) and not any(map(hit, exclude))
+
+
+def node_value(node: fx.Node) -> Any:
+    """The fake value FX/Dynamo recorded for `node` (`val` or Dynamo's `example_value`)."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
+    """Shape of a tensor-valued node; entries may be SymInts under dynamic shapes."""
+    val = node_value(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def node_dtype(node: fx.Node) -> torch.dtype | None:
+    val = node_value(node)
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def is_static(size: Any) -> bool:
+    """A size a pass may bake into the graph: an int, or a SymInt Dynamo specialized to one."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return is_concrete_int(size)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structural copy: new graph and nodes (meta copied shallowly), tensors shared.
+
+    This is the snapshot a rolled-back pass returns to; it never copies weight values.
+    """
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    old_output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    new_output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    new_output.meta = copy.copy(old_output.meta)
+    new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta = copy.copy(getattr(gm, "meta", {}))
+    return new_gm
+
+
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str) -> fx.Node:
+    """Register `tensor` as a buffer of `gm` under a fresh name and return a get_attr node for it.
+
+    The node is placed after the placeholders, so any later node may use it.
+    """
+    base = "_effc_" + re.sub(r"\W", "_", name_hint).strip("_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, tensor.detach(), persistent=False)
+    first = next((n for n in gm.graph.nodes if n.op != "placeholder"), None)
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = torch.empty_like(tensor, device="meta")
+    return node

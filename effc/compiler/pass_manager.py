@@ -1,0 +1,165 @@
+"""The pass manager: runs enabled passes in order, observably, and never leaves a broken graph.
+
+In the spirit of torch.fx's PassManager and TVM's PassContext/PassInstrument: instruments hook
+before/after each pass (the dumper is one), every pass is timed, the graph is linted and
+recompiled after each pass, and a pass that raises is rolled back to the graph it started
+from (or re-raised under `strict`). `PassContext` is what a pass sees of the world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from effc.compiler.config import Config, PassConfig
+from effc.compiler.graph_facts import GraphFacts, add_constant, copy_graph_module, matches
+from effc.compiler.report import GraphReport, PassRecord, SiteRow
+from effc.passes.base import Pass
+
+
+class Instrument:
+    """Hooks around the passes of one graph. Override what you need; all default to no-ops."""
+
+    def on_graph_start(self, gm: fx.GraphModule, ctx: PassContext) -> None: ...
+
+    def before_pass(self, name: str, gm: fx.GraphModule, ctx: PassContext) -> None: ...
+
+    def after_pass(self, name: str, gm: fx.GraphModule, ctx: PassContext,
+                   record: PassRecord) -> None: ...
+
+    def on_graph_end(self, gm: fx.GraphModule, ctx: PassContext,
+                     report: GraphReport) -> None: ...
+
+
+class PrintGraphs(Instrument):
+    """Print the graph's code after every pass (a debugging aid)."""
+
+    def after_pass(self, name, gm, ctx, record):
+        print(f"# effc: graph after {name} ({record.status})\n{gm.code}")
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """What passes have taken so far; snapshotted and restored around each pass."""
+
+    claims: dict[str, str] = dataclasses.field(default_factory=dict)   # weight -> pass
+    derived_from: set[str] = dataclasses.field(default_factory=set)    # weights read for constants
+    rewrites: int = 0
+
+
+class PassContext:
+    """What a pass sees: weights and names, example inputs, options, and the claim ledger."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config,
+                 grad_enabled: bool):
+        self.facts = GraphFacts(gm, example_inputs)
+        self.example_inputs = list(example_inputs)
+        self.config = config
+        self.grad_enabled = grad_enabled
+        self.ledger = _Ledger()
+        self.current_pass: str = ""
+        self.current_config: PassConfig | None = None
+
+    # --- where a pass may act -------------------------------------------------------------
+    def selected(self, name: str) -> bool:
+        """True if the global and the current pass's include/exclude filters admit `name`."""
+        cfg = self.current_config
+        return (matches(name, self.config.include, self.config.exclude)
+                and (cfg is None or matches(name, cfg.include, cfg.exclude)))
+
+    def claim(self, site: str, weights: Sequence[str] = ()) -> str | None:
+        """Ask to rewrite `site` (reading `weights`). None if granted, else the reason it is not.
+
+        A weight already claimed by another pass is not rewritten twice; `max_rewrites` caps
+        the total number of rewrites (for bisecting which site hurt).
+        """
+        taken = [(w, self.ledger.claims[w]) for w in weights
+                 if self.ledger.claims.get(w, self.current_pass) != self.current_pass]
+        if taken:
+            return f"weight {taken[0][0]} already rewritten by {taken[0][1]}"
+        cap = self.config.max_rewrites
+        if cap is not None and self.ledger.rewrites >= cap:
+            return f"max_rewrites={cap} reached"
+        for w in weights:
+            self.ledger.claims[w] = self.current_pass
+        self.ledger.rewrites += 1
+        return None
+
+    # --- constants derived from weights ----------------------------------------------------
+    def add_constant(self, gm: fx.GraphModule, tensor: torch.Tensor, *, derived_from: Sequence[str],
+                     name_hint: str) -> fx.Node:
+        """Add `tensor` to the graph as a constant; the guard re-derives if a source changes."""
+        unknown = [w for w in derived_from if w not in self.facts.weights]
+        if unknown:
+            raise KeyError(f"derived_from names no weight of this graph: {unknown}")
+        self.ledger.derived_from.update(derived_from)
+        return add_constant(gm, tensor, name_hint)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first tensor input (CPU for a graph without tensors)."""
+        t = next((gi.value for gi in self.facts.inputs if isinstance(gi.value, torch.Tensor)), None)
+        return t.device if t is not None else torch.device("cpu")
+
+
+class PassManager:
+    """Runs passes in the configured order over one graph, with instruments and rollback."""
+
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (),
+                 strict: bool = False, disabled: Sequence[str] = ()):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.strict = strict
+        self.disabled = set(disabled)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, report: GraphReport) -> fx.GraphModule:
+        for inst in self.instruments:
+            inst.on_graph_start(gm, ctx)
+        for p in self.passes:
+            gm, record = self._run_one(p, gm, ctx)
+            report.passes.append(record)
+            for inst in self.instruments:
+                inst.after_pass(p.name, gm, ctx, record)
+        return gm
+
+    def _run_one(self, p: Pass, gm: fx.GraphModule, ctx: PassContext
+                 ) -> tuple[fx.GraphModule, PassRecord]:
+        ctx.current_pass, ctx.current_config = p.name, p.config
+        for inst in self.instruments:
+            inst.before_pass(p.name, gm, ctx)
+        if p.name in self.disabled:
+            return gm, PassRecord(p.name, status="skipped",
+                                  reason="disabled (option 'disable' or EFFC_DISABLE)")
+        if p.rewrites_weights and ctx.grad_enabled:
+            reason = ("grad mode is on: weight-rewriting passes apply to inference only "
+                      "(call the compiled model under torch.no_grad() or torch.inference_mode())")
+            if self.strict:
+                raise RuntimeError(f"effc pass {p.name}: {reason}")
+            return gm, PassRecord(p.name, status="skipped", reason=reason)
+        snapshot = copy_graph_module(gm)
+        ledger = dataclasses.replace(ctx.ledger, claims=dict(ctx.ledger.claims),
+                                     derived_from=set(ctx.ledger.derived_from))
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                result = p.run(gm, ctx)
+            bad = [type(s).__name__ for s in result.sites if not isinstance(s, SiteRow)]
+            if bad:
+                raise TypeError(f"pass returned site rows of type {bad[0]}, expected SiteRow")
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as exc:
+            if self.strict:
+                raise
+            ctx.ledger = ledger
+            return snapshot, PassRecord(p.name, status="rolled back",
+                                        reason=f"{type(exc).__name__}: {exc}",
+                                        seconds=time.perf_counter() - start)
+        finally:
+            ctx.current_pass, ctx.current_config = "", None
+        return gm, PassRecord(p.name, seconds=time.perf_counter() - start, sites=list(result.sites))

@@ -1,0 +1,1 @@
+"""Custom ops of effc: one module per kernel family (Triton kernel + torch reference + registration)."""

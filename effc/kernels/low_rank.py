@@ -1,0 +1,306 @@
+"""``effc::low_rank_linear``: a factorized Linear ``act((x @ v.T) @ u.T + bias)``.
+
+A Linear whose weight was replaced by ``W ~= u @ v`` (``u: [N, r]``, ``v: [r, K]``)
+costs ``r * (K + N)`` multiply-adds per row instead of ``N * K``. Done as two plain
+matmuls it also writes and re-reads the ``[M, r]`` intermediate and runs the bias and
+activation as extra elementwise passes. The Triton kernel here keeps the intermediate
+in registers and fuses bias and activation into the store.
+
+Registration (see DESIGN): a torch reference (CPU implementation and test oracle), a
+fake implementation for Dynamo/FakeTensor shape propagation, and a Triton path used for
+CUDA tensors via ``torch.library.triton_op`` + ``wrap_triton`` so inductor can see the
+kernel. Without Triton the op is still registered, with the reference only.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.library import wrap_triton  # bare name: triton_op's source scan looks for it
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the op still works on CPU through the reference
+    triton = None
+    tl = None
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+# Above this rank the [BLOCK_M, r] fp32 intermediate no longer fits comfortably in
+# registers, so the CUDA path uses two library matmuls instead of the fused kernel.
+MAX_FUSED_RANK = 128
+
+_TORCH_ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _check_args(x, v, u, bias, activation) -> int:
+    """Validate the operands once for every implementation; returns N."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}")
+    if x.dim() < 1 or v.dim() != 2 or u.dim() != 2:
+        raise ValueError(
+            "low_rank_linear expects x: [..., K], v: [r, K], u: [N, r]; got "
+            f"x {tuple(x.shape)}, v {tuple(v.shape)}, u {tuple(u.shape)}"
+        )
+    rank, k = v.shape
+    if x.shape[-1] != k or u.shape[1] != rank:
+        raise ValueError(
+            "low_rank_linear shape mismatch: need x[..., K], v[r, K], u[N, r]; got "
+            f"x {tuple(x.shape)}, v {tuple(v.shape)}, u {tuple(u.shape)}"
+        )
+    n = u.shape[0]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"low_rank_linear: bias must have shape ({n},) to match u {tuple(u.shape)}; got {tuple(bias.shape)}")
+    operands = [x, v, u] + ([bias] if bias is not None else [])
+    if len({t.dtype for t in operands}) != 1 or len({t.device for t in operands}) != 1:
+        raise ValueError(
+            "low_rank_linear: x, v, u and bias must share dtype and device; got "
+            f"{[(t.dtype, str(t.device)) for t in operands]}"
+        )
+    return n
+
+
+def low_rank_linear_reference(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """Plain torch: the CPU implementation, the r > MAX_FUSED_RANK CUDA fallback, and the oracle."""
+    _check_args(x, v, u, bias, activation)
+    return _TORCH_ACTIVATIONS[activation](F.linear(F.linear(x, v), u, bias))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _apply_activation(y, ACTIVATION: tl.constexpr):
+        """Epilogue on the fp32 accumulator; codes are indices into ACTIVATIONS."""
+        if ACTIVATION == 1:  # relu
+            y = tl.maximum(y, 0.0)
+        elif ACTIVATION == 2:  # gelu, erf form
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACTIVATION == 3:  # gelu, tanh form: 0.5*(1 + tanh(z)) == sigmoid(2z)
+            z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y * tl.sigmoid(2.0 * z)
+        elif ACTIVATION == 4:  # silu
+            y = y * tl.sigmoid(y)
+        return y
+
+    @triton.jit
+    def _low_rank_linear_kernel(
+        x_ptr, v_ptr, u_ptr, bias_ptr, out_ptr,
+        M, N, K, R,
+        stride_xm, stride_xk,
+        stride_vr, stride_vk,
+        stride_un, stride_ur,
+        stride_om, stride_on,
+        stride_b,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        R_PAD: tl.constexpr,
+    ):
+        """One program: BLOCK_M rows, N-blocks pid_n, pid_n + N_SPLIT, ... (N_SPLIT = grid dim 1).
+
+        t = x_blk @ v.T ([BLOCK_M, R_PAD], fp32) is computed once and stays in registers
+        for every N-block the program owns; rank padding is masked to zero so it adds
+        nothing to the second product.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        n_split = tl.num_programs(1)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_r = tl.arange(0, R_PAD)
+        mask_m = offs_m < M
+        mask_r = offs_r < R
+
+        # UPCAST_DOT: the Triton interpreter's dot multiplies bf16 tiles as raw uint16,
+        # so there (only) tiles are widened to fp32 first; the products of bf16 values
+        # are exact in fp32, so this matches a bf16 tensor-core dot with fp32 accumulation.
+        t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x_blk = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            v_t_blk = tl.load(  # [BLOCK_K, R_PAD] view of v.T
+                v_ptr + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            if UPCAST_DOT:
+                x_blk = x_blk.to(tl.float32)
+                v_t_blk = v_t_blk.to(tl.float32)
+            t = tl.dot(x_blk, v_t_blk, t, input_precision=INPUT_PRECISION)
+        # Round t to the input dtype like the two-matmul reference does; for half
+        # types this also keeps the second product on the fast tensor-core path.
+        t_in = t.to(x_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            t_in = t_in.to(tl.float32)
+
+        for n_block in range(pid_n, tl.cdiv(N, BLOCK_N), n_split):
+            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            u_t_blk = tl.load(  # [R_PAD, BLOCK_N] view of u.T
+                u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if UPCAST_DOT:
+                u_t_blk = u_t_blk.to(tl.float32)
+            y = tl.dot(t_in, u_t_blk, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            y = _apply_activation(y, ACTIVATION)
+            tl.store(
+                out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                y.to(out_ptr.dtype.element_ty),
+                mask=mask_m[:, None] & mask_n[None, :],
+            )
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs worth launching: about two waves on a GPU, one under the interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _default_tiling(m: int, r_pad: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_M, BLOCK_K, num_stages): untuned heuristics, checked only to compile for sm_80-sm_90.
+
+    fp32 tiles at rank 128 need ~100 KB of shared memory with 64-row blocks and three
+    stages (over the 99 KB limit of sm_86), so fp32 uses fewer stages and smaller tiles.
+    """
+    wide = dtype == torch.float32 and r_pad > 64
+    block_m = 16 if m < 64 else (32 if wide else 64)
+    block_k = 16 if wide else (64 if r_pad <= 64 else 32)
+    return block_m, block_k, (2 if dtype == torch.float32 else 3)
+
+
+def low_rank_linear_triton(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    *,
+    out: Optional[torch.Tensor] = None,
+    block_m: Optional[int] = None,
+    block_n: int = 64,
+    block_k: Optional[int] = None,
+    n_split: Optional[int] = None,
+) -> torch.Tensor:
+    """Fused Triton low-rank linear; runs on CUDA, or on CPU under TRITON_INTERPRET=1.
+
+    Grid: (cdiv(M, block_m), n_split). Each program computes its rows' rank-r
+    intermediate once (r*K MACs per row) and then produces N / n_split output columns
+    from it. n_split > 1 buys parallelism when M is small, at the price of recomputing
+    the intermediate n_split times; the default picks the smallest n_split that fills
+    the GPU, so large-M calls never recompute. ``n_split = cdiv(N, block_n)`` gives one
+    (row block, column block) tile per program.
+
+    ``out`` (shape ``x.shape[:-1] + (N,)``, dtype of x) is written in place and
+    returned; every element is written. Only ranks up to MAX_FUSED_RANK are accepted;
+    the op falls back to two matmuls above that. Block sizes must be powers of two
+    >= 16 (tl.dot's minimum).
+    """
+    n = _check_args(x, v, u, bias, activation)
+    if triton is None:
+        raise RuntimeError("low_rank_linear_triton needs the `triton` package, which is not importable")
+    rank, k = v.shape
+    if rank > MAX_FUSED_RANK:
+        raise ValueError(f"low_rank_linear_triton fuses ranks up to {MAX_FUSED_RANK}; got r={rank} (use the op, which falls back)")
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    if out is None:
+        out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != lead + (n,) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be {lead + (n,)} {x.dtype} on {x.device}; got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if m == 0 or n == 0:
+        return out
+    x2 = x.reshape(m, k)
+    out2 = out.view(m, n)
+
+    r_pad = max(16, triton.next_power_of_2(rank))
+    default_m, default_k, num_stages = _default_tiling(m, r_pad, x.dtype)
+    block_m = block_m or default_m
+    block_k = block_k or default_k
+    m_blocks = triton.cdiv(m, block_m)
+    n_blocks = triton.cdiv(n, block_n)
+    if n_split is None:
+        n_split = triton.cdiv(_target_programs(x.device), m_blocks)
+    n_split = max(1, min(n_split, n_blocks))
+    allow_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+    wrap_triton(_low_rank_linear_kernel)[(m_blocks, n_split)](
+        x2, v, u, bias, out2,
+        m, n, k, rank,
+        x2.stride(0), x2.stride(1),
+        v.stride(0), v.stride(1),
+        u.stride(0), u.stride(1),
+        out2.stride(0), out2.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATIONS.index(activation),
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        R_PAD=r_pad,
+        num_warps=4,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def _low_rank_linear_default(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """Non-CPU devices: the fused kernel on CUDA when the rank is small, else two matmuls."""
+    _check_args(x, v, u, bias, activation)
+    if x.device.type == "cuda":
+        if triton is None:
+            raise RuntimeError("effc::low_rank_linear on CUDA needs the `triton` package, which is not importable")
+        if v.shape[0] <= MAX_FUSED_RANK:
+            return low_rank_linear_triton(x, v, u, bias, activation)
+    return low_rank_linear_reference(x, v, u, bias, activation)
+
+
+if triton is not None:
+    low_rank_linear = torch.library.triton_op("effc::low_rank_linear", _low_rank_linear_default, mutates_args=())
+else:
+    low_rank_linear = torch.library.custom_op("effc::low_rank_linear", _low_rank_linear_default, mutates_args=())
+
+low_rank_linear.register_kernel("cpu")(low_rank_linear_reference)
+
+
+@low_rank_linear.register_fake
+def _low_rank_linear_fake(x, v, u, bias=None, activation="none"):
+    """Shape propagation only; validates so bad calls fail at trace time too."""
+    n = _check_args(x, v, u, bias, activation)
+    return x.new_empty(tuple(x.shape[:-1]) + (n,))

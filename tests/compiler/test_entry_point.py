@@ -1,0 +1,24 @@
+"""backend="effc" is found through the torch_dynamo_backends entry point, without `import effc`."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_backend_found_by_name_in_a_fresh_interpreter():
+    code = textwrap.dedent("""
+        import sys, torch
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        x = torch.randn(4, 8)
+        with torch.no_grad():
+            out = torch.compile(model, backend="effc")(x)
+            assert torch.equal(out, model(x))
+        assert "effc" in torch._dynamo.list_backends()
+        import effc.compiler.backend as backend
+        print("graphs", len(backend.SESSION.graphs))
+    """)
+    # -I: isolated mode, so neither the test's sys.path nor the working directory leak in.
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("graphs 1")

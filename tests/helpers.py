@@ -1,0 +1,153 @@
+"""Shared test models and test-only passes (registered per test with effc.passes.extra_passes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from effc.compiler.report import SiteRow
+from effc.passes import Pass, PassResult
+
+LINEAR = torch._C._nn.linear
+
+
+def linear_sites(gm: fx.GraphModule, ctx):
+    """(node, weight name) for every linear call whose weight is a lifted parameter."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is LINEAR:
+            name = ctx.facts.weight_name(node.args[1])
+            if name is not None:
+                yield node, name
+
+
+class CopyWeightPass(Pass):
+    """Replaces each linear's weight by a constant copy derived at compile time.
+
+    Numerically a no-op, so outputs stay bit-identical, but it exercises everything a real
+    weight pass does: filters, claims, derived constants and the stale-weight guard.
+    """
+
+    name = "toy_copy"
+    rewrites_weights = True
+
+    def run(self, gm, ctx):
+        rows = []
+        for node, wname in linear_sites(gm, ctx):
+            if not ctx.selected(wname):
+                rows.append(SiteRow(self.name, wname, "skipped", "excluded by filters"))
+                continue
+            denied = ctx.claim(wname, [wname])
+            if denied:
+                rows.append(SiteRow(self.name, wname, "skipped", denied))
+                continue
+            value = ctx.facts.weights[wname].value
+            const = ctx.add_constant(gm, value.detach().clone(), derived_from=[wname],
+                                     name_hint=wname)
+            node.update_arg(1, const)
+            n = value.numel()
+            rows.append(SiteRow(self.name, wname, "rewritten", params_before=n, params_after=n))
+        return PassResult(rows)
+
+
+class SecondWeightPass(Pass):
+    """A second weight pass that claims every weight matrix it is allowed to, without editing
+    the graph: checks that one weight is never taken by two passes."""
+
+    name = "toy_second"
+    rewrites_weights = True
+
+    def run(self, gm, ctx):
+        rows = []
+        for wname, gi in ctx.facts.weights.items():
+            if gi.value.dim() != 2 or not ctx.selected(wname):
+                continue
+            denied = ctx.claim(wname, [wname])
+            rows.append(SiteRow(self.name, wname, "skipped" if denied else "rewritten", denied or ""))
+        return PassResult(rows)
+
+
+class RaisingPass(Pass):
+    """Damages the graph, then raises: the manager must roll the damage back."""
+
+    name = "toy_raise"
+
+    def run(self, gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is LINEAR:
+                with gm.graph.inserting_after(node):
+                    bad = gm.graph.call_function(torch.neg, (node,))
+                node.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
+        gm.recompile()
+        raise RuntimeError("toy failure after editing the graph")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=16, d_hidden=32, d_out=5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_hidden)
+        self.head = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+class BrokenMLP(MLP):
+    """The same MLP with a graph break between its layers: Dynamo hands effc two graphs."""
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return self.head(torch.relu(self.fc2(h)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def hf_model(kind: str, seed: int = 0) -> tuple[nn.Module, dict]:
+    """A small-config Hugging Face model built from config (random weights) and an input batch."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 96, (2, 9))
+    common = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "bert":
+        cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, **common)
+        return tf.BertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0)
+        return tf.GPT2LMHeadModel(cfg), {"input_ids": ids}
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return tf.LlamaForCausalLM(cfg), {"input_ids": ids}
+    if kind == "vit":
+        cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
+        return tf.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    raise ValueError(kind)
+
+
+def first_tensor(out):
+    """The main output of a model call: a tensor, a tuple's first item, or an HF output's first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out[0] if not hasattr(out, "logits") else out.logits
