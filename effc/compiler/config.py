@@ -144,6 +144,7 @@ class GlobalOptions:
     verify: bool = knob(False, "run original and rewritten graph on the example inputs and "
                                "report the output error")
     instruments: tuple[object, ...] = knob((), "effc.compiler.pass_manager.Instrument objects")
+    calibration: object | None = knob(None, "activation statistics from effc.calibrate(...)")
 
 
 _ENV = {  # environment variable -> (key, parser)
@@ -231,6 +232,12 @@ class Config:
             if not isinstance(inst, Instrument):
                 raise ValueError("effc option 'instruments': expected Instrument objects, got "
                                  f"{type(inst).__name__}")
+        from effc.compiler.calibration import Calibration
+
+        if glob.calibration is not None and not isinstance(glob.calibration, Calibration):
+            raise ValueError("effc option 'calibration': expected the object effc.calibrate(...) "
+                             f"returns (effc.compiler.calibration.Calibration), got "
+                             f"{type(glob.calibration).__name__}")
         passes = {}
         for name, klass in known.items():  # registry order is the pass order
             if name not in raw_passes:
@@ -251,4 +258,5 @@ class Config:
         """JSON-able summary for the report (instruments shown by class name)."""
         glob = {f: getattr(self.options, f) for f in field_docs(GlobalOptions)}
         glob["instruments"] = [type(i).__name__ for i in self.options.instruments]
+        glob["calibration"] = None if self.calibration is None else f"{len(self.calibration.inputs)} sites"
         return {"passes": {n: dataclasses.asdict(c) for n, c in self.passes.items()}, **glob}

@@ -60,6 +60,7 @@ class PassContext:
         self.facts = GraphFacts(gm, example_inputs)
         self.example_inputs = list(example_inputs)
         self.config = config
+        self.calibration = config.calibration  # effc.compiler.calibration.Calibration or None
         self.grad_enabled = grad_enabled
         self.ledger = _Ledger()
         self.current_pass: str = ""

@@ -60,6 +60,7 @@ BAD = [
     ({"toy_knobs": {"method": "lu"}}, {}, "'toy_knobs.method'"),
     ({"toy_knobs": {"include": [3]}}, {}, "'toy_knobs.include'"),
     ({1: True}, {}, "keys must be strings"),
+    ({"calibration": {"fc1.weight": 1}}, {}, "'calibration'"),
     ({}, {"EFFC_PASSES": "toy_copy,nonsense"}, "EFFC_PASSES"),
     ({}, {"EFFC_STRICT": "maybe"}, "EFFC_STRICT"),
     ({}, {"EFFC_LOWERING": "tpu"}, "'lowering'"),
