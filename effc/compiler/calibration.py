@@ -44,3 +44,15 @@ class Calibration:
         """E[x x^T] of the input of the site that uses `weight_name`, or None if not recorded."""
         m = self.inputs.get(weight_name)
         return None if m is None else m.mean()
+
+    def lookup(self, weight_name: str, weight_shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor | None, str]:
+        """(E[x x^T], "") for a site, or (None, why not): missing, or recorded for another model."""
+        m = self.inputs.get(weight_name)
+        if m is None:
+            return None, f"calibration has no statistics for {weight_name}"
+        recorded = self.weight_shapes.get(weight_name)
+        if recorded is not None and tuple(recorded) != tuple(weight_shape):
+            return None, (f"calibration was recorded for {weight_name} of shape {tuple(recorded)}, "
+                          f"this model's is {tuple(weight_shape)} (a different model?)")
+        return m.mean(), ""
