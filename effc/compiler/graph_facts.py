@@ -20,24 +20,24 @@ import torch.fx as fx
 
 InputKind = Literal["parameter", "buffer", "input", "symint"]
 
-_ROOT = re.compile(r"^[LG]\['([^']*)'\]")
+_ROOT = re.compile(r"^([LG])\['([^']*)'\]")
 _TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]"  # nn.Module dicts
                     r"|\.([A-Za-z_]\w*)"                              # attribute
                     r"|\[(?:'([^']*)'|(\d+))\]")                       # key or index
-_ROOTS_DROPPED = {"self", "fn", "mod", "model", "module", "m"}
 
 
 def fqn_from_source(source_name: str) -> str:
     """`L['self']._modules['model']._parameters['weight']` -> `model.weight`.
 
-    The root (`self`/`fn`, the compiled module) is dropped so names equal
-    `model.named_parameters()`; other roots (a global, a function argument) are kept.
+    A local root (`L['self']`, `L['fn']`: the compiled module, whatever its forward calls its
+    first argument) is dropped so names equal `model.named_parameters()`; a global root
+    (`G['encoder']`, a module a compiled function closes over) is kept.
     Unparsable text (a source kind this does not know) is returned unchanged.
     """
     m = _ROOT.match(source_name)
     if not m:
         return source_name
-    parts = [] if m.group(1) in _ROOTS_DROPPED else [m.group(1)]
+    parts = [] if m.group(1) == "L" else [m.group(2)]
     pos = m.end()
     while pos < len(source_name):
         t = _TOKEN.match(source_name, pos)

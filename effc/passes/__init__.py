@@ -11,8 +11,13 @@ import contextlib
 from collections.abc import Iterator
 
 from effc.passes.base import Pass, PassResult
+from effc.passes.low_rank import LowRankPass
 
-PASSES: list[type[Pass]] = []
+PASSES: list[type[Pass]] = [
+    # kv_proj, token_skip: not yet implemented
+    LowRankPass,
+    # hypercomplex, shift_add: not yet implemented
+]
 
 
 def registered() -> dict[str, type[Pass]]:

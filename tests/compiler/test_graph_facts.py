@@ -15,6 +15,7 @@ from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_modu
     ("L['self']._modules['rotary_emb']._buffers['inv_freq']", "rotary_emb.inv_freq"),
     ("G['encoder']._modules['fc']._parameters['bias']", "encoder.fc.bias"),
     ("L['self'].blocks[2].weight", "blocks.2.weight"),
+    ("L['s']._modules['fc1']._parameters['weight']", "fc1.weight"),  # forward(s, x)
     ("something odd", "something odd"),
 ])
 def test_fqn_from_source(source, expected):

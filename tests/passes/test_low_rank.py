@@ -1,0 +1,330 @@
+"""low_rank pass: error bounds, parameter counts, rank rules, allocation, HF models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import SmallCNN, first_tensor, hf_model
+
+import effc
+from effc.compiler.calibration import Calibration
+from effc.compiler.metrics import error_stats
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 128)
+        self.fc3, self.head = nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))))
+
+
+def input_moments(model, x):
+    """E[x x^T] of every Linear's input, by forward hooks (an oracle independent of effc)."""
+    moments, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(mod, args, out, name=name):
+                a = args[0].reshape(-1, args[0].shape[-1]).double()
+                moments[f"{name}.weight"] = a.T @ a / a.shape[0]
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return moments
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = _digits()
+    model = DigitsMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xtr), ytr).backward()
+        opt.step()
+    model.eval()
+    return model, xtr, xte, yte
+
+
+def _accuracy(fn, x, y):
+    with torch.no_grad():
+        return (fn(x).argmax(1) == y).float().mean().item()
+
+
+def _compile(model, x, **options):
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", options=options)
+    with torch.no_grad():
+        out = compiled(x)
+    return compiled, out, effc.report()
+
+
+def test_trained_mlp_keeps_accuracy_at_a_quarter_of_the_weights(trained):
+    model, xtr, xte, yte = trained
+    dense_acc = _accuracy(model, xte, yte)
+    assert dense_acc > 0.93
+    cal = Calibration.from_moments(input_moments(model, xtr))
+    compiled, _, report = _compile(model, xte, low_rank={"param_budget": 0.25}, calibration=cal)
+    acc = _accuracy(compiled, xte, yte)
+    assert acc >= dense_acc - 0.02, (acc, dense_acc)
+    rewritten = [s for s in report.sites if s.decision == "rewritten"]
+    assert len(rewritten) >= 2
+    # parameter count: the report's numbers are the factors the graph really holds
+    graph_params = sum(s.details["rank"] * sum(s.details["shape"]) for s in rewritten)
+    assert sum(s.params_after for s in rewritten) == graph_params
+    eligible = sum(s.params_before for s in report.sites)
+    kept = sum(s.params_after for s in report.sites)
+    assert kept <= 0.25 * eligible
+
+
+def test_passes_off_is_still_bit_exact(trained):
+    model, _, xte, _ = trained
+    _, out, _ = _compile(model, xte)
+    with torch.no_grad():
+        assert torch.equal(out, model(xte))
+
+
+def test_whitened_beats_plain_on_correlated_inputs(trained):
+    model, xtr, _, _ = trained
+    moments = input_moments(model, xtr)
+    cal = Calibration.from_moments(moments)
+    errors, site_errors = {}, {}
+    for whiten in (False, True):
+        compiled, _, report = _compile(model, xtr, low_rank={"rank": 8, "whiten": whiten},
+                                       calibration=cal)
+        with torch.no_grad():
+            errors[whiten] = error_stats(model(xtr), compiled(xtr))["rel_fro"]
+        rewritten = [s for s in report.sites if s.decision == "rewritten"]
+        assert [s.details["rank"] for s in rewritten] == [8, 8, 8]
+        site_errors[whiten] = {s.site: s.error["out_rel_fro"] for s in rewritten}
+    # whitening minimizes each layer's output error on the calibration inputs: strictly lower
+    for name, plain in site_errors[False].items():
+        assert site_errors[True][name] < plain, (name, site_errors)
+    assert errors[True] < errors[False], errors
+
+
+def test_reported_output_error_is_the_measured_error_on_calibration_data():
+    torch.manual_seed(1)
+    lin = nn.Linear(48, 40).eval()
+    mix = torch.randn(48, 48) * torch.logspace(0, -2, 48)  # strongly correlated features
+    x = torch.randn(500, 48) @ mix.T
+    cal = Calibration.from_moments({"weight": (x.T.double() @ x.double()) / len(x)})
+    compiled, _, report = _compile(lin, x, low_rank={"rank": 8}, calibration=cal)
+    (site,) = report.sites
+    with torch.no_grad():
+        measured = error_stats(lin(x) - lin.bias, compiled(x) - lin.bias)
+    assert site.error["out_rel_fro"] == pytest.approx(measured["rel_fro"], rel=1e-4)
+    assert site.error["out_cosine"] == pytest.approx(measured["cosine"], rel=1e-5)
+    assert site.error["out_sqnr_db"] == pytest.approx(measured["sqnr_db"], rel=1e-4)
+    # the whitened error at the chosen rank is also what the error curve says
+    assert site.details["out_rel_fro_at_rank"]["8"] == pytest.approx(site.error["out_rel_fro"], rel=1e-4)
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(96, 96, bias=False), nn.Linear(96, 96, bias=False)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _spectral(n, decay, seed):
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    return q1 @ torch.diag(torch.logspace(0, decay, n)) @ q2.T
+
+
+@pytest.mark.parametrize("rule,value,expected", [
+    ("rank", 20, 24), ("rank_ratio", 0.25, 24), ("energy", 0.99, None), ("max_error", 0.1, None)])
+def test_rank_rules(rule, value, expected):
+    model = Wide().eval()
+    with torch.no_grad():
+        model.a.weight.copy_(_spectral(96, -3, 0))
+        model.b.weight.copy_(_spectral(96, -0.5, 1))
+    _, _, report = _compile(model, torch.randn(4, 96), low_rank={rule: value})
+    rows = {s.site: s for s in report.sites}
+    for name, w in (("a.weight", model.a.weight), ("b.weight", model.b.weight)):
+        s = torch.linalg.svdvals(w.double())
+        row = rows[name]
+        if expected is not None:
+            assert row.details["rank"] == expected
+            continue
+        tail = [math.sqrt((s[r:] ** 2).sum() / (s ** 2).sum()) for r in range(97)]
+        if rule == "energy":
+            need = next(r for r in range(97) if 1 - tail[r] ** 2 >= value)
+        else:
+            need = next(r for r in range(97) if tail[r] <= value)
+        want = min(96, math.ceil(need / 8) * 8)
+        if want * 192 <= 0.9 * 96 * 96:
+            assert row.decision == "rewritten" and row.details["rank"] == want
+            assert row.error["weight_rel_fro"] <= (value if rule == "max_error" else 1.0)
+        else:
+            assert row.decision == "skipped" and "not profitable" in row.reason
+    # the fast-decaying weight needs a far smaller rank than the slow one
+    if rule in ("energy", "max_error"):
+        assert rows["a.weight"].decision == "rewritten"
+        assert rows["b.weight"].decision == "skipped"
+
+
+class Parallel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(96, 96, bias=False), nn.Linear(96, 96, bias=False)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.4])
+def test_budget_allocator_respects_budget_and_beats_uniform(budget):
+    """a is exactly rank 8, b has a slowly decaying spectrum: rank spent on a beyond 8 is
+    wasted, so allocation should give a 8 and the rest to b, and beat uniform ranks."""
+    torch.manual_seed(0)
+    model = Parallel().eval()
+    q, _ = torch.linalg.qr(torch.randn(96, 96))
+    a, b = q[:, :8] @ torch.randn(8, 96), _spectral(96, -1, 1)
+    with torch.no_grad():
+        model.a.weight.copy_(a / a.norm())
+        model.b.weight.copy_(b / b.norm())
+    x = torch.randn(2048, 96)
+    with torch.no_grad():
+        ref = model(x)
+    compiled, _, report = _compile(model, x, low_rank={"param_budget": budget, "rank_multiple": 4})
+    kept = sum(s.params_after for s in report.sites)
+    assert kept <= budget * 2 * 96 * 96
+    ranks = {s.site: s.details.get("rank") for s in report.sites}
+    assert ranks["a.weight"] == 8 and ranks["b.weight"] > 8
+    with torch.no_grad():
+        alloc_err = error_stats(ref, compiled(x))["rel_fro"]
+    uniform = kept // (2 * 192) // 4 * 4  # the same parameters spread evenly
+    compiled_u, _, report_u = _compile(model, x, low_rank={"rank": uniform, "rank_multiple": 4})
+    assert sum(s.params_after for s in report_u.sites) <= kept
+    with torch.no_grad():
+        uniform_err = error_stats(ref, compiled_u(x))["rel_fro"]
+    assert alloc_err < 0.85 * uniform_err, (alloc_err, uniform_err)
+
+
+def test_budget_too_small_rolls_back_with_the_reason():
+    _, out, report = _compile(Parallel().eval(), torch.randn(3, 96),
+                              low_rank={"param_budget": 0.01})
+    (rec,) = report.graphs[0].passes
+    assert rec.status == "rolled back" and "param_budget too small" in rec.reason
+
+
+def test_ordered_factors_a_smaller_rank_is_a_prefix():
+    from effc.passes.low_rank_math import factorize
+
+    torch.manual_seed(0)
+    w, c = torch.randn(30, 20), torch.randn(20, 20)
+    for moment in (None, c @ c.T / 20):
+        fac = factorize(w, moment)
+        errs = fac.tail_rel_error()
+        for r in (3, 7, 12):
+            u, v = fac.factors(r)
+            if moment is None:
+                got = ((w.double() - u @ v).norm() / w.double().norm()).item()
+            else:
+                L = torch.linalg.cholesky(moment.double())
+                got = (((w.double() - u @ v) @ L).norm() / (w.double() @ L).norm()).item()
+            assert got == pytest.approx(errs[r].item(), rel=1e-6)
+        assert torch.all(errs[:-1] >= errs[1:])  # error never grows with rank
+        assert errs[-1] == 0
+
+
+def test_conv_sites_rewritten_with_measured_error():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(4, 1, 12, 12)
+    compiled, out, report = _compile(model, x, low_rank={"rank": 4, "rank_multiple": 4},
+                                     verify=True)
+    rows = {s.site: s for s in report.sites}
+    assert rows["conv2.weight"].decision == "rewritten"
+    assert rows["conv2.weight"].details["kind"] == "conv"
+    assert rows["conv2.weight"].params_after == 4 * (16 + 8 * 9)
+    assert rows["conv1.weight"].decision == "skipped"  # 8 x 9: too small to save anything
+    (v,) = report.graphs[0].verify
+    with torch.no_grad():
+        measured = error_stats(model(x), out)
+    assert v["rel_fro"] == pytest.approx(measured["rel_fro"], rel=1e-6)
+    assert 0 < measured["rel_fro"] < 0.9
+
+
+def test_grad_mode_graph_is_left_alone(trained):
+    model, _, xte, _ = trained
+    torch._dynamo.reset()
+    effc.reset()
+    out = torch.compile(model, backend="effc", options={"low_rank": True})(xte)
+    assert torch.equal(out, model(xte))
+    (rec,) = effc.report().graphs[0].passes
+    assert rec.status == "skipped" and "inference only" in rec.reason
+
+
+def test_changed_weight_rederives_factors(trained):
+    model, _, xte, _ = trained
+    import copy
+
+    model = copy.deepcopy(model)
+    compiled, before, _ = _compile(model, xte, low_rank={"rank": 16})
+    with torch.no_grad():
+        model.fc2.weight.mul_(0.5)
+        after = compiled(xte)
+    graph = effc.report().graphs[0]
+    assert graph.rederivations == 1 and graph.notes == ["re-derived after these weights "
+                                                        "changed: fc2.weight"]
+    with torch.no_grad():  # a fresh compile of the changed model gives the same output
+        fresh = torch.compile(copy.deepcopy(model), backend="effc",
+                              options={"low_rank": {"rank": 16}})(xte)
+    assert not torch.equal(before, after)
+    assert torch.allclose(after, fresh, atol=1e-6)
+
+
+def test_strict_rejects_two_rules():
+    with pytest.raises(ValueError, match="one rank rule"):
+        effc.Config.from_options({"low_rank": {"rank": 4, "energy": 0.9}}, env={})
+
+
+@pytest.mark.parametrize("kind,linears,tied", [("llama", 2 * 7 + 1, 0), ("gpt2", 2 * 4, 1),
+                                               ("bert", 2 * 6 + 1, 0), ("vit", 2 * 6 + 1, 0)])
+def test_hugging_face_models_compile_with_finite_outputs(kind, linears, tied):
+    model, inputs = hf_model(kind)
+    model.eval()
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc",
+                             options={"low_rank": {"rank": 8}, "verify": True})
+    with torch.no_grad():
+        ref, out = first_tensor(model(**inputs)), first_tensor(compiled(**inputs))
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+    sites = effc.report().sites
+    names = {s.site for s in sites}
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.dim() == 2 and n.endswith("weight")
+                and "embed" not in n and "wte" not in n and "wpe" not in n
+                and "embeddings" not in n}
+    assert len([s for s in sites if s.decision == "rewritten"]) >= linears - 2
+    assert expected - {"lm_head.weight"} <= names
+    tied_rows = [s for s in sites if "tied" in s.reason]
+    assert len(tied_rows) == tied
+    assert all(v["cosine"] > 0.0 for v in effc.report().graphs[0].verify if "cosine" in v)
