@@ -69,6 +69,15 @@ class GraphReport:
     def sites(self) -> list[SiteRow]:
         return [s for p in self.passes for s in p.sites]
 
+    def totals(self) -> dict[str, int]:
+        return site_totals(self.sites)
+
+
+def site_totals(sites: list[SiteRow]) -> dict[str, int]:
+    """Parameters and FLOPs of every site seen, before and after (skipped sites unchanged)."""
+    keys = ("params_before", "params_after", "flops_before", "flops_after")
+    return {k: sum(getattr(s, k) for s in sites) for k in keys}
+
 
 def _sum_counters(records: list[PassRecord]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
@@ -134,7 +143,10 @@ def render_graph(g: GraphReport, markdown: bool = False) -> str:
     else:
         lines += ["no pass enabled: the graph runs as Dynamo traced it", ""]
     if g.sites:
-        lines += [_table(_SITE_HEADERS, [_site_cells(s) for s in g.sites], markdown), ""]
+        t = g.totals()
+        lines += [_table(_SITE_HEADERS, [_site_cells(s) for s in g.sites], markdown), "",
+                  f"total over sites: params {t['params_before']} -> {t['params_after']}, "
+                  f"FLOPs {t['flops_before']} -> {t['flops_after']}", ""]
     if g.verify:
         keys = ["output", "max_abs", "rel_fro", "cosine", "sqnr_db"]
         lines += ["verify (rewritten vs original on the example inputs):", "",
@@ -159,7 +171,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe({"graphs": [graph_to_dict(g) for g in self.graphs],
-                           "counters": self.counters()})
+                           "counters": self.counters(), "totals": site_totals(self.sites)})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -180,4 +192,5 @@ def graph_to_dict(g: GraphReport) -> dict[str, Any]:
     for rec, p in zip(d["passes"], g.passes):
         rec["counters"] = p.counters
     d["counters"] = _sum_counters(g.passes)
+    d["totals"] = g.totals()
     return _json_safe(d)

@@ -21,7 +21,11 @@ def test_explain_reports_sites_and_leaves_the_model_alone():
     text = str(report)
     assert "toy_copy" in text and "fc2.weight" in text and "rewritten" in text
     assert "| toy_copy | fc1.weight | rewritten |" in report.to_markdown()
-    assert json.loads(report.to_json())["counters"]["toy_copy"]["rewritten"] == 3
+    data = json.loads(report.to_json())
+    assert data["counters"]["toy_copy"]["rewritten"] == 3
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert data["totals"]["params_before"] == data["totals"]["params_after"] == weights
+    assert f"params {weights} -> {weights}" in text
 
 
 def test_explain_takes_a_dict_batch_like_hugging_face():

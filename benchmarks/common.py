@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: interleaved timing, machine description, tables, BENCHMARKS.md.
+
+CPU timings are noisy, so candidates are timed round-robin (each repeat runs every candidate
+once, in a rotating order) and compared by their medians, as ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15,
+                     warmup: int = 2, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed round-robin in one run."""
+    names = list(candidates)
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                candidates[name]()
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for rep in range(repeats):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                fn = candidates[name]
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / inner)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def machine() -> str:
+    """CPU model, cores and threads used, torch version and date: what a number was taken on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"model name\s*:\s*(.+)", text)
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; floats to 3 significant digits."""
+    def fmt(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(section: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) `section` of BENCHMARKS.md, delimited by HTML comment markers."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# effc benchmarks\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
