@@ -328,3 +328,19 @@ def test_hugging_face_models_compile_with_finite_outputs(kind, linears, tied):
     tied_rows = [s for s in sites if "tied" in s.reason]
     assert len(tied_rows) == tied
     assert all(v["cosine"] > 0.0 for v in effc.report().graphs[0].verify if "cosine" in v)
+
+
+def test_dynamic_shapes_two_lengths_match_static_compiles():
+    model, _ = hf_model("llama")
+    model.eval()
+    torch._dynamo.reset()
+    options = {"low_rank": {"rank": 8}}
+    dynamic = torch.compile(model, backend="effc", dynamic=True, options=options)
+    with torch.no_grad():
+        for length in (5, 11):
+            ids = torch.randint(0, 96, (2, length))
+            out = first_tensor(dynamic(input_ids=ids))
+            static = torch.compile(model, backend="effc", dynamic=False, options=options)
+            torch.testing.assert_close(out, first_tensor(static(input_ids=ids)), rtol=1e-5, atol=1e-5)
+    graph = next(g for g in effc.report().graphs if g.inputs["symint"] > 0)
+    assert graph.passes[0].counters["rewritten"] == 2 * 7 + 1
