@@ -7,9 +7,10 @@ The backend is registered through the `torch_dynamo_backends` entry point, so
 """
 
 from effc.compiler.backend import reset, session_report as report
+from effc.compiler.calibration import Calibration, calibrate
 from effc.compiler.config import Config
 from effc.compiler.explain import explain
 from effc.compiler.report import Report
 
 __version__ = "0.1.0"
-__all__ = ["Config", "Report", "explain", "report", "reset"]
+__all__ = ["Calibration", "Config", "Report", "calibrate", "explain", "report", "reset"]

@@ -1,0 +1,351 @@
+"""The observer backend behind `effc.calibrate`: Dynamo's graph plus recording calls at sites.
+
+Calibration observes the very FX graphs effc compiles (same placeholders, same GraphFacts
+names), not module hooks, so the names it records are the names passes look up. The backend
+inserts calls to plain functions of this module next to each site; they write into the
+`Session` that `recording()` made active, and do nothing outside it.
+
+One module-level backend object on purpose: Dynamo caches compiled graphs per code object and
+guards on the backend's identity, so a fresh backend per `calibrate` call would recompile every
+time and, past the recompile limit, run the model eagerly (for every backend, effc's too). A
+cached observer graph records into whichever session is active, so every batch is recorded.
+Every kind of site is instrumented; the session's `what` decides at run time what is recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module
+
+LINEAR = torch._C._nn.linear
+MATMULS = (torch.matmul, operator.matmul, torch.mm)
+CONVS = (torch.conv1d, torch.conv2d)
+SDPA = torch._C._nn.scaled_dot_product_attention
+SOFTMAXES = (F.softmax, torch.softmax)
+ADDS = (operator.add, torch.add, operator.iadd)
+PASSTHROUGH_METHODS = {"view", "reshape", "contiguous", "to", "type", "float", "type_as"}
+PASSTHROUGH_FUNCTIONS = {F.dropout, torch.reshape}
+_BLOCK = 1 << 22  # elements converted to float64 at once: bounds the transient memory
+_SEARCH_DEPTH = 16  # hops from an attention's key back to its projection
+
+
+@dataclasses.dataclass
+class Session:
+    """One `calibrate` run: where statistics go, what is recorded, how many graphs ran."""
+
+    calibration: Any  # effc.compiler.calibration.Calibration
+    what: frozenset[str]
+    attention_maps: int = 4
+    graph_calls: int = 0
+
+
+_ACTIVE: Session | None = None
+
+
+@contextlib.contextmanager
+def recording(session: Session) -> Iterator[Session]:
+    """Make `session` the target of every observer graph for the duration of the block."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("effc.calibrate is already running (calibrate calls do not nest)")
+    _ACTIVE = session
+    try:
+        yield session
+    finally:
+        _ACTIVE = None
+
+
+def _wanted(kind: str) -> Session | None:
+    s = _ACTIVE
+    return s if s is not None and kind in s.what else None
+
+
+# --- recording functions: called from the observer graphs -----------------------------------
+def observe_graph(names: tuple[str, ...], notes: tuple[str, ...], *weights: torch.Tensor) -> None:
+    """Start of a graph: count it, record the shapes of its weights and its skipped sites."""
+    s = _ACTIVE
+    if s is None:
+        return
+    s.graph_calls += 1
+    for name, w in zip(names, weights):
+        s.calibration.weight_shapes[name] = tuple(w.shape)
+    for text in notes:
+        s.calibration.note(text)
+
+
+def observe_input(x: torch.Tensor, w: torch.Tensor, key: str, kind: str,
+                  conv: tuple = ()) -> None:
+    """Add x x^T of a site's input rows (conv: unfolded patches) to the moment of weight `key`."""
+    s = _wanted("inputs")
+    if s is None:
+        return
+    if kind == "conv":
+        blocks = _patch_rows(x, w, *conv)
+    else:
+        rows = x.reshape(-1, w.shape[-1] if kind == "linear" else w.shape[0])
+        blocks = rows.split(max(1, _BLOCK // max(rows.shape[1], 1)))
+    for block in blocks:
+        s.calibration.add_input(key, block)
+
+
+def observe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
+                      attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                      scale: float | None = None) -> None:
+    """At scaled_dot_product_attention: per-head K/V moments, and a sampled attention map."""
+    s = _ACTIVE
+    if s is None:
+        return
+    if "kv" in s.what and k.dim() == 4 and v.dim() == 4:
+        s.calibration.add_heads("keys", key, k)
+        s.calibration.add_heads("values", key, v)
+    if "attention" in s.what and len(s.calibration.attention.get(key, ())) < s.attention_maps:
+        s.calibration.add_attention_map(key, _attention_probs(q, k, attn_mask, is_causal, scale),
+                                        s.attention_maps)
+
+
+def observe_probs(probs: torch.Tensor, key: str) -> None:
+    """After an eager attention's softmax: keep the first sample's map, up to the limit."""
+    s = _wanted("attention")
+    if s is not None and probs.dim() == 4:
+        s.calibration.add_attention_map(key, probs[0], s.attention_maps)
+
+
+def observe_residual(stream: torch.Tensor, update: torch.Tensor, key: str) -> None:
+    """At `stream + update`: per-token norms of the branch's update against the stream."""
+    s = _wanted("residuals")
+    if s is not None and stream.shape == update.shape:
+        s.calibration.add_residual(key, stream, update)
+
+
+def _pair(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _patch_rows(x: torch.Tensor, w: torch.Tensor, stride: Any, padding: Any,
+                dilation: Any) -> Iterator[torch.Tensor]:
+    """The conv's input patches as [N, C_in*k...] rows (weight.reshape(C_out, -1) order)."""
+    dims = w.dim() - 2
+    kernel, stride, dilation = tuple(w.shape[2:]), _pair(stride, dims), _pair(dilation, dims)
+    if x.dim() == dims + 1:
+        x = x.unsqueeze(0)  # unbatched input
+    if padding == "valid":
+        pads = [(0, 0)] * dims
+    elif padding == "same":  # as torch pads it: the odd element goes to the end
+        pads = [((d * (k - 1)) // 2, d * (k - 1) - (d * (k - 1)) // 2)
+                for k, d in zip(kernel, dilation)]
+    else:
+        pads = [(p, p) for p in _pair(padding, dims)]
+    if dims == 1:  # a 1-d conv is a 2-d conv over a height-1 image
+        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+    x = F.pad(x, [p for pair in reversed(pads) for p in pair])
+    k = w.shape[1] * math.prod(kernel)
+    positions = math.prod((n - d * (kk - 1) - 1) // s + 1
+                          for n, kk, s, d in zip(x.shape[2:], kernel, stride, dilation))
+    per_chunk = max(1, _BLOCK // max(k * positions, 1))
+    for chunk in x.split(per_chunk):
+        patches = F.unfold(chunk, kernel, dilation=dilation, stride=stride)  # [b, K, L]
+        yield patches.transpose(1, 2).reshape(-1, k)
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                     is_causal: bool, scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) of the batch's first sample, [H, Tq, Tk], in float32."""
+    q0, k0 = q[0].float(), k[0].float()
+    if k0.shape[0] != q0.shape[0]:  # grouped-query attention: each key head serves a group
+        k0 = k0.repeat_interleave(q0.shape[0] // k0.shape[0], dim=0)
+    scores = q0 @ k0.transpose(-1, -2) * (scale if scale is not None else q0.shape[-1] ** -0.5)
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        m = torch.broadcast_to(mask, (q.shape[0], *scores.shape))[0]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    return scores.softmax(dim=-1)
+
+
+# --- finding sites ---------------------------------------------------------------------------
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def input_site(node: fx.Node, facts: GraphFacts) -> tuple | str | None:
+    """(x, weight node, weight name, kind, conv args) for a linear/conv site; a str says why a
+    weight call is not one; None for any other node."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t is LINEAR:
+        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "weight"), "linear"
+    elif t is torch.addmm:
+        x, w, kind = _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), "x@W"
+    elif t in MATMULS:
+        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "other"), "x@W"
+    elif t in CONVS:
+        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "weight"), "conv"
+    else:
+        return None
+    name = facts.weight_name(w)
+    if name is None or not isinstance(x, fx.Node) or facts.weight_name(x) is not None:
+        return None
+    if kind == "x@W" and facts.weight_value(w).dim() != 2:
+        return None
+    conv = ()
+    if kind == "conv":
+        groups = _arg(node, 6, "groups", 1)
+        conv = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                _arg(node, 5, "dilation", 1))
+        if groups != 1:
+            return f"{name}: grouped conv (groups={groups}) not recorded"
+        computed: list[fx.Node] = []
+        fx.node.map_arg(conv, computed.append)
+        if computed:
+            return f"{name}: conv with run-time stride/padding/dilation not recorded"
+    return x, w, name, kind, conv
+
+
+def _through_passthrough(node: Any) -> Any:
+    """Follow view/reshape/dropout/dtype casts back to the node that computed the values."""
+    while _is_passthrough(node):
+        node = node.args[0]
+    return node
+
+
+def _is_passthrough(node: Any) -> bool:
+    return isinstance(node, fx.Node) and bool(node.args) and (
+        (node.op == "call_method" and node.target in PASSTHROUGH_METHODS)
+        or (node.op == "call_function" and node.target in PASSTHROUGH_FUNCTIONS))
+
+
+def _feeds_matmul(node: fx.Node) -> bool:
+    """True if `node` (a softmax) reaches a matmul as its left operand through casts/dropout:
+    the probabilities of an eager attention."""
+    frontier = [node]
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.op == "call_function" and u.target in MATMULS and u.args[0] is n:
+                    return True
+                if _is_passthrough(u) and u.args[0] is n:
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def _projection_behind(node: fx.Node, sites: dict[fx.Node, str], facts: GraphFacts) -> str | None:
+    """Weight of the nearest site feeding `node`, not searching past other weight users (norms)
+    so that the search never wanders into an earlier layer."""
+    seen, queue = {node}, collections.deque([(node, 0)])
+    while queue:
+        n, depth = queue.popleft()
+        if n in sites:
+            return sites[n]
+        if depth >= _SEARCH_DEPTH or any(facts.weight_name(a) for a in n.all_input_nodes):
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                queue.append((a, depth + 1))
+    return None
+
+
+def _is_ancestor(a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """True if `b` is computed from `a`: the branch reads the stream it is added back to (and a
+    GELU's `x + c * x**3` is not a residual). Nodes before `a` in the graph cannot lead to it."""
+    seen, stack = {b}, [b]
+    while stack:
+        n = stack.pop()
+        if n is a:
+            return True
+        for p in n.all_input_nodes:
+            if p not in seen and order.get(p, -1) >= order[a]:
+                seen.add(p)
+                stack.append(p)
+    return False
+
+
+def _residual(node: fx.Node, sites: dict[fx.Node, str], order: dict[fx.Node, int]
+              ) -> tuple[fx.Node, fx.Node, str] | None:
+    """(stream, update, weight) if `node` is `stream + update` where the update is a site's
+    output (through views/dropout) computed from the stream: a residual branch's add."""
+    if not (node.op == "call_function" and node.target in ADDS and len(node.args) == 2
+            and all(isinstance(a, fx.Node) for a in node.args)):
+        return None
+    sources = [_through_passthrough(a) for a in node.args]
+    behind = [sites.get(n) for n in sources]
+    if (behind[0] is None) == (behind[1] is None):  # exactly one operand is a branch
+        return None
+    u = 0 if behind[0] is not None else 1
+    stream = node.args[1 - u]
+    return (stream, node.args[u], behind[u]) if _is_ancestor(stream, sources[u], order) else None
+
+
+def _module_of(weight_name: str) -> str:
+    """`model.layers.0.self_attn.k_proj.weight` -> `model.layers.0.self_attn`."""
+    return weight_name.rsplit(".", 2)[0] if weight_name.count(".") >= 2 else weight_name
+
+
+def _insert(graph: fx.Graph, where: fx.Node, fn: Any, args: tuple, kwargs: dict | None = None,
+            after: bool = False) -> None:
+    with (graph.inserting_after(where) if after else graph.inserting_before(where)):
+        graph.call_function(fn, args, kwargs or {})
+
+
+def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """A copy of `gm` with recording calls at every site; its outputs are `gm`'s outputs."""
+    observed = copy_graph_module(gm)
+    facts = GraphFacts(observed, example_inputs)
+    graph = observed.graph
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    notes: list[str] = []
+    sites: dict[fx.Node, str] = {}
+    for node in nodes:
+        site = input_site(node, facts)
+        if isinstance(site, str):
+            notes.append(site)
+        elif site is not None:
+            x, w, name, kind, conv = site
+            sites[node] = name
+            _insert(graph, node, observe_input, (x, w, name, kind, conv))
+    for node in nodes:
+        if node.op == "call_function" and node.target is SDPA:
+            q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+            proj = _projection_behind(k, sites, facts)
+            if proj is None:
+                notes.append(f"attention at graph node {node.name}: no key projection found, "
+                             f"K/V and maps not recorded")
+                continue
+            _insert(graph, node, observe_attention, (q, k, v, _module_of(proj)),
+                    {"attn_mask": _arg(node, 3, "attn_mask"),
+                     "is_causal": _arg(node, 5, "is_causal", False),
+                     "scale": node.kwargs.get("scale")})
+        elif node.op == "call_function" and node.target in SOFTMAXES and _feeds_matmul(node):
+            proj = _projection_behind(node.args[0], sites, facts)
+            if proj is not None:
+                _insert(graph, node, observe_probs, (node, _module_of(proj)), after=True)
+        elif residual := _residual(node, sites, order):
+            _insert(graph, node, observe_residual, residual)
+    weights = [n for n in nodes if facts.weight_name(n) is not None]
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    _insert(graph, first, observe_graph,
+            (tuple(facts.weight_name(n) for n in weights), tuple(notes), *weights))
+    observed.recompile()
+    return observed
+
+
+def observer_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """The Dynamo backend `calibrate` compiles with: run the instrumented graph eagerly."""
+    return instrument(gm, example_inputs).forward
