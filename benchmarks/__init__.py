@@ -1,0 +1,1 @@
+"""Benchmark suite for effc: evaluation assets and benchmark scripts."""
