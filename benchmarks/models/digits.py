@@ -26,14 +26,15 @@ it there.  Run this file as a script to (re)train both and print metrics.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+from benchmarks.models import checkpoints as _ckpt
+from benchmarks.models.checkpoints import CHECKPOINT_DIR
+
 
 N_TEST = 400
 SPLIT_SEED = 0
@@ -218,7 +219,7 @@ def _canonical(name: str) -> str:
 
 
 def checkpoint_path(name: str) -> Path:
-    return CHECKPOINT_DIR / f"{_canonical(name)}.pt"
+    return _ckpt.checkpoint_path(_canonical(name))
 
 
 def get_model(name: str, retrain: bool = False):
@@ -230,29 +231,14 @@ def get_model(name: str, retrain: bool = False):
     """
     name = _canonical(name)
     data = load_data()
-    path = checkpoint_path(name)
-    if path.exists() and not retrain:
-        model = _BUILDERS[name]()
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            model.eval()
-            return model, data
-        except (RuntimeError, KeyError) as e:  # architecture changed since the checkpoint
-            warnings.warn(f"{path} does not match {name}; retraining ({e})")
-    model = _TRAINERS[name](seed=0, data=data)
-    save(model, name)
-    return model, data
+    return _ckpt.load_or_train(name, _BUILDERS[name], _TRAINERS[name], data, retrain), data
 
 
 def save(model: nn.Module, name: str) -> Path:
-    path = checkpoint_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path
+    return _ckpt.save(model, _canonical(name))
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+num_params = _ckpt.num_params
 
 
 if __name__ == "__main__":
