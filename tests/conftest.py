@@ -1,10 +1,13 @@
-"""Test setup: Triton kernels run under the interpreter on machines without CUDA."""
+"""Test setup: Triton kernels run under the interpreter on machines without CUDA; generated
+kernels are cached in a fresh folder per test session (not the user's ~/.cache/effc)."""
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("EFFC_CACHE_DIR", tempfile.mkdtemp(prefix="effc-test-kernels-"))
 
 import pytest  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 from effc.compiler.config import Config
 from effc.compiler.dumper import Dumper, new_graph_name
 from effc.compiler.graph_facts import copy_graph_module
-from effc.compiler.lowering import lower, resolve
+from effc.compiler.lowering import graph_device, lower, resolve
 from effc.compiler.pass_manager import PassContext, PassManager
 from effc.compiler.report import GraphReport, Report
 from effc.compiler.verify import verify_outputs
@@ -38,13 +38,15 @@ class CompiledGraph:
         self.lower_result = lower_result
         self.report = GraphReport(graph=new_graph_name(config.debug_dir), grad_enabled=grad_enabled,
                                   config=config.to_dict(), nodes_before=len(gm.graph.nodes),
-                                  lowering=resolve(config.lowering) if lower_result else "none")
+                                  lowering=resolve(config.lowering, graph_device(example_inputs))
+                                  if lower_result else "none")
         self._build(example_inputs)
 
     def _build(self, example_inputs: Sequence[Any]) -> None:
         start = time.perf_counter()
         config, report = self.config, self.report
         report.passes, report.verify, report.notes = [], [], []
+        report.kernels, report.fallbacks = [], []
         gm = copy_graph_module(self.original)
         ctx = PassContext(gm, example_inputs, config, report.grad_enabled)
         report.inputs = ctx.facts.describe()
@@ -58,7 +60,12 @@ class CompiledGraph:
         if config.verify:
             report.verify = verify_outputs(self.original.forward, gm.forward, ctx.facts)
         self.gm = gm
-        self.fn = lower(gm, example_inputs, config.lowering) if self.lower_result else gm.forward
+        self.fn = gm.forward
+        if self.lower_result:
+            lowered = lower(gm, example_inputs, config, report, report.grad_enabled)
+            self.fn = lowered.fn
+            for inst in instruments:
+                inst.after_lowering(lowered, ctx, report)
         self.stamps = stamp(ctx.facts, ctx.ledger.derived_from)
         report.compile_seconds = time.perf_counter() - start
         for inst in instruments:

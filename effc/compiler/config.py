@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-LOWERINGS = ("auto", "eager", "inductor")
+LOWERINGS = ("auto", "eager", "inductor", "triton")
 
 
 def knob(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -137,14 +137,17 @@ class GlobalOptions:
     disable: tuple[str, ...] = knob((), "pass names to switch off (bisecting which pass hurt)")
     max_rewrites: int | None = knob(None, "rewrite at most this many sites in all (bisecting)",
                                     min=0)
-    lowering: Literal["auto", "eager", "inductor"] = knob("auto", "auto: eager on every device "
-                                                          "until the Triton lowering lands")
+    lowering: Literal["auto", "eager", "inductor", "triton"] = knob(
+        "auto", "auto: eager (Triton on CUDA once validated on a GPU); triton: generated "
+                "kernels (on CPU under TRITON_INTERPRET=1)")
     debug_dir: str | None = knob(None, "write the debug dump under this folder")
     strict: bool = knob(False, "raise instead of skipping a site or rolling back a pass")
     verify: bool = knob(False, "run original and rewritten graph on the example inputs and "
                                "report the output error")
     instruments: tuple[object, ...] = knob((), "effc.compiler.pass_manager.Instrument objects")
     calibration: object | None = knob(None, "activation statistics from effc.calibrate(...)")
+    cache_dir: str | None = knob(None, "where generated kernels are cached (default "
+                                       "~/.cache/effc/kernels)")
 
 
 _ENV = {  # environment variable -> (key, parser)
@@ -154,6 +157,7 @@ _ENV = {  # environment variable -> (key, parser)
     "EFFC_VERIFY": ("verify", "bool"),
     "EFFC_DISABLE": ("disable", "list"),
     "EFFC_MAX_REWRITES": ("max_rewrites", int),
+    "EFFC_CACHE_DIR": ("cache_dir", str),
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 

@@ -4,6 +4,7 @@
       00_input.py            the graph as Dynamo gave it
       01_<pass>.py/.diff     the graph after each pass, and what that pass changed
       graph_before.svg / graph_after.svg   when pydot and graphviz's `dot` are available
+      lowered.py / kernels/*.py   the graph that runs and the Triton source of each kernel
       report.json / report.md
 
 Folder names come from one process-wide counter and skip names already on disk, so graphs
@@ -98,6 +99,14 @@ class Dumper(Instrument):
                                     fromfile="before.py", tofile=f"{stem}.py")
         self._write(f"{stem}.diff", "".join(diff))
         self._last_code = code
+
+    def after_lowering(self, lowered, ctx: PassContext, report: GraphReport) -> None:
+        if lowered.gm is not None and lowered.sources:
+            self._write("lowered.py", _code(lowered.gm, f"after lowering={report.lowering}"))
+        if lowered.sources:
+            (self.folder / "kernels").mkdir(exist_ok=True)
+            for stem, text in lowered.sources.items():
+                self._write(f"kernels/{stem}.py", text)
 
     def on_graph_end(self, gm: fx.GraphModule, ctx: PassContext, report: GraphReport) -> None:
         self._draw(gm, "graph_after")

@@ -32,6 +32,9 @@ class Instrument:
     def after_pass(self, name: str, gm: fx.GraphModule, ctx: PassContext,
                    record: PassRecord) -> None: ...
 
+    def after_lowering(self, lowered: Any, ctx: PassContext, report: GraphReport) -> None:
+        """`lowered` is effc.compiler.lowering.Lowered: the graph that runs and kernel sources."""
+
     def on_graph_end(self, gm: fx.GraphModule, ctx: PassContext,
                      report: GraphReport) -> None: ...
 

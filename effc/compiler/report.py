@@ -49,6 +49,27 @@ class PassRecord:
 
 
 @dataclasses.dataclass
+class KernelRecord:
+    """One group the Triton lowering replaced by a generated kernel."""
+
+    name: str             # the kernel's name: what it computes (fused_mul_add_gelu, row_rmsnorm)
+    kind: str             # "pointwise" | "row" | "gemm"
+    nodes: list[str]      # the FX nodes it computes
+    outputs: list[str]    # those it writes to memory (used outside the group or returned)
+    file: str             # kernels/<file> in the debug dir
+    source_hash: str
+
+
+@dataclasses.dataclass
+class FallbackRecord:
+    """A group (or a whole graph) the Triton lowering left to eager, and why."""
+
+    nodes: list[str]
+    reason: str
+    kernel: str = ""      # set when a generated kernel fell back at run time
+
+
+@dataclasses.dataclass
 class GraphReport:
     """Everything effc did to one graph Dynamo handed it."""
 
@@ -64,6 +85,8 @@ class GraphReport:
     compile_seconds: float = 0.0
     rederivations: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    kernels: list[KernelRecord] = dataclasses.field(default_factory=list)
+    fallbacks: list[FallbackRecord] = dataclasses.field(default_factory=list)
 
     @property
     def sites(self) -> list[SiteRow]:
@@ -71,6 +94,13 @@ class GraphReport:
 
     def totals(self) -> dict[str, int]:
         return site_totals(self.sites)
+
+    def kernel_counts(self) -> dict[str, int]:
+        """Generated kernels: launch sites, distinct sources, FX nodes fused into them, fallbacks."""
+        return {"kernels": len(self.kernels),
+                "distinct_kernels": len({k.source_hash for k in self.kernels}),
+                "fused_nodes": sum(len(k.nodes) for k in self.kernels),
+                "fallbacks": len(self.fallbacks)}
 
 
 def site_totals(sites: list[SiteRow]) -> dict[str, int]:
@@ -130,6 +160,10 @@ def _site_cells(s: SiteRow) -> list[Any]:
             f"{s.flops_before} -> {s.flops_after}", err]
 
 
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def render_graph(g: GraphReport, markdown: bool = False) -> str:
     """One graph's report as text or Markdown."""
     head = f"## {g.graph}" if markdown else f"effc report: {g.graph}"
@@ -151,6 +185,16 @@ def render_graph(g: GraphReport, markdown: bool = False) -> str:
         keys = ["output", "max_abs", "rel_fro", "cosine", "sqnr_db"]
         lines += ["verify (rewritten vs original on the example inputs):", "",
                   _table(keys, [[v.get(k, "") for k in keys] for v in g.verify], markdown), ""]
+    if g.kernels or g.fallbacks:
+        c = g.kernel_counts()
+        lines += [f"triton: {c['kernels']} kernels ({c['distinct_kernels']} distinct) computing "
+                  f"{c['fused_nodes']} FX nodes; {c['fallbacks']} left to eager", ""]
+    if g.kernels:
+        rows = [[k.name, k.kind, len(k.nodes), ", ".join(k.outputs), k.file] for k in g.kernels]
+        lines += [_table(["kernel", "kind", "nodes", "outputs", "file"], rows, markdown), ""]
+    if g.fallbacks:
+        rows = [[f.kernel or "-", _short(", ".join(f.nodes)), f.reason] for f in g.fallbacks]
+        lines += ["left to eager:", "", _table(["kernel", "nodes", "reason"], rows, markdown), ""]
     lines += [f"note: {n}" for n in g.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -193,4 +237,5 @@ def graph_to_dict(g: GraphReport) -> dict[str, Any]:
         rec["counters"] = p.counters
     d["counters"] = _sum_counters(g.passes)
     d["totals"] = g.totals()
+    d["kernel_counts"] = g.kernel_counts()
     return _json_safe(d)

@@ -36,8 +36,9 @@ def toy():
 BAD = [
     # (options, env, substring the message must contain)
     ({"low_rnak": True}, {}, "'low_rnak'"),
-    ({"lowering": "triton"}, {}, "'lowering'"),
-    ({"lowering": "cuda"}, {}, "'auto', 'eager', 'inductor'"),
+    ({"lowering": "tpu"}, {}, "'lowering'"),
+    ({"lowering": "cuda"}, {}, "'auto', 'eager', 'inductor', 'triton'"),
+    ({"cache_dir": 3}, {}, "'cache_dir'"),
     ({"strict": "yes"}, {}, "'strict'"),
     ({"strict": 1}, {}, "'strict'"),
     ({"verify": None}, {}, "'verify'"),
@@ -111,12 +112,13 @@ def test_pass_order_is_registry_order_not_dict_order(toy):
 def test_environment_fills_only_what_options_leave_unset(toy, tmp_path):
     env = {"EFFC_PASSES": "toy_copy", "EFFC_DEBUG_DIR": str(tmp_path), "EFFC_STRICT": "1",
            "EFFC_VERIFY": "true", "EFFC_DISABLE": "toy_copy", "EFFC_MAX_REWRITES": "3",
-           "EFFC_LOWERING": "inductor"}
+           "EFFC_LOWERING": "inductor", "EFFC_CACHE_DIR": str(tmp_path / "kernels")}
     cfg = Config.from_options({"strict": False, "toy_copy": {"exclude": ["head*"]}}, env=env)
     assert cfg.strict is False  # option wins over EFFC_STRICT
     assert cfg.passes["toy_copy"].exclude == ("head*",)  # option dict wins over EFFC_PASSES
     assert cfg.debug_dir == str(tmp_path) and cfg.verify is True and cfg.max_rewrites == 3
     assert cfg.disable == ("toy_copy",) and cfg.lowering == "inductor"
+    assert cfg.cache_dir == str(tmp_path / "kernels")
 
 
 def test_to_dict_is_plain_data(toy):

@@ -1,10 +1,13 @@
-"""Lowering: eager is exact; inductor runs the same graph within float tolerance."""
+"""Lowering: eager is exact; inductor runs the same graph within float tolerance; option values.
+
+The Triton lowering itself is tested in test_triton_lowering.py."""
 
 import pytest
 import torch
 from helpers import MLP, CopyWeightPass
 
 import effc
+from effc.compiler.lowering import resolve
 from effc.passes import extra_passes
 
 
@@ -21,7 +24,7 @@ def test_inductor_lowering_matches_eager_with_a_pass_on():
     assert g.lowering == "inductor" and g.passes[0].counters["rewritten"] == 3
 
 
-def test_auto_is_eager_until_triton_lowering_lands():
+def test_auto_is_eager_on_cpu():
     model = MLP().eval()
     x = torch.randn(2, 16)
     with torch.no_grad():
@@ -30,6 +33,16 @@ def test_auto_is_eager_until_triton_lowering_lands():
     assert effc.report().graphs[-1].lowering == "eager"
 
 
-def test_triton_is_not_accepted_yet():
-    with pytest.raises(ValueError, match="'lowering'"):
-        effc.Config.from_options({"lowering": "triton"}, env={})
+def test_auto_is_eager_on_every_device_until_triton_is_validated_on_gpu():
+    assert resolve("auto", torch.device("cpu")) == "eager"
+    assert resolve("auto", None) == "eager"
+    assert resolve("auto", torch.device("cuda")) == "eager"
+    for explicit in ("eager", "inductor", "triton"):
+        assert resolve(explicit, torch.device("cuda")) == explicit
+
+
+def test_triton_is_accepted_and_unknown_lowerings_are_not():
+    assert effc.Config.from_options({"lowering": "triton"}, env={}).lowering == "triton"
+    assert effc.Config.from_options({}, env={"EFFC_LOWERING": "triton"}).lowering == "triton"
+    with pytest.raises(ValueError, match="'lowering'.*'auto', 'eager', 'inductor', 'triton'"):
+        effc.Config.from_options({"lowering": "tpu"}, env={})

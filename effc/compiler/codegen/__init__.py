@@ -1,0 +1,38 @@
+"""Triton code generation for partitioned groups: source text, loading, launchers.
+
+`generate(group)` returns the kernel's source (one module per group, readable, named after
+what it computes); `build(group, ...)` also loads it through the source-hash cache and wraps it
+in the launcher that replaces the group in the FX graph. Generators: pointwise.py (elementwise
+chains), reduction.py (row reductions), templates.py (GEMM-like ops with an epilogue slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from effc.compiler.codegen import pointwise, reduction, templates
+from effc.compiler.codegen.cache import load
+from effc.compiler.codegen.common import CodegenError, Source
+from effc.compiler.codegen.launch import Launcher, eager_subgraph
+from effc.compiler.partition import Group
+
+_GENERATORS = {"pointwise": (pointwise.generate, pointwise.PointwiseLauncher),
+               "row": (reduction.generate, reduction.RowLauncher),
+               "gemm": (templates.generate, templates.GemmLauncher)}
+
+
+def generate(group: Group) -> Source:
+    """The Triton module for `group` (raises CodegenError for what it cannot express)."""
+    return _GENERATORS[group.kind][0](group)
+
+
+def build(group: Group, source: Source, *, cache_dir: str | None, notify: Callable[[str], None],
+          strict: bool) -> Launcher:
+    """Load `source` (cached by hash) and wrap it in the launcher for `group`."""
+    kernel = load(source.text, source.name, cache_dir)
+    fallback = eager_subgraph(group.nodes, group.inputs + group.extra_deps, group.outputs)
+    return _GENERATORS[group.kind][1](source.name, kernel, source.plan, fallback, notify, strict,
+                                      len(group.inputs))
+
+
+__all__ = ["CodegenError", "Launcher", "Source", "build", "generate"]

@@ -1,0 +1,181 @@
+"""`lowering="triton"`: partition the rewritten graph, generate a kernel per group, splice.
+
+Each group's nodes are replaced by one call to its launcher (getitem nodes pick its outputs);
+the graph is then re-ordered topologically, since a group's outputs may be used by nodes that
+came between its members. A group whose code cannot be generated or loaded keeps its nodes and
+is reported with the reason (or raises under `strict`). On CPU the kernels run under the Triton
+interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from effc.compiler.codegen import build, generate
+from effc.compiler.codegen.cache import source_hash
+from effc.compiler.config import Config
+from effc.compiler.graph_facts import copy_graph_module, node_value
+from effc.compiler.partition import Group, partition
+from effc.compiler.report import FallbackRecord, GraphReport, KernelRecord
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unavailable_reason(example_inputs: Sequence[Any], grad_enabled: bool) -> str | None:
+    """Why this graph cannot run generated kernels at all (None: it can)."""
+    if not triton_available():
+        return "the `triton` package is not importable"
+    if grad_enabled and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        return ("grad mode is on and inputs require grad: generated kernels have no backward "
+                "(call the compiled model under torch.no_grad() or torch.inference_mode())")
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if devices - {"cuda", "cpu"} or len(devices) > 1:
+        return f"tensors on {sorted(devices)}: generated kernels run on one CUDA device or the CPU"
+    if devices == {"cpu"} and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
+                "triton is imported")
+    return None
+
+
+def _ensure_meta(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Shape metadata for graphs not traced by Dynamo (hand-built FX graphs in tests)."""
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    if all(node_value(n) is not None or "tensor_meta" in n.meta for n in calls):
+        return
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+
+
+def _replace(gm: fx.GraphModule, group: Group, launcher: Any,
+             replaced: dict[fx.Node, fx.Node]) -> None:
+    """Swap the group's nodes for one launcher call; outside users read its outputs.
+
+    `replaced` maps outputs of groups replaced earlier to the nodes that now hold them.
+    """
+    graph, members = gm.graph, set(group.nodes)
+    with graph.inserting_after(group.nodes[-1]):
+        args = group.inputs + group.extra_deps
+        call = graph.call_function(launcher, tuple(replaced.get(n, n) for n in args))
+    vals = [node_value(n) for n in group.outputs]
+    if len(group.outputs) == 1:
+        call.meta["val"] = vals[0]
+        results = [call]
+    else:
+        call.meta["val"] = tuple(vals)
+        results = []
+        for i, val in enumerate(vals):
+            with graph.inserting_after(results[-1] if results else call):
+                item = graph.call_function(operator.getitem, (call, i))
+            item.meta["val"] = val
+            results.append(item)
+    for out, new in zip(group.outputs, results):
+        out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+        replaced[out] = new
+    for n in reversed(group.nodes):
+        graph.erase_node(n)
+
+
+def _toposort(graph: fx.Graph) -> None:
+    """Re-order nodes so every use follows its definition, keeping the old order otherwise."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(n.all_input_nodes) for n in nodes}
+    ready = [(index[n], n.name) for n in nodes if waiting[n] == 0]
+    by_name = {n.name: n for n in nodes}
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        node = by_name[heapq.heappop(ready)[1]]
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (index[user], user.name))
+    if len(order) != len(nodes):
+        raise AssertionError("effc triton lowering: the fused graph has a cycle")
+    if order == nodes:
+        return
+    nodes[0].prepend(order[0])
+    for before, after in zip(order, order[1:]):
+        before.append(after)
+
+
+class _Notes:
+    """Runtime fallbacks go to the report once per (kernel, reason)."""
+
+    def __init__(self, report: GraphReport, kernel: str, nodes: list[str]):
+        self.report, self.kernel, self.nodes = report, kernel, nodes
+        self.seen: set[str] = set()
+
+    def __call__(self, reason: str) -> None:
+        if reason not in self.seen:
+            self.seen.add(reason)
+            self.report.fallbacks.append(FallbackRecord(self.nodes, f"at run time: {reason}",
+                                                        self.kernel))
+
+
+def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config,
+                 report: GraphReport, grad_enabled: bool) -> tuple[fx.GraphModule, dict[str, str]]:
+    """(the graph with groups replaced by kernel calls, kernel file stem -> source)."""
+    gm = copy_graph_module(gm)
+    why = unavailable_reason(example_inputs, grad_enabled)
+    if why is not None:
+        if config.strict and config.lowering == "triton":  # "auto" just means: where it can
+            raise RuntimeError(f"effc lowering='triton': {why}")
+        report.fallbacks.append(FallbackRecord(["(whole graph)"], why))
+        return gm, {}
+    _ensure_meta(gm, example_inputs)
+    parts = partition(gm.graph)
+    if parts.refused is not None:
+        if config.strict:
+            raise RuntimeError(f"effc lowering='triton': {parts.refused}")
+        report.fallbacks.append(FallbackRecord(["(whole graph)"], parts.refused))
+    sources: dict[str, str] = {}
+    stems: dict[str, str] = {}  # source hash -> file stem, unique within this graph
+    built = []  # every launcher is built (and its eager subgraph copied) before the graph changes
+    for group in parts.groups:
+        nodes = [n.name for n in group.nodes]
+        try:
+            source = generate(group)
+            key = source_hash(source.text)
+            stem = stems.get(key)
+            if stem is None:
+                stem, i = source.name, 0
+                while stem in sources:
+                    i += 1
+                    stem = f"{source.name}_{i}"
+                stems[key] = stem
+            launcher = build(group, source, cache_dir=config.cache_dir, strict=config.strict,
+                             notify=_Notes(report, source.name, nodes))
+        except Exception as exc:
+            if config.strict:
+                raise
+            report.fallbacks.append(FallbackRecord(nodes, f"{type(exc).__name__}: {exc}"))
+            continue
+        sources[stem] = source.text
+        report.kernels.append(KernelRecord(source.name, group.kind, nodes,
+                                           [n.name for n in group.outputs], f"{stem}.py", key))
+        built.append((group, launcher))
+    replaced: dict[fx.Node, fx.Node] = {}
+    for group, launcher in built:
+        _replace(gm, group, launcher, replaced)
+    _toposort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, sources
+
