@@ -183,7 +183,6 @@ class LowRankPass(Pass):
     rewrites_weights = True
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
-        cfg: LowRankConfig = self.config
         rows: list[SiteRow] = []
         candidates: list[tuple[Site, Factorization, torch.Tensor | None, str]] = []
         for node in list(gm.graph.nodes):
@@ -199,7 +198,14 @@ class LowRankPass(Pass):
                 rows.append(self._skip(site, why))
                 continue
             moment, use, note = self._moment(site, ctx)
-            candidates.append((site, factorize(site.matrix, moment if use else None), moment, note))
+            try:
+                fac = factorize(site.matrix, moment if use else None)
+            except (RuntimeError, ValueError) as exc:  # e.g. an SVD that does not converge
+                if ctx.config.strict:
+                    raise
+                rows.append(self._skip(site, f"factorization failed: {exc}"))
+                continue
+            candidates.append((site, fac, moment, note))
         ranks = self._choose_ranks(candidates)
         for site, fac, moment, note in candidates:
             rank, why = ranks[site.weight_name]

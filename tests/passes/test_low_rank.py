@@ -370,3 +370,24 @@ def test_foreign_calibration_falls_back_with_the_reason(trained):
     rows = {s.site: s.reason for s in report.sites if s.decision == "rewritten"}
     assert rows["fc1.weight"] == "whitened SVD (calibration)"
     assert rows["fc2.weight"].startswith("plain SVD:") and "(96, 128)" in rows["fc2.weight"]
+
+
+def test_a_site_whose_factorization_fails_is_skipped_not_fatal(monkeypatch):
+    import effc.passes.low_rank as low_rank
+
+    real = low_rank.factorize
+
+    def flaky(matrix, moment=None):
+        if matrix.shape == (10, 64):
+            raise RuntimeError("svd did not converge")
+        return real(matrix, moment)
+
+    monkeypatch.setattr(low_rank, "factorize", flaky)
+    torch.manual_seed(0)
+    model = DigitsMLP().eval()
+    _, _, report = _compile(model, torch.randn(4, 64), low_rank={"rank": 8, "min_saving": 0.0})
+    rows = {s.site: s for s in report.sites}
+    assert rows["head.weight"].reason == "factorization failed: svd did not converge"
+    assert rows["fc2.weight"].decision == "rewritten"
+    with pytest.raises(Exception, match="svd did not converge"):
+        _compile(model, torch.randn(4, 64), low_rank={"rank": 8, "min_saving": 0.0}, strict=True)
