@@ -14,7 +14,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch: no cached graphs or recompile limits carried over."""
+    """Each test compiles from scratch: no cached graphs or recompile limits carried over, and
+    effc.report() holds only this test's graphs."""
+    import effc
+
     torch._dynamo.reset()
+    effc.reset()
     yield
     torch._dynamo.reset()

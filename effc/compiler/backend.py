@@ -8,6 +8,7 @@ from has changed since (the stale-weight guard).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,21 @@ from effc.compiler.lowering import graph_device, lower, resolve
 from effc.compiler.pass_manager import PassContext, PassManager
 from effc.compiler.report import GraphReport, Report
 from effc.compiler.verify import verify_outputs
-from effc.compiler.weight_guard import stale, stamp
+from effc.compiler.weight_guard import restamp, stale, stamp
 from effc.passes import registered
 
 SESSION = Report()  # every graph compiled in this process since effc.reset()
+KEEP_DERIVATIONS = 4  # rewrites kept per graph, keyed by the weights they were derived from
 
 
 class CompiledGraph:
-    """What Dynamo runs for one graph: the lowered, rewritten graph, kept fresh."""
+    """What Dynamo runs for one graph: the lowered, rewritten graph, kept fresh.
+
+    Dynamo hands several instances of one model class (same code, equal options) the same
+    compiled graph, with each instance's parameters as inputs. So the last few derivations are
+    kept, keyed by the stamps of their source weights: alternating between instances switches
+    derivations instead of re-deriving on every call.
+    """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config,
                  grad_enabled: bool, lower_result: bool = True):
@@ -40,6 +48,7 @@ class CompiledGraph:
                                   config=config.to_dict(), nodes_before=len(gm.graph.nodes),
                                   lowering=resolve(config.lowering, graph_device(example_inputs))
                                   if lower_result else "none")
+        self._derivations: OrderedDict[tuple, tuple] = OrderedDict()
         self._build(example_inputs)
 
     def _build(self, example_inputs: Sequence[Any]) -> None:
@@ -67,6 +76,9 @@ class CompiledGraph:
             for inst in instruments:
                 inst.after_lowering(lowered, ctx, report)
         self.stamps = stamp(ctx.facts, ctx.ledger.derived_from)
+        self._derivations[tuple(self.stamps)] = (self.fn, self.gm)
+        while len(self._derivations) > KEEP_DERIVATIONS:
+            self._derivations.popitem(last=False)
         report.compile_seconds = time.perf_counter() - start
         for inst in instruments:
             inst.on_graph_end(gm, ctx, report)
@@ -75,10 +87,16 @@ class CompiledGraph:
         if self.stamps:
             changed = stale(self.stamps, args)
             if changed:
-                self.report.rederivations += 1
-                self._build(args)
-                self.report.notes.append(f"re-derived after these weights changed: "
-                                         f"{', '.join(changed)}")
+                current = tuple(restamp(self.stamps, args))
+                if current in self._derivations:  # another instance's weights, seen before
+                    self._derivations.move_to_end(current)
+                    self.fn, self.gm = self._derivations[current]
+                    self.stamps = list(current)
+                else:
+                    self.report.rederivations += 1
+                    self._build(args)
+                    self.report.notes.append(f"re-derived after these weights changed: "
+                                             f"{', '.join(changed)}")
         return self.fn(*args)
 
 

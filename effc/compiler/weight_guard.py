@@ -53,3 +53,8 @@ def stamp(facts: GraphFacts, names: Iterable[str]) -> list[WeightStamp]:
 def stale(stamps: Sequence[WeightStamp], args: Sequence[Any]) -> list[str]:
     """Names of the stamped weights that differ in `args` from when they were stamped."""
     return [s.name for s in stamps if not s.matches(args[s.index])]
+
+
+def restamp(stamps: Sequence[WeightStamp], args: Sequence[Any]) -> list[WeightStamp]:
+    """Stamps of the same weights as they are in `args` now."""
+    return [WeightStamp.of(s.index, s.name, args[s.index]) for s in stamps]

@@ -68,3 +68,19 @@ def test_without_the_guard_the_constants_would_be_stale(compiled_mlp, monkeypatc
         model.fc1.weight.mul_(3.0)
     with torch.inference_mode():
         assert not torch.equal(compiled(x), model(x))
+
+
+def test_two_instances_sharing_a_compiled_graph_do_not_rederive_every_call():
+    """Same class, equal options: Dynamo reuses one compiled graph for both instances."""
+    torch.manual_seed(0)
+    a, b = MLP().eval(), MLP().eval()
+    x = torch.randn(5, 16)
+    with extra_passes(CopyWeightPass):
+        ca = torch.compile(a, backend="effc", options={"toy_copy": True})
+        cb = torch.compile(b, backend="effc", options={"toy_copy": True})
+        for _ in range(3):
+            _check(a, ca, x)
+            _check(b, cb, x)
+    graphs = effc.report().graphs
+    assert len(graphs) == 1  # one graph serves both
+    assert graphs[0].rederivations == 1  # b's first call; later switches reuse derivations
