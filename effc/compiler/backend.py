@@ -1,7 +1,7 @@
 """`torch.compile(model, backend="effc", options=...)`: the function Dynamo calls per graph.
 
-Flow (DESIGN.md): options -> Config -> PassManager over the enabled passes -> verify ->
-lowering -> a callable. The callable re-derives the rewrite when a weight it was derived
+Flow (DESIGN.md): options -> Config -> PassManager over the enabled passes -> lowering ->
+a callable (verify, when asked, measures that callable against the graph as traced). The callable re-derives the rewrite when a weight it was derived
 from has changed since (the stale-weight guard).
 """
 
@@ -66,8 +66,6 @@ class CompiledGraph:
         manager = PassManager(passes, instruments, strict=config.strict, disabled=config.disable)
         gm = manager.run(gm, ctx, report)
         report.nodes_after = len(gm.graph.nodes)
-        if config.verify:
-            report.verify = verify_outputs(self.original.forward, gm.forward, ctx.facts)
         self.gm = gm
         self.fn = gm.forward
         if self.lower_result:
@@ -75,6 +73,8 @@ class CompiledGraph:
             self.fn = lowered.fn
             for inst in instruments:
                 inst.after_lowering(lowered, ctx, report)
+        if config.verify:  # what will run (passes and lowering) against the graph as traced
+            report.verify = verify_outputs(self.original.forward, self.fn, ctx.facts)
         self.stamps = stamp(ctx.facts, ctx.ledger.derived_from)
         self._derivations[tuple(self.stamps)] = (self.fn, self.gm)
         while len(self._derivations) > KEEP_DERIVATIONS:
