@@ -1,8 +1,8 @@
 """`torch.compile(model, backend="effc", options=...)`: the function Dynamo calls per graph.
 
 Flow (DESIGN.md): options -> Config -> PassManager over the enabled passes -> lowering ->
-a callable (verify, when asked, measures that callable against the graph as traced). The callable re-derives the rewrite when a weight it was derived
-from has changed since (the stale-weight guard).
+a callable; `verify` measures that callable against the graph as traced. The callable
+re-derives the rewrite when a weight it was derived from has changed (stale-weight guard).
 """
 
 from __future__ import annotations
