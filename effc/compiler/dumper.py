@@ -59,6 +59,13 @@ def _code(gm: fx.GraphModule, title: str) -> str:
     return f"# {title}\n" + gm.code.strip() + "\n"
 
 
+def write_report(folder: str | os.PathLike, report: GraphReport) -> None:
+    """(Re)write report.json and report.md in `folder`; also called after a runtime fallback."""
+    folder = Path(folder)
+    (folder / "report.json").write_text(json.dumps(graph_to_dict(report), indent=2))
+    (folder / "report.md").write_text(render_graph(report, markdown=True))
+
+
 class Dumper(Instrument):
     """Writes the folder for one graph; `folder` must exist (see `new_graph_name`)."""
 
@@ -112,5 +119,4 @@ class Dumper(Instrument):
         self._draw(gm, "graph_after")
         if self._draw_problem is not None:
             report.notes.append(f"graph drawings skipped: {self._draw_problem}")
-        self._write("report.json", json.dumps(graph_to_dict(report), indent=2))
-        self._write("report.md", render_graph(report, markdown=True))
+        write_report(self.folder, report)

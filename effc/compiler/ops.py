@@ -33,7 +33,8 @@ class Op:
 
     kind: "pointwise" (elementwise, output shape = broadcast of operands), "reduction"
     (over the last dim: keeps it as size 1, or, for softmax/norms, a row-wise op whose output
-    has the input's shape) or "gemm" (an effc GEMM-like op with a Triton template).
+    has the input's shape) or "gemm" (a GEMM-like op with a Triton template: effc's
+    `low_rank_linear`, or the dense `linear`, which the partitioner keeps only with an epilogue).
     operands: the values read, in the order the code generators expect (fx.Node, a Python
     number, or None for an absent optional tensor).
     """
@@ -66,6 +67,8 @@ _REDUCE = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
 _SOFTMAX = (torch.softmax, F.softmax)
 _LAYER_NORM = (F.layer_norm, torch.layer_norm)
 _GELU = (F.gelu, torch._C._nn.gelu)
+_LINEAR = (torch._C._nn.linear, F.linear)  # one builtin today; both spellings kept on purpose
+LIBRARY_GEMMS = ("linear",)  # a library call (cuBLAS) beats our template when nothing is fused
 
 
 def _gemm_targets() -> dict[Any, str]:
@@ -237,7 +240,25 @@ def _norm_args(shape: Any, m: tuple, affine: tuple, eps: Any) -> bool:
     return True
 
 
+def _linear(node: fx.Node) -> Op | None:
+    """`F.linear(x, W, b)`: x [..., K], W [N, K], b [N] or None, all of one float dtype."""
+    if not _only(node, {"bias"}, 3) or len(node.args) < 2:
+        return None
+    x, w = node.args[:2]
+    bias = _arg(node, 2, "bias")
+    xm, wm = meta(x), meta(w)
+    if xm is None or wm is None or len(xm[0]) == 0 or len(wm[0]) != 2 or xm[1] != wm[1]:
+        return None
+    if bias is not None:
+        bm = meta(bias)
+        if bm is None or bm[1] != wm[1] or bm[0] != (wm[0][0],):
+            return None
+    return Op("gemm", "linear", (x, w, bias))
+
+
 def _gemm(node: fx.Node) -> Op | None:
+    if node.target in _LINEAR:
+        return _linear(node)
     name = _gemm_targets().get(node.target)
     if name is None:
         return None

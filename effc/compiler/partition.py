@@ -1,7 +1,10 @@
 """The partitioner: which FX nodes become one generated kernel.
 
 Three kinds of group (DESIGN.md, Lowering):
-- `gemm`: an effc GEMM-like op and the pointwise epilogue computed on its output tile;
+- `gemm`: a GEMM-like op (effc's `low_rank_linear`, or a dense `linear`) and the pointwise
+  epilogue computed on its output tile. A dense linear is kept only when it has an epilogue
+  that computes something: alone (bias included), a library call (cuBLAS/oneDNN) is faster
+  than a generic Triton template, and fusing saves nothing, so it stays eager;
 - `row`: row reductions over the last dim (mean/sum/amax keepdim, softmax, layer_norm,
   rms_norm) with their pointwise prologue and epilogue, one row held in registers;
 - `pointwise`: a chain of elementwise ops that all have the group's output shape (inputs
@@ -24,7 +27,7 @@ import networkx as nx
 import sympy
 import torch.fx as fx
 
-from effc.compiler.ops import Op, classify, meta, mutates
+from effc.compiler.ops import LIBRARY_GEMMS, Op, classify, meta, mutates
 
 _ids = itertools.count()
 
@@ -106,6 +109,13 @@ def _is_noop(op: Op, node: fx.Node) -> bool:
         return True
     src = meta(op.operands[0]) if op.name == "cast" else None
     return src is not None and src[1] == meta(node)[1]
+
+
+def _bare_library_gemm(group: Group) -> bool:
+    """A dense linear with nothing (or only no-op casts) fused: better left to the library."""
+    gemm = group.gemm
+    return (gemm is not None and group.ops[gemm].name in LIBRARY_GEMMS
+            and all(_is_noop(group.ops[n], n) for n in group.nodes if n is not gemm))
 
 
 class _Builder:
@@ -230,5 +240,6 @@ def partition(graph: fx.Graph) -> Partition:
                              "moving reads and writes across it is not modelled, so it runs eagerly")
     ops = {n: op for n in nodes if (op := classify(n)) is not None}
     groups = [_finish(g) for g in _Builder(nodes, ops).run()]
-    kept = [g for g in groups if not all(_is_noop(g.ops[n], n) for n in g.nodes)]
+    kept = [g for g in groups if not all(_is_noop(g.ops[n], n) for n in g.nodes)
+            and not _bare_library_gemm(g)]
     return Partition(kept)

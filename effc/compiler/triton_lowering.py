@@ -13,6 +13,7 @@ import heapq
 import operator
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,11 +116,24 @@ def _toposort(graph: fx.Graph) -> None:
         before.append(after)
 
 
-class _Notes:
-    """Runtime fallbacks go to the report once per (kernel, reason)."""
+def kernel_target(example_inputs: Sequence[Any]) -> str:
+    """`cuda` for CUDA tensors with compiled kernels (GEMM templates autotuned), else
+    `interpreter` (TRITON_INTERPRET=1: one fixed tile config)."""
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    cuda = devices == {"cuda"} and os.environ.get("TRITON_INTERPRET") != "1"
+    return "cuda" if cuda else "interpreter"
 
-    def __init__(self, report: GraphReport, kernel: str, nodes: list[str]):
-        self.report, self.kernel, self.nodes = report, kernel, nodes
+
+class _Notes:
+    """Runtime fallbacks go to the report once per (kernel, reason).
+
+    The dumper wrote report.json/report.md when the graph was compiled, before any kernel ran;
+    with a debug folder, a runtime fallback rewrites both so they show it too.
+    """
+
+    def __init__(self, report: GraphReport, kernel: str, nodes: list[str],
+                 folder: Path | None = None):
+        self.report, self.kernel, self.nodes, self.folder = report, kernel, nodes, folder
         self.seen: set[str] = set()
 
     def __call__(self, reason: str) -> None:
@@ -127,6 +141,13 @@ class _Notes:
             self.seen.add(reason)
             self.report.fallbacks.append(FallbackRecord(self.nodes, f"at run time: {reason}",
                                                         self.kernel))
+            if self.folder is not None and self.folder.is_dir():
+                from effc.compiler.dumper import write_report
+
+                try:
+                    write_report(self.folder, self.report)
+                except OSError as exc:  # a debug file is never worth failing a model call
+                    self.report.notes.append(f"report files not rewritten: {exc}")
 
 
 def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config,
@@ -145,13 +166,15 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         if config.strict:
             raise RuntimeError(f"effc lowering='triton': {parts.refused}")
         report.fallbacks.append(FallbackRecord(["(whole graph)"], parts.refused))
+    target = kernel_target(example_inputs)
+    folder = Path(config.debug_dir) / report.graph if config.debug_dir is not None else None
     sources: dict[str, str] = {}
     stems: dict[str, str] = {}  # source hash -> file stem, unique within this graph
     built = []  # every launcher is built (and its eager subgraph copied) before the graph changes
     for group in parts.groups:
         nodes = [n.name for n in group.nodes]
         try:
-            source = generate(group)
+            source = generate(group, target)
             key = source_hash(source.text)
             stem = stems.get(key)
             if stem is None:
@@ -161,7 +184,7 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
                     stem = f"{source.name}_{i}"
                 stems[key] = stem
             launcher = build(group, source, cache_dir=config.cache_dir, strict=config.strict,
-                             notify=_Notes(report, source.name, nodes))
+                             notify=_Notes(report, source.name, nodes, folder))
         except Exception as exc:
             if config.strict:
                 raise

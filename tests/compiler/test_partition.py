@@ -123,6 +123,32 @@ def test_two_gemms_never_share_a_kernel():
     assert sorted(g.kernel_name() for g in p.groups) == ["low_rank_linear", "low_rank_linear_silu_mul"]
 
 
+WD, BD = torch.randn(29, 45), torch.randn(29)
+
+
+def test_dense_linear_forms_a_gemm_group_only_with_an_epilogue():
+    """A bare linear (bias included) stays a library call; with an epilogue it is a template."""
+    gm, p = _groups(lambda x, w, b: F.linear(x, w, b), X, WD, BD)
+    assert p.groups == []
+    assert classify(_node(gm, "linear")).name == "linear"  # classified, then left to cuBLAS
+    gm, p = _groups(lambda x, w, b: F.linear(x, w, b).to(torch.float32), X, WD, BD)
+    assert p.groups == []  # a no-op cast is no epilogue
+    gm, p = _groups(lambda x, w, b, r: F.gelu(F.linear(x * 2.0, w, b)) * r, X, WD, BD,
+                    torch.randn(37, 29))
+    kinds = {g.kind: g for g in p.groups}
+    assert set(kinds) == {"pointwise", "gemm"}  # x * 2.0 is a prologue: not fused
+    assert kinds["gemm"].kernel_name() == "linear_gelu_mul"
+    assert _names(kinds["gemm"].nodes) == ["linear", "gelu", "mul_1"]
+    assert _names(kinds["gemm"].inputs) == ["mul", "w", "b", "r"]
+
+
+def test_dense_linear_arguments_the_template_does_not_take_stay_eager():
+    for fn, args in [(lambda x, w, b: F.linear(x, w, b), (X, WD, torch.randn(1, 29))),  # [1, N] bias
+                     (lambda x, w: F.linear(x, w), (X, torch.randn(45)))]:            # 1-d weight
+        fn(*args)  # eager takes these
+        assert classify(_node(traced(fn, *args), "linear")) is None
+
+
 def test_a_graph_that_writes_in_place_is_left_alone():
     def fn(x):
         y = x * 2.0

@@ -21,8 +21,13 @@ _GENERATORS = {"pointwise": (pointwise.generate, pointwise.PointwiseLauncher),
                "gemm": (templates.generate, templates.GemmLauncher)}
 
 
-def generate(group: Group) -> Source:
-    """The Triton module for `group` (raises CodegenError for what it cannot express)."""
+def generate(group: Group, target: str = "interpreter") -> Source:
+    """The Triton module for `group` (raises CodegenError for what it cannot express).
+
+    `target`: "cuda" (GEMM templates are autotuned) or "interpreter" (one fixed config).
+    """
+    if group.kind == "gemm":
+        return templates.generate(group, target)
     return _GENERATORS[group.kind][0](group)
 
 

@@ -1,12 +1,24 @@
-"""GEMM-like templates with an epilogue slot: `low_rank_linear` and what follows it.
+"""GEMM-like templates with an epilogue slot: `low_rank_linear`, dense `linear`, and what follows.
 
-The template is the effc low-rank GEMM (effc/kernels/low_rank.py): each program computes
-t = x_rows @ v.T ([BLOCK_M, R_PAD], fp32) once, keeps it in registers, and produces its
-output tiles acc = t @ u.T (+ bias). The slot after `acc` receives generated code: the
-op's own activation, then the fused pointwise nodes (activation, scale, residual add, gating
-multiply by another tensor, casts), each rounded to its dtype as eager would, and one store per
-materialized node. Extra epilogue operands are read as [M, N] tiles through strides given at
-launch (0 for broadcast dims, e.g. a bias-like [N] vector).
+Two templates share one epilogue generator:
+- LOW_RANK, the effc low-rank GEMM (effc/kernels/low_rank.py): each program computes
+  t = x_rows @ v.T ([BLOCK_M, R_PAD], fp32) once, keeps it in registers, and produces its
+  output tiles acc = t @ u.T (+ bias);
+- DENSE, `F.linear(x, W, b)`: x is the [M, K] view of any leading dims, W is [N, K]; each
+  program computes one [BLOCK_M, BLOCK_N] tile acc = x @ W.T (+ bias), accumulating in fp32
+  with `tl.dot` (IEEE fp32 products unless TF32 is allowed), masked for ragged M, N and K.
+  The partitioner only hands over a dense linear that has an epilogue: alone, cuBLAS wins.
+
+The slot after `acc` receives generated code: the op's own activation, then the fused
+pointwise nodes (activation, scale, residual add, gating multiply by another tensor, casts),
+each rounded to its dtype as eager would, and one store per materialized node. Extra epilogue
+operands are read as [M, N] tiles through strides given at launch (0 for broadcast dims, e.g.
+a bias-like [N] vector).
+
+Tiling: for CUDA the kernel is wrapped in `triton.autotune` over a short config list (BLOCK_M,
+BLOCK_N, BLOCK_K, num_warps, num_stages) keyed on the problem sizes; under the Triton
+interpreter it runs one fixed small config (INTERPRETER_CONFIG), which also keeps every
+ragged edge of the test shapes inside a masked block.
 """
 
 from __future__ import annotations
@@ -22,6 +34,24 @@ from effc.compiler.codegen.common import (TL_DTYPE, CodegenError, Source, descri
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
+
+TARGETS = ("interpreter", "cuda")
+# the interpreter runs programs one after another: one small config, no tuning
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Large tiles for prefill-sized M, 16-row
+# tiles for decode (M = 1..16, where the kernel is a weight-bandwidth-bound GEMV). Configs that
+# do not fit shared memory (fp32, large tiles) are skipped by the autotuner (OutOfResources).
+DENSE_CONFIGS = [
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+    (32, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 3),
+]
+# the low-rank template holds t [BLOCK_M, R_PAD] in registers and reads u in [R_PAD, BLOCK_N]
+LOW_RANK_CONFIGS = [
+    (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3),
+    (16, 128, 128, 4, 3), (128, 64, 16, 8, 2),
+]
+AUTOTUNE_KEYS = {"dense": ["M", "N", "K"], "low_rank": ["M", "N", "K", "R"]}
 
 LOW_RANK = '''
 @triton.jit
@@ -69,56 +99,79 @@ def {name}(
         # ---- epilogue (generated) ----
 {epilogue}'''
 
+DENSE = '''
+@triton.jit
+def {name}(
+    x_ptr, w_ptr, {operand_params}
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, {stride_params}
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+
+    # acc = x @ w.T for this [BLOCK_M, BLOCK_N] tile, fp32; masked K lanes read zeros
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_blk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_t_blk = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:  # the interpreter's dot multiplies bf16 tiles as integers
+            x_blk = x_blk.to(tl.float32)
+            w_t_blk = w_t_blk.to(tl.float32)
+        acc = tl.dot(x_blk, w_t_blk, acc, input_precision=INPUT_PRECISION)
+    # ---- epilogue (generated) ----
+{epilogue}'''
+
 _ROUND_T = {torch.float32: "t", torch.float16: "t.to(tl.float16)",
             torch.bfloat16: "round_to_bf16(t).to(tl.bfloat16)"}
 
 
 @dataclasses.dataclass
 class GemmPlan:
+    template: str              # "low_rank" or "dense"
+    target: str                # "interpreter" (fixed config) or "cuda" (autotuned)
     shape: tuple               # output shape (sympy)
     x: int                     # positions of the GEMM operands among the launcher's inputs
-    v: int
-    u: int
+    weights: list[int]         # [v, u] (low_rank) or [w] (dense); the last one is [N, *]
     bias: int | None
     epilogue: list[int]        # positions of the epilogue's extra operands
     out_dtypes: list[torch.dtype]
 
 
-def generate(group: Group) -> Source:
-    gemm = group.gemm
-    op: Op = group.ops[gemm]
-    if op.name != "low_rank_linear":
-        raise CodegenError(f"no template for {op.name}")
-    name, dtype = group.kernel_name(), meta(gemm)[1]
-    x, v, u, bias = op.operands
-    position = {n: i for i, n in enumerate(group.inputs)}
-    for out in group.outputs:
-        if not row_major(meta(out)[0], strides_of(out)):
-            raise CodegenError(f"output {out.name} is not row-major in eager")
-    extra = [n for n in group.inputs
-             if any(n in group.ops[m].nodes for m in group.nodes if m is not gemm)]
-    for n in extra:
-        in_shape = meta(n)[0]
-        if len(in_shape) > len(group.shape) or any(
-                a not in (1, b) for a, b in zip(in_shape[::-1], group.shape[::-1])):
-            raise CodegenError(f"epilogue operand {n.name} {in_shape} does not broadcast to "
-                               f"{group.shape}")
+def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
+    """`@triton.autotune(...)` over `configs`, one readable line per config."""
+    rows = [f"        triton.Config({{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'BLOCK_K': {bk}}}, "
+            f"num_warps={w}, num_stages={st})," for bm, bn, bk, w, st in configs]
+    return ("@triton.autotune(\n    configs=[\n" + "\n".join(rows) + "\n    ],\n"
+            f"    key={key!r},\n)")
 
+
+def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.dtype):
+    """(lines, out_dtypes, needs_bf16): the generated code after `acc`, shared by templates."""
     names = {n: f"e{i}" for i, n in enumerate(extra)}
     lines = [f"e{i} = tl.load(in{i}_ptr + offs_m[:, None] * in{i}_sm + offs_n[None, :] * in{i}_sn,"
              f" mask=mask, other=0.0).to(tl.float32)  # {n.name}" for i, n in enumerate(extra)]
-    value = "acc"
-    if bias is not None:
+    if bias:
         lines.append("acc += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0)"
                      ".to(tl.float32)[None, :]")
     needs_bf16 = dtype == torch.bfloat16
     for j, n in enumerate(group.nodes):
         node_dtype = meta(n)[1]
-        if n is gemm and op.params["activation"] != "none":
+        activation = op.params.get("activation", "none")
+        if n is gemm and activation != "none":
             # the op's reference applies its activation to the linear's output in its dtype
-            act = op.params["activation"]
-            act_op = Op("pointwise", "gelu", (), {"approximate": "tanh"}) if act == "gelu_tanh" \
-                else Op("pointwise", act, ())
+            act_op = Op("pointwise", "gelu", (), {"approximate": "tanh"}) \
+                if activation == "gelu_tanh" else Op("pointwise", activation, ())
             lines.append(f"lin = {rounded('acc', node_dtype)}")
             value = expr(act_op, ["lin"])
         elif n is gemm:
@@ -136,44 +189,74 @@ def generate(group: Group) -> Source:
         out_dtypes.append(meta(out)[1])
         lines.append(f"tl.store(out{j}_ptr + offs_m[:, None] * N + offs_n[None, :], "
                      f"{names[out]}.to({TL_DTYPE[meta(out)[1]]}), mask=mask)  # {out.name}")
+    return lines, out_dtypes, needs_bf16
+
+
+def generate(group: Group, target: str = "interpreter") -> Source:
+    """The kernel module for a GEMM group; `target` "cuda" wraps it in `triton.autotune`."""
+    if target not in TARGETS:
+        raise CodegenError(f"unknown GEMM target {target!r}")
+    gemm = group.gemm
+    op: Op = group.ops[gemm]
+    if op.name == "low_rank_linear":
+        template, (x, v, u, bias) = "low_rank", op.operands
+        weights = [v, u]
+    elif op.name == "linear":
+        template, (x, w, bias) = "dense", op.operands
+        weights = [w]
+    else:
+        raise CodegenError(f"no template for {op.name}")
+    name, dtype = group.kernel_name(), meta(gemm)[1]
+    position = {n: i for i, n in enumerate(group.inputs)}
+    for out in group.outputs:
+        if not row_major(meta(out)[0], strides_of(out)):
+            raise CodegenError(f"output {out.name} is not row-major in eager")
+    extra = [n for n in group.inputs
+             if any(n in group.ops[m].nodes for m in group.nodes if m is not gemm)]
+    for n in extra:
+        in_shape = meta(n)[0]
+        if len(in_shape) > len(group.shape) or any(
+                a not in (1, b) for a, b in zip(in_shape[::-1], group.shape[::-1])):
+            raise CodegenError(f"epilogue operand {n.name} {in_shape} does not broadcast to "
+                               f"{group.shape}")
+
+    lines, out_dtypes, needs_bf16 = _epilogue(group, gemm, op, extra, bias is not None, dtype)
     operand_params = (["bias_ptr"] if bias is not None else []) + [f"in{i}_ptr" for i in range(len(extra))]
     operand_params += [f"out{j}_ptr" for j in range(len(group.outputs))]
     stride_params = (["stride_b"] if bias is not None else []) + [
         p for i in range(len(extra)) for p in (f"in{i}_sm", f"in{i}_sn")]
-    body = LOW_RANK.format(
-        name=name, operand_params="".join(p + ", " for p in operand_params),
-        stride_params="".join(p + ", " for p in stride_params), round_t=_ROUND_T[dtype],
-        epilogue="".join(f"        {line}\n" for line in lines))
-    summary = (f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])}) with an "
-               f"epilogue of {len(group.nodes) - 1} FX nodes ({group.describe()}); output shape "
-               f"{tuple(group.shape)}; epilogue operands: "
+    fields = dict(name=name, operand_params="".join(p + ", " for p in operand_params),
+                  stride_params="".join(p + ", " for p in stride_params))
+    if template == "low_rank":
+        body = LOW_RANK.format(**fields, round_t=_ROUND_T[dtype],
+                               epilogue="".join(f"        {line}\n" for line in lines))
+        what = f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])})"
+    else:
+        body = DENSE.format(**fields, epilogue="".join(f"    {line}\n" for line in lines))
+        what = f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])})"
+    tiling = "fixed config for the interpreter"
+    if target == "cuda":
+        configs = LOW_RANK_CONFIGS if template == "low_rank" else DENSE_CONFIGS
+        body = _autotune_decorator(configs, AUTOTUNE_KEYS[template]) + "\n" + body.lstrip("\n")
+        tiling = f"autotuned over {len(configs)} configs"
+    summary = (f"{what} with an epilogue of {len(group.nodes) - 1} FX nodes "
+               f"({group.describe()}); output shape {tuple(group.shape)}; epilogue operands: "
                + (", ".join(f"in{i}={n.name}" for i, n in enumerate(extra)) or "none")
-               + "; outputs: " + ", ".join(f"out{j}={n.name}" for j, n in enumerate(group.outputs)))
-    plan = GemmPlan(group.shape, position[x], position[v], position[u],
+               + "; outputs: " + ", ".join(f"out{j}={n.name}" for j, n in enumerate(group.outputs))
+               + f"; {tiling}")
+    plan = GemmPlan(template, target, group.shape, position[x], [position[t] for t in weights],
                     position[bias] if bias is not None else None,
                     [position[n] for n in extra], out_dtypes)
     return Source(name, "gemm", module_text(name, "gemm", summary, body, needs_bf16), plan)
 
 
-def _tiling(m: int, n: int, k: int, r_pad: int, dtype: torch.dtype, cuda: bool) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages): untuned; autotuning on GPU is future work.
-
-    fp32 tiles at rank > 64 are kept small so shared memory fits on sm_80..sm_90.
-    """
-    block_m = min(64, max(16, next_pow2(m)))
-    block_n = min(64, max(16, next_pow2(n)))
-    block_k = min(64 if r_pad <= 64 else 32, max(16, next_pow2(k)))
-    if cuda and dtype == torch.float32 and r_pad > 64:
-        block_m, block_k = min(block_m, 32), 16
-    return block_m, block_n, block_k, (2 if dtype == torch.float32 else 3)
-
-
 class GemmLauncher(Launcher):
     kind = "gemm"
+    last_config: dict | None = None  # the fixed tiling of the last interpreter launch
 
     def _shape(self, inputs) -> tuple[int, ...]:
         p = self.plan
-        return tuple(inputs[p.x].shape[:-1]) + (inputs[p.u].shape[0],)
+        return tuple(inputs[p.x].shape[:-1]) + (inputs[p.weights[-1]].shape[0],)
 
     def unsupported(self, *inputs):
         return check_static(self._shape(inputs), self.plan.shape)
@@ -182,9 +265,10 @@ class GemmLauncher(Launcher):
         import triton
 
         p = self.plan
-        x, v, u = inputs[p.x], inputs[p.v], inputs[p.u]
+        x = inputs[p.x]
+        weights = [inputs[i] for i in p.weights]
         shape = self._shape(inputs)
-        m, k, n, r = math.prod(shape[:-1]), x.shape[-1], shape[-1], v.shape[0]
+        m, k, n = math.prod(shape[:-1]), x.shape[-1], shape[-1]
         outs = [alloc(shape, dtype, x.device) for dtype in p.out_dtypes]
         if m == 0 or n == 0:
             return single_or_tuple(outs)
@@ -192,20 +276,31 @@ class GemmLauncher(Launcher):
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
         cuda = x.device.type == "cuda"
-        r_pad = max(16, next_pow2(r))
-        block_m, block_n, block_k, stages = _tiling(m, n, k, r_pad, x.dtype, cuda)
-        m_blocks, n_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-        n_split = 1
-        if cuda:  # fill the GPU when there are few row blocks (each split recomputes t)
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            n_split = max(1, min(triton.cdiv(2 * sms, m_blocks), n_blocks))
         tf32 = x.dtype == torch.float32 and cuda and torch.backends.cuda.matmul.allow_tf32
-        args = [x2, v, u, *bias, *extra, *[o.view(m, n) for o in outs], m, n, k, r,
-                x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
-                *[b.stride(0) for b in bias], *[s for e in extra for s in e.stride()]]
-        self.kernel[(m_blocks, n_split)](
-            *args, INPUT_PRECISION="tf32" if tf32 else "ieee",
-            UPCAST_DOT=x.dtype == torch.bfloat16 and not cuda,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, R_PAD=r_pad,
-            num_warps=4, num_stages=stages)
+        args = [x2, *weights, *bias, *extra, *[o.view(m, n) for o in outs], m, n, k]
+        if p.template == "low_rank":
+            args.append(weights[0].shape[0])  # R
+        args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
+        args += [b.stride(0) for b in bias] + [s for e in extra for s in e.stride()]
+        consts = {"INPUT_PRECISION": "tf32" if tf32 else "ieee",
+                  "UPCAST_DOT": x.dtype == torch.bfloat16 and not cuda}
+        if p.template == "low_rank":
+            consts["R_PAD"] = max(16, next_pow2(weights[0].shape[0]))
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+
+        def grid(meta):
+            rows, cols = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+            if p.template == "low_rank":
+                # a program loops over column blocks pid_n, pid_n + n_split, ...; on a GPU,
+                # split the columns when there are few row blocks (each split recomputes t)
+                cols = max(1, min(triton.cdiv(2 * sms, rows), cols)) if cuda else 1
+            return rows, cols
+
+        if p.target == "cuda":  # triton.autotune picks BLOCK_*, num_warps and num_stages
+            self.kernel[grid](*args, **consts)
+            self.last_config = None
+        else:
+            config = dict(INTERPRETER_CONFIG)
+            self.kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
+            self.last_config = config
         return single_or_tuple(outs)
