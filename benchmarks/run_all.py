@@ -164,13 +164,13 @@ def _plot(name, rows):
 
     metric = "perplexity" if "perplexity" in rows[0] else "accuracy"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, cost in zip(axes, ("params", "speedup vs eager")):
+    for ax, cost in zip(axes, ("weight MB", "speedup vs eager")):
         for r in rows:
             ax.scatter(r[cost], r[metric], label=r["variant"])
             ax.annotate(r["variant"], (r[cost], r[metric]), fontsize=7)
         ax.set_xlabel(cost)
         ax.set_ylabel(metric)
-    axes[0].set_title(f"{name}: quality vs parameters")
+    axes[0].set_title(f"{name}: quality vs weight bytes")
     axes[1].set_title(f"{name}: quality vs CPU speedup")
     fig.tight_layout()
     fig.savefig(RESULTS / f"run_all_{name}.png", dpi=110)
