@@ -20,12 +20,11 @@ Usage::
 
 ``get_model`` loads ``benchmarks/models/checkpoints/<name>.pt`` (a plain
 ``state_dict``) when present and otherwise trains the model (seed 0) and saves
-it there.  Run this file as a script to (re)train both and print metrics.
+it there.  `python -m benchmarks.models.train_all` (re)trains them and prints metrics.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -239,25 +238,3 @@ def save(model: nn.Module, name: str) -> Path:
 
 
 num_params = _ckpt.num_params
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_data()
-    for name in MODEL_NAMES:
-        t0 = time.perf_counter()
-        model = _TRAINERS[name](seed=args.seed, data=data)
-        dt = time.perf_counter() - t0
-        acc = accuracy(model, data[2], data[3])
-        msg = f"{name}: params={num_params(model)} train_time={dt:.1f}s test_acc={acc:.4f}"
-        if not args.no_save:
-            msg += f" -> {save(model, name)}"
-        print(msg, flush=True)

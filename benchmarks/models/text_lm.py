@@ -29,7 +29,7 @@ Usage::
 
 ``get_model`` loads ``benchmarks/models/checkpoints/<name>.pt`` (a plain
 ``state_dict``) when present and otherwise trains the model (seed 0) and saves
-it there.  Run this file as a script to (re)train both and print metrics.
+it there.  `python -m benchmarks.models.train_all` (re)trains them and prints metrics.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import hashlib
 import importlib
 import inspect
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -363,36 +362,3 @@ def save(model: nn.Module, name: str) -> Path:
 
 
 num_params = _ckpt.num_params
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES))
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_corpus()
-    info = corpus_info()
-    print(f"corpus: {info['bytes']} bytes from {info['modules']} modules "
-          f"(Python {info['python']}, sha256 {info['sha256'][:16]}); "
-          f"train {len(data[0])} / val {len(data[1])} bytes")
-    print(f"baselines (val perplexity): unigram {unigram_perplexity(data[0], data[1]):.2f}, "
-          f"bigram {bigram_perplexity(data[0], data[1]):.2f}")
-    for name in args.models:
-        name = _canonical(name)
-        t0 = time.perf_counter()
-        model = _TRAINERS[name](seed=args.seed, steps=args.steps, data=data,
-                                log_every=args.log_every)
-        dt = time.perf_counter() - t0
-        ppl = perplexity(model, data[1])
-        msg = f"{name}: params={num_params(model)} train_time={dt:.1f}s val_ppl={ppl:.3f}"
-        if not args.no_save:
-            msg += f" -> {save(model, name)}"
-        print(msg, flush=True)
