@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.models import checkpoints as _ckpt
-from benchmarks.models.checkpoints import CHECKPOINT_DIR
+from benchmarks.models.checkpoints import CHECKPOINT_DIR  # noqa: F401  (train_all reads it here)
 
 
 N_TEST = 400

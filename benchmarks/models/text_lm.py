@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.models import checkpoints as _ckpt
-from benchmarks.models.checkpoints import CHECKPOINT_DIR
+from benchmarks.models.checkpoints import CHECKPOINT_DIR  # noqa: F401  (train_all reads it here)
 
 
 # Fixed module list (kept sorted).  Changing it changes the corpus.
