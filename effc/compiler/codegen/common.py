@@ -256,6 +256,13 @@ def rounded(value: str, dtype: torch.dtype) -> str:
     return value
 
 
+def assign(var: str, value: str, dtype: torch.dtype) -> list[str]:
+    """`var = value`, rounded to `dtype` where eager would store it (fp32 needs nothing)."""
+    if dtype == torch.float32:
+        return [f"{var} = {value}"]
+    return [f"{var} = {value}", f"{var} = {rounded(var, dtype)}"]
+
+
 def operand(a, names: dict) -> str | float:
     """A node's variable name, or the Python number itself (`expr` formats it)."""
     return names[a] if isinstance(a, fx.Node) else a

@@ -16,9 +16,9 @@ import math
 import sympy
 import torch
 
-from effc.compiler.codegen.common import (TL_DTYPE, Source, broadcast_dims,
+from effc.compiler.codegen.common import (TL_DTYPE, assign, Source, broadcast_dims,
                                           describe, dim_indices, expr, jit_def, memory_order,
-                                          module_text, operand, output_order, rounded,
+                                          module_text, operand, output_order,
                                           size_symbols, strides_of, texpr)
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
 from effc.compiler.ops import meta
@@ -80,17 +80,16 @@ def generate(group: Group) -> Source:
         names[inp] = f"a{i}"
         loads.append(f"a{i} = tl.load(in{i} + {offset}{mask}).to(tl.float32)  # {inp.name}")
 
-    lines = [f"xindex = tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK)",
+    lines = ["xindex = tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK)",
              f"xmask = xindex < {'xnumel' if xnumel_arg else texpr(numel)}"]
     lines += [f"x{j} = {texpr(index[j])}" for j in sorted(used_dims)]
     lines += loads
     needs_bf16 = False
     for j, n in enumerate(group.nodes):
         op, dtype = group.ops[n], meta(n)[1]
-        lines += [f"# {describe(n)}", f"v{j} = {expr(op, [operand(a, names) for a in op.operands], dtype)}"]
-        if dtype != torch.float32:
-            lines.append(f"v{j} = {rounded(f'v{j}', dtype)}")
-            needs_bf16 |= dtype == torch.bfloat16
+        lines.append(f"# {describe(n)}")
+        lines += assign(f"v{j}", expr(op, [operand(a, names) for a in op.operands], dtype), dtype)
+        needs_bf16 |= dtype == torch.bfloat16
         names[n] = f"v{j}"
     out_dtypes = []
     for j, out in enumerate(group.outputs):

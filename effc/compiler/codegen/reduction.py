@@ -16,7 +16,7 @@ import math
 import sympy
 import torch
 
-from effc.compiler.codegen.common import (TL_DTYPE, CodegenError, Source, broadcast_dims,
+from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, broadcast_dims,
                                           describe, dim_indices, expr, jit_def,
                                           module_text, next_pow2, operand, row_major,
                                           rounded, scalar, size_symbols, strides_of, texpr)
@@ -129,11 +129,11 @@ def generate(group: Group) -> Source:
         lines.append(f"# {describe(n)}")
         if op.kind == "reduction":
             lines += _reduction_lines(f"v{j}", op, args, n_size)
+            if dtype != torch.float32:
+                lines.append(f"v{j} = {rounded(f'v{j}', dtype)}")
         else:
-            lines.append(f"v{j} = {expr(op, args, dtype)}")
-        if dtype != torch.float32:
-            lines.append(f"v{j} = {rounded(f'v{j}', dtype)}")
-            needs_bf16 |= dtype == torch.bfloat16
+            lines += assign(f"v{j}", expr(op, args, dtype), dtype)
+        needs_bf16 |= dtype == torch.bfloat16
         names[n] = f"v{j}"
     outputs = []
     for j, out in enumerate(group.outputs):

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from effc.compiler.codegen.common import (TL_DTYPE, CodegenError, Source, describe, expr,
+from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           module_text, next_pow2, operand, rounded, row_major,
                                           strides_of)
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
@@ -179,10 +179,9 @@ def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.
         else:
             node_op = group.ops[n]
             value = expr(node_op, [operand(a, names) for a in node_op.operands], node_dtype)
-        lines += [f"# {describe(n)}", f"v{j} = {value}"]
-        if node_dtype != torch.float32:
-            lines.append(f"v{j} = {rounded(f'v{j}', node_dtype)}")
-            needs_bf16 |= node_dtype == torch.bfloat16
+        lines.append(f"# {describe(n)}")
+        lines += assign(f"v{j}", value, node_dtype)
+        needs_bf16 |= node_dtype == torch.bfloat16
         names[n] = f"v{j}"
     out_dtypes = []
     for j, out in enumerate(group.outputs):
