@@ -18,8 +18,8 @@ import torch.fx as fx
 
 from effc.compiler.config import Config
 from effc.compiler.dumper import Dumper, new_graph_name
-from effc.compiler.graph_facts import copy_graph_module
-from effc.compiler.lowering import graph_device, lower, resolve
+from effc.compiler.graph_facts import copy_graph_module, graph_device
+from effc.compiler.lowering import lower, resolve
 from effc.compiler.pass_manager import PassContext, PassManager
 from effc.compiler.report import GraphReport, Report
 from effc.compiler.verify import verify_outputs

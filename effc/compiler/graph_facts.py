@@ -113,6 +113,12 @@ class GraphFacts:
         return out
 
 
+def graph_device(example_inputs: Sequence[Any]) -> torch.device:
+    """Device of the first tensor input (CPU for a graph without tensors)."""
+    t = next((t for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def matches(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
     """True if `name` passes the glob filters: some include matches (or none given), no exclude.
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from effc.compiler.graph_facts import graph_device
+
 
 @dataclasses.dataclass
 class Lowered:
@@ -25,12 +27,6 @@ class Lowered:
     fn: Callable
     gm: fx.GraphModule | None = None
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def graph_device(example_inputs: Sequence[Any]) -> torch.device:
-    """Device of the first tensor input (CPU for a graph without tensors)."""
-    t = next((t for t in example_inputs if isinstance(t, torch.Tensor)), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def resolve(lowering: str, device: torch.device | None = None) -> str:

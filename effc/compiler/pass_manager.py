@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 
 from effc.compiler.config import Config, PassConfig
-from effc.compiler.graph_facts import GraphFacts, add_constant, copy_graph_module, matches
+from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, graph_device,
+                                       matches)
 from effc.compiler.report import GraphReport, PassRecord, SiteRow
 from effc.passes.base import Pass
 
@@ -107,8 +108,7 @@ class PassContext:
     @property
     def device(self) -> torch.device:
         """Device of the first tensor input (CPU for a graph without tensors)."""
-        t = next((gi.value for gi in self.facts.inputs if isinstance(gi.value, torch.Tensor)), None)
-        return t.device if t is not None else torch.device("cpu")
+        return graph_device(self.example_inputs)
 
 
 class PassManager:
