@@ -189,13 +189,64 @@ def test_reduced_and_full_outputs_of_one_row_group():
     assert len(report.kernels[0].outputs) == 2
 
 
-def test_rows_longer_than_one_block_run_eagerly(monkeypatch):
+def _launchers(gm):
+    return [m for m in (n.target for n in gm.graph.nodes) if isinstance(m, reduction.RowLauncher)]
+
+
+LOOPED_SHAPES = [(37, 45), (3, 5, 77)]  # ragged against BLOCK_N = 32: 2 and 3 chunks
+
+
+@pytest.mark.parametrize("shape", LOOPED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+def test_each_row_reduction_looped_over_chunks(name, dtype, shape, monkeypatch):
+    """Rows longer than MAX_BLOCK_N: one pass per statistic over BLOCK_N chunks."""
     monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
-    x = rand(37, 45)
-    out, report, _, _ = lower(lambda a: torch.softmax(a, -1), x)
-    torch.testing.assert_close(out, torch.softmax(x, -1))
-    (fb,) = report.fallbacks
-    assert fb.kernel == "row_softmax" and "longer than one block" in fb.reason
+    x = rand(*shape, dtype=dtype)
+    n = shape[-1]
+    traced_fn = {"layer_norm": lambda x: F.layer_norm(x, (n,)),
+                 "rms_norm": lambda x: F.rms_norm(x, (n,), None, 1e-6)}.get(name, REDUCTIONS[name])
+    report, sources = check(traced_fn, x, kinds=["row"],
+                            atol32=2 * EPS32 * x.float().abs().sum(-1).max().item())
+    (text,) = sources.values()
+    assert "for c0 in range(0, " in text and text.count("@triton.jit\ndef row_") == 1
+    assert [k.last_variant for k in _launchers(check.lowered)] == ["looped"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_looped_norm_chain_with_affine_params_residual_and_reduced_outputs(dtype, monkeypatch):
+    """A prologue (residual add), two row ops in a row (the second reads the first's output,
+    recomputed in each of its passes), affine params, and reduced and full outputs."""
+    monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
+    x, r = rand(5, 7, 77, dtype=dtype), rand(5, 7, 77, dtype=dtype, seed=1)
+    w, b = rand(77, dtype=dtype, seed=2), rand(77, dtype=dtype, seed=3)
+
+    def fn(x, r, w, b):
+        h = x + r
+        y = F.layer_norm(h, (77,), w, b, 1e-5)
+        p = torch.softmax(y * 0.5, -1)
+        return h, p, p.amax(-1, keepdim=True) - y.mean(-1, keepdim=True)
+
+    report, sources = check(fn, x, r, w, b, kinds=["row"], atol32=2 * EPS32 * 77 * 16)
+    assert len(report.kernels[0].outputs) == 3
+    assert list(sources.values())[0].count("for c0 in range(0, 77, BLOCK_N):") >= 6
+
+
+def test_looped_softmax_of_masked_rows_including_a_masked_first_chunk(monkeypatch):
+    monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
+    x = rand(6, 77)
+    x[0, :40] = float("-inf")  # the first chunk has no finite value; later ones do
+    x[1, :] = float("-inf")    # eager gives NaN for a fully masked row; so must the kernel
+    check(lambda a: torch.softmax(a, -1), x, kinds=["row"])
+
+
+def test_vocabulary_sized_softmax_runs_the_looped_kernel_at_the_real_block_limit():
+    """An LM head's softmax over 50257 tokens: longer than any one block (MAX_BLOCK_N)."""
+    x = rand(3, 50257)
+    assert reduction.next_pow2(50257) > reduction.MAX_BLOCK_N
+    report, _ = check(lambda a: torch.softmax(a * 0.7, -1), x, kinds=["row"],
+                      atol32=1e-6, rtol32=1e-4)
+    assert [k.last_variant for k in _launchers(check.lowered)] == ["looped"]
 
 
 def _lr_inputs(shape, n=29, r=11, dtype=torch.float32):

@@ -1,11 +1,19 @@
 """Row groups: reductions over the last dim with their pointwise prologue and epilogue.
 
-A program holds RBLOCK whole rows ([RBLOCK, BLOCK_N] registers, BLOCK_N = next power of two
->= N), so softmax, LayerNorm and RMSNorm read their input once and every value stays in
-registers: full-row values are [RBLOCK, BLOCK_N] tiles, reduced values [RBLOCK, 1], and Triton
-broadcasting mixes them as torch does. Padding lanes are masked to the reduction's identity
-before each reduction. Rows longer than MAX_BLOCK_N run eagerly (a looped reduction is future
-work).
+Every row op is written as statistics plus a finishing expression: softmax is (row max, row
+sum of exp(x - max)) then exp(x - max) / sum; LayerNorm is (mean, variance of x - mean) then
+the normalized value; RMSNorm (mean square); sum/mean/amax are one statistic each. Two ways to
+compute them, one generator:
+- persistent (rows up to MAX_BLOCK_N): a program holds RBLOCK whole rows ([RBLOCK, BLOCK_N]
+  registers, BLOCK_N = next power of two >= N), reads its inputs once, and every value stays
+  in registers: full-row values are [RBLOCK, BLOCK_N] tiles, reduced values [RBLOCK, 1], and
+  Triton broadcasting mixes them as torch does;
+- looped (longer rows, a vocabulary-sized softmax): each statistic is one pass over the row in
+  BLOCK_N chunks, accumulated in fp32; the full-row values a pass needs (the prologue, earlier
+  row ops' outputs) are recomputed from the inputs in that pass, and a last pass computes and
+  stores the full-row outputs. Reduced values live outside the loops.
+Padding lanes are masked to the statistic's identity. A kernel whose row length is symbolic
+gets both functions (`<name>` and `<name>_looped`); the launcher picks by the runtime length.
 """
 
 from __future__ import annotations
@@ -15,17 +23,19 @@ import math
 
 import sympy
 import torch
+import torch.fx as fx
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, broadcast_dims,
                                           describe, dim_indices, expr, jit_def,
                                           module_text, next_pow2, operand, row_major,
-                                          rounded, scalar, size_symbols, strides_of, texpr)
+                                          scalar, size_symbols, strides_of, texpr)
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
 
-MAX_BLOCK_N = 16384
-TILE = 4096  # elements per program: RBLOCK * BLOCK_N
+MAX_BLOCK_N = 16384   # longest row a persistent kernel holds in registers
+LOOP_BLOCK_N = 4096   # chunk of a looped kernel's passes
+TILE = 4096           # elements per program: RBLOCK * BLOCK_N
 
 
 @dataclasses.dataclass
@@ -41,38 +51,124 @@ class RowPlan:
     inputs: list[RowInput]
     outputs: list[tuple[torch.dtype, bool]]  # (dtype, reduced)
     rnumel_arg: bool
+    variants: tuple[str, ...]  # jit functions in the module: "persistent" and/or "looped"
+    looped_name: str | None    # the looped function's name
 
 
-def _reduction_lines(v: str, op: Op, a: list[str], n_size: str) -> list[str]:
-    """Lines computing reduction/row op `op` into variable `v` (masked to the row's lanes)."""
+@dataclasses.dataclass
+class Stat:
+    """A per-row statistic: `combine` ("sum"/"max") of `elem` over the row's lanes, then `after`."""
+
+    var: str
+    combine: str
+    elem: str
+    after: str = ""
+
+
+def _row_op(op: Op, a: list[str], v: str, n_size: str) -> tuple[list[Stat], str]:
+    """(statistics, value) of row op `op` on operand variables `a`, computed into `v`."""
     x = a[0]
-    row_sum = lambda e: f"tl.sum(tl.where(cmask, {e}, 0.0), axis=1)[:, None]"
-    if op.name == "sum":
-        return [f"{v} = {row_sum(x)}"]
-    if op.name == "mean":
-        return [f"{v} = {row_sum(x)} / {n_size}"]
+    if op.name in ("sum", "mean"):
+        return [Stat(f"{v}_sum", "sum", x, f" / {n_size}" if op.name == "mean" else "")], f"{v}_sum"
     if op.name == "amax":
-        return [f"{v} = tl.max(tl.where(cmask, {x}, float('-inf')), axis=1)[:, None]"]
+        return [Stat(f"{v}_max", "max", x)], f"{v}_max"
     if op.name == "softmax":
-        return [f"{v}_max = tl.max(tl.where(cmask, {x}, float('-inf')), axis=1)[:, None]",
-                f"{v}_exp = tl.exp({x} - {v}_max)",
-                f"{v} = {v}_exp / {row_sum(f'{v}_exp')}"]
+        return ([Stat(f"{v}_max", "max", x), Stat(f"{v}_sum", "sum", f"tl.exp({x} - {v}_max)")],
+                f"tl.exp({x} - {v}_max) / {v}_sum")
     eps = scalar(op.params["eps"])
     if op.name == "layer_norm":
-        lines = [f"{v}_mean = {row_sum(x)} / {n_size}",
-                 f"{v}_xc = tl.where(cmask, {x} - {v}_mean, 0.0)",
-                 f"{v}_var = tl.sum({v}_xc * {v}_xc, axis=1)[:, None] / {n_size}",
-                 f"{v} = {v}_xc * tl.rsqrt({v}_var + {eps})"]
+        stats = [Stat(f"{v}_mean", "sum", x, f" / {n_size}"),
+                 Stat(f"{v}_var", "sum", f"({x} - {v}_mean) * ({x} - {v}_mean)", f" / {n_size}")]
+        value = f"({x} - {v}_mean) * tl.rsqrt({v}_var + {eps})"
     elif op.name == "rms_norm":
-        lines = [f"{v}_ms = {row_sum(f'{x} * {x}')} / {n_size}",
-                 f"{v} = {x} * tl.rsqrt({v}_ms + {eps})"]
+        stats = [Stat(f"{v}_ms", "sum", f"{x} * {x}", f" / {n_size}")]
+        value = f"{x} * tl.rsqrt({v}_ms + {eps})"
     else:
         raise CodegenError(f"no row code for {op.name}")
     if len(a) > 1 and op.operands[1] is not None:
-        lines.append(f"{v} = {v} * {a[1]}")
+        value = f"({value}) * {a[1]}"
     if len(a) > 2 and op.operands[2] is not None:
-        lines.append(f"{v} = {v} + {a[2]}")
+        value = f"{value} + {a[2]}"
+    return stats, value
+
+
+def _reduce(stat: Stat) -> str:
+    """The statistic over this block's lanes, [RBLOCK, 1]."""
+    if stat.combine == "sum":
+        return f"tl.sum(tl.where(cmask, {stat.elem}, 0.0), axis=1)[:, None]"
+    return f"tl.max(tl.where(cmask, {stat.elem}, float('-inf')), axis=1)[:, None]"
+
+
+@dataclasses.dataclass
+class _Body:
+    """What both kernel variants are made of (built once per group)."""
+
+    head: list[str]                     # rindex, rmask, row indices
+    loads: dict[fx.Node, str]           # input -> its load line
+    full: dict[fx.Node, bool]           # value is a [RBLOCK, BLOCK_N] tile (else [RBLOCK, 1])
+    lines: dict[fx.Node, list[str]]     # node -> the lines computing its value
+    stats: dict[fx.Node, list[Stat]]    # row ops -> their statistics
+    deps: dict[fx.Node, list[fx.Node]]  # node -> nodes/inputs its value reads
+    order: list[fx.Node]                # group nodes in order
+    stores: dict[fx.Node, str]          # output -> its store line
+    n_size: str                         # the row length: a literal, or the `ks<last>` argument
+
+
+def _closure(body: _Body, roots: list[fx.Node]) -> list[fx.Node]:
+    """The full-row inputs and nodes that `roots` need, in order (reduced values are at hand)."""
+    seen: set[fx.Node] = set()
+    stack = [r for r in roots if body.full.get(r)]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack += [d for d in body.deps.get(n, []) if body.full.get(d)]
+    inputs = [n for n in body.loads if n in seen]
+    return inputs + [n for n in body.order if n in seen]
+
+
+def _chunk(body: _Body, roots: list[fx.Node]) -> list[str]:
+    """One BLOCK_N chunk of a looped pass: lanes, loads and full-row lines for `roots`."""
+    lines = ["cindex = c0 + tl.arange(0, BLOCK_N)[None, :]", f"cmask = cindex < {body.n_size}",
+             "mask = rmask & cmask"]
+    for n in _closure(body, roots):
+        lines += [body.loads[n]] if n in body.loads else body.lines[n]
     return lines
+
+
+def _looped(body: _Body) -> list[str]:
+    lines = list(body.head) + [line for n, line in body.loads.items() if not body.full[n]]
+    loop = f"for c0 in range(0, {body.n_size}, BLOCK_N):"
+    for n in body.order:
+        for stat in body.stats.get(n, []):
+            if stat.combine == "sum":
+                lines.append(f"{stat.var} = tl.zeros([RBLOCK, 1], dtype=tl.float32)")
+                update = f"{stat.var} += {_reduce(stat)}"
+            else:
+                lines.append(f"{stat.var} = tl.full([RBLOCK, 1], float('-inf'), tl.float32)")
+                update = f"{stat.var} = tl.maximum({stat.var}, {_reduce(stat)})"
+            lines.append(loop)
+            lines += ["    " + line for line in _chunk(body, body.deps[n][:1]) + [update]]
+            if stat.after:
+                lines.append(f"{stat.var} = {stat.var}{stat.after}")
+        if not body.full[n]:
+            lines += body.lines[n]
+    full_outs = [n for n in body.stores if body.full[n]]
+    if full_outs:
+        lines.append(loop)
+        lines += ["    " + line for line in _chunk(body, full_outs)
+                  + [body.stores[n] for n in full_outs]]
+    return lines + [body.stores[n] for n in body.stores if not body.full[n]]
+
+
+def _persistent(body: _Body) -> list[str]:
+    lines = list(body.head) + ["cindex = tl.arange(0, BLOCK_N)[None, :]",
+                               f"cmask = cindex < {body.n_size}", "mask = rmask & cmask"]
+    lines += list(body.loads.values())
+    for n in body.order:
+        lines += [f"{s.var} = {_reduce(s)}{s.after}" for s in body.stats.get(n, [])]
+        lines += body.lines[n]
+    return lines + list(body.stores.values())
 
 
 def generate(group: Group) -> Source:
@@ -90,7 +186,9 @@ def generate(group: Group) -> Source:
     rnumel = sympy.Mul(*ks[:-1])
     rnumel_arg = not rnumel.is_Integer
 
-    params, strides, loads, plans, names = [], [], [], [], {}
+    params, strides, plans, names = [], [], [], {}
+    loads: dict[fx.Node, str] = {}
+    is_full: dict[fx.Node, bool] = {}
     used: set[int] = set()
     for i, inp in enumerate(group.inputs):
         in_shape = meta(inp)[0]
@@ -112,27 +210,26 @@ def generate(group: Group) -> Source:
         plans.append(RowInput(mode, dims))
         params.append(f"in{i}")
         names[inp] = f"a{i}"
+        is_full[inp] = mode == "full" or last in dims
         masked = f", mask={mask}, other=0.0" if mask else ""
-        loads.append(f"a{i} = tl.load(in{i} + {offset}{masked}).to(tl.float32)  # {inp.name}")
+        loads[inp] = f"a{i} = tl.load(in{i} + {offset}{masked}).to(tl.float32)  # {inp.name}"
 
-    lines = ["rindex = tl.program_id(0).to(tl.int64) * RBLOCK + tl.arange(0, RBLOCK)[:, None]",
-             f"rmask = rindex < {'rnumel' if rnumel_arg else texpr(rnumel)}",
-             "cindex = tl.arange(0, BLOCK_N)[None, :]",
-             f"cmask = cindex < {n_size}",
-             "mask = rmask & cmask"]
-    lines += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used)]
-    lines += loads
+    head = ["rindex = tl.program_id(0).to(tl.int64) * RBLOCK + tl.arange(0, RBLOCK)[:, None]",
+            f"rmask = rindex < {'rnumel' if rnumel_arg else texpr(rnumel)}"]
+    head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used)]
+    body = _Body(head, loads, is_full, {}, {}, {}, list(group.nodes), {}, n_size)
     needs_bf16 = False
     for j, n in enumerate(group.nodes):
         op, dtype = group.ops[n], meta(n)[1]
         args = [operand(a, names) if a is not None else "None" for a in op.operands]
-        lines.append(f"# {describe(n)}")
+        body.deps[n] = [a for a in op.operands if isinstance(a, fx.Node)]
         if op.kind == "reduction":
-            lines += _reduction_lines(f"v{j}", op, args, n_size)
-            if dtype != torch.float32:
-                lines.append(f"v{j} = {rounded(f'v{j}', dtype)}")
+            body.stats[n], value = _row_op(op, args, f"v{j}", n_size)
+            is_full[n] = op.name not in ("sum", "mean", "amax")
         else:
-            lines += assign(f"v{j}", expr(op, args, dtype), dtype)
+            value = expr(op, args, dtype)
+            is_full[n] = any(is_full[a] for a in body.deps[n])
+        body.lines[n] = [f"# {describe(n)}"] + assign(f"v{j}", value, dtype)
         needs_bf16 |= dtype == torch.bfloat16
         names[n] = f"v{j}"
     outputs = []
@@ -145,28 +242,46 @@ def generate(group: Group) -> Source:
         params.append(f"out{j}")
         value = f"tl.broadcast_to({names[out]}, [RBLOCK, {'1' if is_reduced else 'BLOCK_N'}])"
         where = ("rindex", "rmask") if is_reduced else (f"rindex * {n_size} + cindex", "mask")
-        lines.append(f"tl.store(out{j} + {where[0]}, {value}.to({TL_DTYPE[dtype]}), "
-                     f"mask={where[1]})  # {out.name}")
+        body.stores[out] = (f"tl.store(out{j} + {where[0]}, {value}.to({TL_DTYPE[dtype]}), "
+                            f"mask={where[1]})  # {out.name}")
     params += (["rnumel"] if rnumel_arg else []) + [f"ks{k}" for k in dynamic] + strides
     params += ["RBLOCK: tl.constexpr", "BLOCK_N: tl.constexpr"]
-    body = jit_def(name, params, lines)
+    if last in dynamic:
+        variants = ("persistent", "looped")
+    else:
+        variants = ("persistent",) if next_pow2(int(ks[last])) <= MAX_BLOCK_N else ("looped",)
+    looped_name = f"{name}_looped" if len(variants) == 2 else name if "looped" in variants else None
+    bodies = []
+    if "persistent" in variants:
+        bodies.append(jit_def(name, params, _persistent(body)))
+    if looped_name is not None:
+        bodies.append(jit_def(looped_name, params, _looped(body)))
     summary = (f"Row group over {len(group.nodes)} FX nodes ({group.describe()}); rows of shape "
-               f"{full}, reduced over the last dim; inputs: "
-               + ", ".join(f"in{i}={n.name}" for i, n in enumerate(group.inputs))
+               f"{full}, reduced over the last dim ({' and '.join(variants)}: "
+               + ("whole rows in registers" if variants == ("persistent",) else
+                  "one pass over the row per statistic" if variants == ("looped",) else
+                  "whole rows in registers when they fit, else a pass per statistic")
+               + "); inputs: " + ", ".join(f"in{i}={n.name}" for i, n in enumerate(group.inputs))
                + "; outputs: " + ", ".join(f"out{j}={n.name}" for j, n in enumerate(group.outputs)))
-    plan = RowPlan(full, dynamic, plans, outputs, rnumel_arg)
-    return Source(name, "row", module_text(name, "row", summary, body, needs_bf16), plan)
+    plan = RowPlan(full, dynamic, plans, outputs, rnumel_arg, variants, looped_name)
+    text = module_text(name, "row", summary, "\n\n".join(bodies), needs_bf16)
+    return Source(name, "row", text, plan)
 
 
 class RowLauncher(Launcher):
     kind = "row"
+    last_variant: str | None = None  # "persistent" or "looped": what the last launch ran
 
     def unsupported(self, *inputs):
         shape = torch.broadcast_shapes(*(t.shape for t in inputs))
-        why = check_static(shape, self.plan.shape)
-        if why is None and next_pow2(shape[-1]) > MAX_BLOCK_N:
-            why = f"rows of {shape[-1]} elements are longer than one block ({MAX_BLOCK_N})"
-        return why
+        return check_static(shape, self.plan.shape)
+
+    def _kernel(self, looped: bool):
+        """The jit function for this row length (the looped one is the persistent one's sibling)."""
+        p = self.plan
+        if looped and p.variants == ("persistent", "looped"):
+            return self.kernel.fn.__globals__[p.looped_name]
+        return self.kernel
 
     def launch(self, *inputs):
         import triton
@@ -189,9 +304,11 @@ class RowLauncher(Launcher):
                 view = t.expand(shape)
                 args.append(view)
                 strides += [view.stride(k) for k in ip.dims]
-        block_n = next_pow2(n)
+        looped = "persistent" not in p.variants or next_pow2(n) > MAX_BLOCK_N
+        block_n = min(LOOP_BLOCK_N, MAX_BLOCK_N, next_pow2(n)) if looped else next_pow2(n)
         rblock = max(1, min(next_pow2(rows), TILE // block_n))
         args += outs + ([rows] if p.rnumel_arg else []) + [shape[k] for k in p.dynamic] + strides
-        self.kernel[(triton.cdiv(rows, rblock),)](*args, RBLOCK=rblock, BLOCK_N=block_n,
-                                                  num_warps=4 if rblock * block_n <= 2048 else 8)
+        self._kernel(looped)[(triton.cdiv(rows, rblock),)](
+            *args, RBLOCK=rblock, BLOCK_N=block_n, num_warps=4 if rblock * block_n <= 2048 else 8)
+        self.last_variant = "looped" if looped else "persistent"
         return single_or_tuple(outs)
