@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import torch
 import torch.fx as fx
@@ -16,6 +17,9 @@ from effc.compiler.report import GraphReport
 from effc.compiler.triton_lowering import lower_triton
 
 LOW_RANK = torch.ops.effc.low_rank_linear
+# where test tensors live: "cpu" (kernels under the Triton interpreter), or "cuda" to run the
+# same tests on compiled kernels (scripts/gpu_check.sh sets EFFC_TEST_DEVICE=cuda)
+DEVICE = torch.device(os.environ.get("EFFC_TEST_DEVICE", "cpu"))
 
 
 def traced(fn, *inputs) -> fx.GraphModule:

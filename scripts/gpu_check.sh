@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU validation of effc's Triton code (run on a CUDA machine; CI has none).
+#
+# The kernel and lowering tests run with their tensors on the GPU (EFFC_TEST_DEVICE=cuda), so
+# the generated kernels are compiled and autotuned rather than interpreted; then the lowering
+# benchmark times effc-triton against inductor and eager and records into BENCHMARKS.md.
+# Uses the Python that already holds torch + triton (PYTHON, default python3): GPU machines
+# here have no network, so nothing is installed. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+unset TRITON_INTERPRET
+export EFFC_TEST_DEVICE=cuda PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+"$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/compiler/test_codegen.py \
+    tests/compiler/test_triton_lowering.py "$@"
+"$PY" benchmarks/bench_lowering.py --record
