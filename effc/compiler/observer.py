@@ -10,6 +10,9 @@ guards on the backend's identity, so a fresh backend per `calibrate` call would 
 time and, past the recompile limit, run the model eagerly (for every backend, effc's too). A
 cached observer graph records into whichever session is active, so every batch is recorded.
 Every kind of site is instrumented; the session's `what` decides at run time what is recorded.
+Likewise the padding mask: `calibrate` puts each batch's [B, T] mask of real tokens on the
+session, and the recording functions select those tokens at run time, so cached graphs serve
+padded and unpadded batches alike.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ class Session:
     what: frozenset[str]
     attention_maps: int = 4
     graph_calls: int = 0
+    mask: torch.Tensor | None = None  # this batch's [B, T] bool mask of real tokens, if padded
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The mask on `device`, moved once per batch rather than once per site."""
+        if self.mask.device != device:
+            self.mask = self.mask.to(device)
+        return self.mask
 
 
 _ACTIVE: Session | None = None
@@ -85,15 +95,22 @@ def observe_graph(names: tuple[str, ...], notes: tuple[str, ...], *weights: torc
 
 
 def observe_input(x: torch.Tensor, w: torch.Tensor, key: str, kind: str,
-                  conv: tuple = ()) -> None:
-    """Add x x^T of a site's input rows (conv: unfolded patches) to the moment of weight `key`."""
+                  conv: tuple = (), sources: tuple[torch.Tensor, ...] = ()) -> None:
+    """Add x x^T of a site's input rows (conv: unfolded patches) to the moment of weight `key`.
+
+    `sources` are the tensors x was reshaped/cast from: a [B*T, K] x flattened from a
+    [B, T, K] one has token-major rows, so the padding mask applies to it too.
+    """
     s = _wanted("inputs")
     if s is None:
         return
     if kind == "conv":
+        _unmasked(s, key)
         blocks = _patch_rows(x, w, *conv)
     else:
-        rows = x.reshape(-1, w.shape[-1] if kind == "linear" else w.shape[0])
+        rows = _token_rows(s, x, key, sources)
+        if rows is None:
+            rows = x.reshape(-1, w.shape[-1] if kind == "linear" else w.shape[0])
         blocks = rows.split(max(1, _BLOCK // max(rows.shape[1], 1)))
     for block in blocks:
         s.calibration.add_input(key, block)
@@ -101,12 +118,24 @@ def observe_input(x: torch.Tensor, w: torch.Tensor, key: str, kind: str,
 
 def observe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
                       attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                      scale: float | None = None) -> None:
-    """At scaled_dot_product_attention: per-head K/V moments, and a sampled attention map."""
+                      scale: float | None = None, kv_features: int = 0) -> None:
+    """At scaled_dot_product_attention: per-head K/V moments, and a sampled attention map.
+
+    `kv_features` is the key projection's output width: it tells K/V heads that grouped-query
+    attention repeated to the query heads (HF does when it passes a mask) from real ones.
+    """
     s = _ACTIVE
     if s is None:
         return
     if "kv" in s.what and k.dim() == 4 and v.dim() == 4:
+        k, v = _kv_heads(k, kv_features), _kv_heads(v, kv_features)
+        if s.mask is not None:
+            bt = tuple(s.mask.shape)
+            if (k.shape[0], k.shape[2]) == bt == (v.shape[0], v.shape[2]):  # [B, H, T, D]
+                m = s.mask_on(k.device)  # [N, H, D] -> [1, H, N, D]: N real tokens
+                k, v = (t.transpose(1, 2)[m].transpose(0, 1).unsqueeze(0) for t in (k, v))
+            else:
+                _unmasked(s, key)
         s.calibration.add_heads("keys", key, k)
         s.calibration.add_heads("values", key, v)
     if "attention" in s.what and len(s.calibration.attention.get(key, ())) < s.attention_maps:
@@ -125,7 +154,51 @@ def observe_residual(stream: torch.Tensor, update: torch.Tensor, key: str) -> No
     """At `stream + update`: per-token norms of the branch's update against the stream."""
     s = _wanted("residuals")
     if s is not None and stream.shape == update.shape:
+        if s.mask is not None:
+            if stream.shape[:-1] == s.mask.shape:
+                m = s.mask_on(stream.device)
+                stream, update = stream[m], update[m]
+            else:
+                _unmasked(s, key)
         s.calibration.add_residual(key, stream, update)
+
+
+def _kv_heads(t: torch.Tensor, features: int) -> torch.Tensor:
+    """[B, H, T, D] back to its G = features / D key/value heads if each was repeated H / G
+    times (repeat_kv's order), so masked and unmasked batches record the same heads."""
+    h, d = t.shape[1], t.shape[3]
+    g = features // d
+    if not features or features % d or g >= h or h % g:
+        return t
+    grouped = t.unflatten(1, (g, h // g))  # [B, G, n, T, D]: head g*n + j repeats head g
+    return t[:, ::h // g] if torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)) else t
+
+
+def _token_rows(s: Session, x: torch.Tensor, key: str, sources: tuple[torch.Tensor, ...]
+                ) -> torch.Tensor | None:
+    """x's rows at real tokens ([N, K]), or None: no mask this batch, or (noted) none fits.
+
+    Matched only where the layout is known: x is [B, T, K], or x is [B*T, K] reshaped from a
+    [B, T, K] source (reshapes keep row-major order, so row b*T + t is token (b, t)).
+    """
+    if s.mask is None:
+        return None
+    mask = s.mask
+    if x.shape[:-1] == mask.shape:
+        return x[s.mask_on(x.device)]
+    if x.dim() == 2 and any(isinstance(t, torch.Tensor) and t.shape[:-1] == mask.shape
+                            and t.shape[-1] == x.shape[-1] for t in sources):
+        return x[s.mask_on(x.device).reshape(-1)]
+    _unmasked(s, key)
+    return None
+
+
+def _unmasked(s: Session, key: str) -> None:
+    """Note (once per site) that padding is counted at a site whose layout the mask misses."""
+    if s.mask is not None:
+        s.calibration.note(f"{key}: token mask not applied (the site's tensor is not laid out "
+                           f"as [batch, tokens, ...] like the mask): all its rows count, "
+                           f"padding included if it has any")
 
 
 def _pair(v: Any, n: int) -> tuple[int, ...]:
@@ -222,6 +295,15 @@ def _through_passthrough(node: Any) -> Any:
     return node
 
 
+def _passthrough_chain(node: Any) -> tuple[fx.Node, ...]:
+    """The nodes `node` was viewed/reshaped/cast from, nearest first (its value's sources)."""
+    chain = []
+    while _is_passthrough(node):
+        node = node.args[0]
+        chain.append(node)
+    return tuple(n for n in chain if isinstance(n, fx.Node))
+
+
 def _is_passthrough(node: Any) -> bool:
     return isinstance(node, fx.Node) and bool(node.args) and (
         (node.op == "call_method" and node.target in PASSTHROUGH_METHODS)
@@ -312,6 +394,7 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
     order = {n: i for i, n in enumerate(nodes)}
     notes: list[str] = []
     sites: dict[fx.Node, str] = {}
+    widths: dict[str, int] = {}  # site weight -> output features
     for node in nodes:
         site = input_site(node, facts)
         if isinstance(site, str):
@@ -319,7 +402,10 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
         elif site is not None:
             x, w, name, kind, conv = site
             sites[node] = name
-            _insert(graph, node, observe_input, (x, w, name, kind, conv))
+            shape = facts.weight_value(w).shape
+            widths[name] = shape[1] if kind == "x@W" else shape[0]
+            _insert(graph, node, observe_input,
+                    (x, w, name, kind, conv, () if kind == "conv" else _passthrough_chain(x)))
     for node in nodes:
         if node.op == "call_function" and node.target is SDPA:
             q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
@@ -331,7 +417,7 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
             _insert(graph, node, observe_attention, (q, k, v, _module_of(proj)),
                     {"attn_mask": _arg(node, 3, "attn_mask"),
                      "is_causal": _arg(node, 5, "is_causal", False),
-                     "scale": node.kwargs.get("scale")})
+                     "scale": node.kwargs.get("scale"), "kv_features": widths[proj]})
         elif node.op == "call_function" and node.target in SOFTMAXES and _feeds_matmul(node):
             proj = _projection_behind(node.args[0], sites, facts)
             if proj is not None:

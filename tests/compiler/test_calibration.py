@@ -378,3 +378,135 @@ def test_bad_arguments_and_progress_bar(capsys):
     calib = effc.calibrate(model, (torch.randn(2, 16) for _ in range(5)), max_batches=3)
     assert calib.batches == 3 and calib.inputs["fc1.weight"].rows == 6
     assert "effc calibrate" in capsys.readouterr().err
+
+
+# --- padding: token_mask ------------------------------------------------------------------
+# Padded and one-at-a-time runs do the same float32 math in other shapes and reduction orders:
+# activations agree to a few float32 ulps (observed <= 2e-7 relative), sums in float64 add
+# nothing. 1e-5 leaves 50x margin; counting padding moves the moments by > 1e-3.
+PADDED_RTOL = 1e-5
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _padded_and_singles(kind, lengths=(9, 6, 3)):
+    """An HF model, one right-padded batch of sequences of `lengths`, and the same sequences
+    as unpadded batches of one (no attention_mask). Token 0 is the padding."""
+    model, _ = hf_model(kind)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 96, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return model, {"input_ids": ids, "attention_mask": mask}, [{"input_ids": s[None]} for s in seqs]
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])  # causal (GQA), bidirectional
+def test_padded_batch_records_what_its_sequences_record_one_at_a_time(kind):
+    model, padded, singles = _padded_and_singles(kind)
+    what, real = ("inputs", "kv", "residuals"), 9 + 6 + 3
+    got = effc.calibrate(model, [padded], what=what, progress=False)  # token_mask="auto"
+    want = effc.calibrate(model, singles, what=what, progress=False)
+    counted = effc.calibrate(model, [padded], what=what, progress=False, token_mask=None)
+    pooled = {"pooler.dense.weight"}  # BERT's pooler reads one row a sequence: nothing to mask
+    assert set(got.inputs) == set(want.inputs) == set(counted.inputs)
+    for name, m in want.inputs.items():
+        assert got.inputs[name].rows == m.rows == (3 if name in pooled else real), name
+        assert _rel(got.inputs[name].sum_xxt, m.sum_xxt) < PADDED_RTOL, name
+        if name not in pooled:
+            assert counted.inputs[name].rows == 3 * 9
+            assert _rel(counted.inputs[name].mean(), m.mean()) > 1e-3, name
+    assert list(got.keys) == list(want.keys) and len(got.keys) == 2
+    for table in ("keys", "values"):
+        for name, m in getattr(want, table).items():
+            g, c = getattr(got, table)[name], getattr(counted, table)[name]
+            assert g.count == m.count == real and c.count == 3 * 9
+            assert g.sum.shape == m.sum.shape == ((2, 8) if kind == "llama" else (4, 8))
+            assert _rel(g.sum, m.sum) < PADDED_RTOL and _rel(g.sum_outer, m.sum_outer) < PADDED_RTOL
+            assert _rel(c.covariance(), m.covariance()) > 1e-3
+    assert set(got.residuals) == set(want.residuals) and len(want.residuals) == 4
+    for name, r in want.residuals.items():
+        g, c = got.residuals[name], counted.residuals[name]
+        assert g.tokens == r.tokens == real and c.tokens == 3 * 9
+        for field in ("sum_ratio", "sum_sq_update", "sum_sq_stream"):
+            assert _rel(getattr(g, field), getattr(r, field)) < PADDED_RTOL, (name, field)
+        # BERT's stream is layer-normed (||stream||^2 = D): the update's size shows the padding
+        assert _rel(c.sum_sq_update / c.tokens, r.sum_sq_update / r.tokens) > 1e-3
+    assert got.notes == [n for n in got.notes if n.startswith("pooler.dense.weight: token mask")]
+    assert len(got.notes) == (kind == "bert") and not counted.notes
+
+
+class TokenSites(nn.Module):
+    """Linear inputs in four layouts: [B, T, K]; [B*T, K] flattened from it (token-major);
+    [T*B, K] flattened from a transpose (not token-major); a conv over the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.flat, self.seq_first = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+
+    def forward(self, x, attention_mask=None, keep=None):
+        h = torch.relu(self.fc(x))
+        f = self.flat(h.reshape(-1, 8)).view(h.shape)
+        return self.seq_first(f.transpose(0, 1).reshape(-1, 8)).sum() + self.conv(
+            x.transpose(1, 2)).sum()
+
+
+def test_mask_applies_where_rows_are_token_major_and_notes_the_rest():
+    torch.manual_seed(0)
+    model = TokenSites().eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    calib = effc.calibrate(model, [{"x": x, "keep": mask}], token_mask="keep", progress=False)
+    with torch.no_grad():
+        h = torch.relu(model.fc(x))
+        f = model.flat(h)
+    real = mask.bool()
+    for name, rows in [("fc", x[real]), ("flat", h[real]),
+                       ("seq_first", f.transpose(0, 1).reshape(-1, 8))]:
+        m, rows = calib.inputs[f"{name}.weight"], rows.double()
+        assert m.rows == rows.shape[0], name
+        torch.testing.assert_close(m.sum_xxt, rows.T @ rows, rtol=1e-6, atol=1e-6, msg=name)
+    assert calib.inputs["conv.weight"].rows == 2 * 5  # every position: one row a token
+    assert sorted(n.split(":")[0] for n in calib.notes) == ["conv.weight", "seq_first.weight"]
+    auto = effc.calibrate(model, [{"x": x, "attention_mask": mask}], progress=False)
+    assert auto.inputs["fc.weight"].rows == 7 and auto.notes == calib.notes
+    unpadded = effc.calibrate(model, [{"x": x, "attention_mask": torch.ones(2, 5)}],
+                              progress=False)
+    assert unpadded.inputs["fc.weight"].rows == 10 and not unpadded.notes  # nothing to drop
+
+
+def test_masked_and_unmasked_batches_mix_and_gqa_heads_stay_key_value_heads():
+    """HF repeats K/V heads to the query heads when it passes SDPA a mask; the observer
+    records the key/value heads either way, so padded and unpadded batches add up."""
+    model, padded, singles = _padded_and_singles("llama")
+    calib = effc.calibrate(model, [padded, singles[0]], what=("kv",), progress=False)
+    for m in calib.keys.values():
+        assert m.sum.shape == (2, 8) and m.count == 18 + 9
+
+
+def test_bad_token_mask_is_a_value_error_naming_the_argument():
+    model, padded, _ = _padded_and_singles("llama")
+    ids, mask = padded["input_ids"], padded["attention_mask"]
+    bad = [
+        ("pad_mask", [padded], "has no 'pad_mask'"),                       # unknown key
+        ("attention_mask", [{"input_ids": ids}], "has no 'attention_mask'"),
+        ("attention_mask", [ids], "not a dict"),
+        ("attention_mask", [{"input_ids": ids, "attention_mask": mask[:, :-1]}], "shape"),
+        ("attention_mask", [{"input_ids": ids, "attention_mask": mask[:, None]}], "not a 2-D"),
+        ("attention_mask", [{"input_ids": ids, "attention_mask": mask * 2}], "0 and 1"),
+        (3, [padded], "expected the key"),
+    ]
+    for token_mask, batches, why in bad:
+        with pytest.raises(ValueError, match=f"token_mask={token_mask!r}.*{why}"):
+            effc.calibrate(model, batches, token_mask=token_mask, progress=False)
+    # "auto" never refuses a batch the model takes: it notes why padding is counted instead
+    tiny = TokenSites().eval()
+    calib = effc.calibrate(tiny, [{"x": torch.randn(2, 5, 8),
+                                   "attention_mask": torch.ones(2, 1, 5, 5)}], progress=False)
+    assert calib.inputs["fc.weight"].rows == 10
+    assert calib.notes == ["token mask: batch['attention_mask'] is (2, 1, 5, 5), not a 2-D "
+                           "[batch, tokens] mask; padding positions counted (token_mask='auto')"]
