@@ -6,17 +6,27 @@ matmuls it also writes and re-reads the ``[M, r]`` intermediate and runs the bia
 activation as extra elementwise passes. The Triton kernel here keeps the intermediate
 in registers and fuses bias and activation into the store.
 
+The kernel is written once, as the text TEMPLATE with an epilogue slot: this module fills the
+slot with the op's epilogue (bias, activation, one store), and the Triton lowering
+(effc/compiler/codegen/templates.py) fills it with the fused pointwise nodes that follow the op
+in a graph. So a fix to the algorithm reaches both; the launch rules (rank padding, column
+splits, dot options) are shared the same way.
+
 Registration (see DESIGN): a torch reference (CPU implementation and test oracle), a
 fake implementation for Dynamo/FakeTensor shape propagation, and a Triton path used for
 CUDA tensors via ``torch.library.triton_op`` + ``wrap_triton`` so inductor can see the
 kernel. Without Triton the op is still registered, with the reference only.
 """
 
+import hashlib
+import linecache
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.library import wrap_triton  # bare name: triton_op's source scan looks for it
 
 try:
@@ -68,16 +78,146 @@ def _check_args(x, v, u, bias, activation) -> int:
     return n
 
 
-def low_rank_linear_reference(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: str = "none",
-) -> torch.Tensor:
+def low_rank_linear_reference(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None,
+                              activation: str = "none") -> Tensor:
     """Plain torch: the CPU implementation, the r > MAX_FUSED_RANK CUDA fallback, and the oracle."""
     _check_args(x, v, u, bias, activation)
     return _TORCH_ACTIVATIONS[activation](F.linear(F.linear(x, v), u, bias))
+
+
+# acc = x @ w.T for this program's rows, over all of K, in fp32 (masked lanes read zeros): the
+# first product of TEMPLATE, and the whole product of the lowering's dense GEMM template. Fill it
+# with x_times_wt().
+_X_TIMES_WT = '''    {acc} = tl.zeros((BLOCK_M, {width}), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_blk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_t_blk = tl.load({w}_ptr + offs_k[:, None] * stride_{w}k + offs_{c}[None, :] * stride_{w}{c},
+                          mask=mask_k[:, None] & mask_{c}[None, :], other=0.0)
+        # UPCAST_DOT: the interpreter's dot multiplies bf16 tiles as raw uint16, so there
+        # (only) tiles are widened first; products of bf16 values are exact in fp32, so this
+        # matches a bf16 tensor-core dot with fp32 accumulation
+        if UPCAST_DOT:
+            x_blk = x_blk.to(tl.float32)
+            w_t_blk = w_t_blk.to(tl.float32)
+        {acc} = tl.dot(x_blk, w_t_blk, {acc}, input_precision=INPUT_PRECISION)
+'''
+
+
+def x_times_wt(acc: str, w: str, c: str, width: str) -> str:
+    """_X_TIMES_WT for weight `w` ([C, K]: `{w}_ptr`, `stride_{w}{c}`, `stride_{w}k`) whose rows
+    are indexed by offs_{c}/mask_{c}; `acc` is [BLOCK_M, width]."""
+    return _X_TIMES_WT.format(acc=acc, w=w, c=c, width=width).rstrip("\n")
+
+
+# The kernel's one source. Slots: {operand_params} (pointers after x, v, u), {scalar_params}
+# (after u's strides), {round_t} (the fp32 intermediate rounded to the input dtype) and
+# {epilogue} (run on every fp32 output tile `acc`; offs_m/offs_n, mask_m/mask_n and `mask`
+# are in scope). Fill it with kernel_source().
+TEMPLATE = '''
+@triton.jit
+def {name}(
+    x_ptr, v_ptr, u_ptr, {operand_params}
+    M, N, K, R,
+    stride_xm, stride_xk, stride_vr, stride_vk, stride_un, stride_ur, {scalar_params}
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+
+    # t = x @ v.T for this program's rows ([BLOCK_M, R_PAD], fp32), once; it stays in
+    # registers for every column block the program owns. Rank padding is masked to zero, so
+    # it adds nothing to the second product.
+{x_times_vt}
+    # eager's first matmul returns t in the input dtype; for half types this also keeps the
+    # second product on the tensor-core path
+    t_in = {round_t}
+    if UPCAST_DOT:
+        t_in = t_in.to(tl.float32)
+
+    # this program's column blocks: pid_n, pid_n + n_split, ... (n_split = grid dim 1)
+    for n_block in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_m[:, None] & mask_n[None, :]
+        u_t_blk = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:
+            u_t_blk = u_t_blk.to(tl.float32)
+        acc = tl.dot(t_in, u_t_blk, input_precision=INPUT_PRECISION)
+        # ---- epilogue ----
+{epilogue}'''
+
+# the bias as every GEMM template adds it: read once per column block, in fp32, before anything else
+BIAS_ADD = "acc += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]"
+
+
+def kernel_source(name: str, operand_params: Sequence[str], scalar_params: Sequence[str],
+                  round_t: str, epilogue: Sequence[str]) -> str:
+    """TEMPLATE filled in; `epilogue` lines are indented to the column loop here."""
+    return TEMPLATE.format(name=name, operand_params="".join(p + ", " for p in operand_params),
+                           scalar_params="".join(p + ", " for p in scalar_params),
+                           x_times_vt=x_times_wt("t", "v", "r", "R_PAD"), round_t=round_t,
+                           epilogue="".join(f"        {line}\n" for line in epilogue))
+
+
+def rank_block(rank: int) -> int:
+    """R_PAD: the rank padded to a power of two >= 16 (tl.dot's minimum)."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def column_splits(row_blocks: int, col_blocks: int, device: torch.device) -> int:
+    """Grid dim 1, the programs sharing one row block's columns: the fewest that fill a GPU.
+
+    Each split recomputes t, so large-M calls get 1; one under the interpreter (one program
+    at a time anyway).
+    """
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 1
+    return max(1, min(-(-target // row_blocks), col_blocks))
+
+
+def dot_constexprs(x: Tensor) -> dict:
+    """INPUT_PRECISION and UPCAST_DOT for the GEMM templates, given their x operand."""
+    cuda = x.device.type == "cuda"
+    tf32 = x.dtype == torch.float32 and cuda and torch.backends.cuda.matmul.allow_tf32
+    return {"INPUT_PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST_DOT": x.dtype == torch.bfloat16 and not cuda}
+
+
+# The op's epilogue: bias, the activation (codes index ACTIVATIONS), one store through strides.
+_OP_EPILOGUE = [
+    "if HAS_BIAS:",
+    "    " + BIAS_ADD,
+    "acc = _apply_activation(acc, ACTIVATION)",
+    "tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,",
+    "         acc.to(out_ptr.dtype.element_ty), mask=mask)",
+]
+
+
+def _op_kernel():
+    """The op's kernel: TEMPLATE with the op's epilogue, t rounded by a cast to x's dtype.
+
+    `@triton.jit` (and the interpreter) read a kernel's source through `inspect`, which finds
+    this text in linecache under a pseudo file name (one per distinct text): no file is written.
+    """
+    name = "_low_rank_linear_kernel"
+    text = kernel_source(name, ["bias_ptr", "out_ptr"],
+                         ["stride_om", "stride_on", "stride_b", "HAS_BIAS: tl.constexpr",
+                          "ACTIVATION: tl.constexpr"],
+                         "t.to(x_ptr.dtype.element_ty)", _OP_EPILOGUE)
+    filename = f"<effc.kernels.low_rank {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    namespace = {"__name__": __name__, "triton": triton, "tl": tl,
+                 "_apply_activation": _apply_activation}
+    exec(compile(text, filename, "exec"), namespace)
+    return namespace[name]
 
 
 if triton is not None:
@@ -96,91 +236,7 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         return y
 
-    @triton.jit
-    def _low_rank_linear_kernel(
-        x_ptr, v_ptr, u_ptr, bias_ptr, out_ptr,
-        M, N, K, R,
-        stride_xm, stride_xk,
-        stride_vr, stride_vk,
-        stride_un, stride_ur,
-        stride_om, stride_on,
-        stride_b,
-        HAS_BIAS: tl.constexpr,
-        ACTIVATION: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        R_PAD: tl.constexpr,
-    ):
-        """One program: BLOCK_M rows, N-blocks pid_n, pid_n + N_SPLIT, ... (N_SPLIT = grid dim 1).
-
-        t = x_blk @ v.T ([BLOCK_M, R_PAD], fp32) is computed once and stays in registers
-        for every N-block the program owns; rank padding is masked to zero so it adds
-        nothing to the second product.
-        """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        n_split = tl.num_programs(1)
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_r = tl.arange(0, R_PAD)
-        mask_m = offs_m < M
-        mask_r = offs_r < R
-
-        # UPCAST_DOT: the Triton interpreter's dot multiplies bf16 tiles as raw uint16,
-        # so there (only) tiles are widened to fp32 first; the products of bf16 values
-        # are exact in fp32, so this matches a bf16 tensor-core dot with fp32 accumulation.
-        t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x_blk = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            v_t_blk = tl.load(  # [BLOCK_K, R_PAD] view of v.T
-                v_ptr + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
-                mask=mask_k[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            if UPCAST_DOT:
-                x_blk = x_blk.to(tl.float32)
-                v_t_blk = v_t_blk.to(tl.float32)
-            t = tl.dot(x_blk, v_t_blk, t, input_precision=INPUT_PRECISION)
-        # Round t to the input dtype like the two-matmul reference does; for half
-        # types this also keeps the second product on the fast tensor-core path.
-        t_in = t.to(x_ptr.dtype.element_ty)
-        if UPCAST_DOT:
-            t_in = t_in.to(tl.float32)
-
-        for n_block in range(pid_n, tl.cdiv(N, BLOCK_N), n_split):
-            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            u_t_blk = tl.load(  # [R_PAD, BLOCK_N] view of u.T
-                u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            if UPCAST_DOT:
-                u_t_blk = u_t_blk.to(tl.float32)
-            y = tl.dot(t_in, u_t_blk, input_precision=INPUT_PRECISION)
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            y = _apply_activation(y, ACTIVATION)
-            tl.store(
-                out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                y.to(out_ptr.dtype.element_ty),
-                mask=mask_m[:, None] & mask_n[None, :],
-            )
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs worth launching: about two waves on a GPU, one under the interpreter."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    _low_rank_linear_kernel = _op_kernel()
 
 
 def _default_tiling(m: int, r_pad: int, dtype: torch.dtype) -> tuple:
@@ -196,18 +252,18 @@ def _default_tiling(m: int, r_pad: int, dtype: torch.dtype) -> tuple:
 
 
 def low_rank_linear_triton(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    x: Tensor,
+    v: Tensor,
+    u: Tensor,
+    bias: Optional[Tensor] = None,
     activation: str = "none",
     *,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[Tensor] = None,
     block_m: Optional[int] = None,
     block_n: int = 64,
     block_k: Optional[int] = None,
     n_split: Optional[int] = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Fused Triton low-rank linear; runs on CUDA, or on CPU under TRITON_INTERPRET=1.
 
     Grid: (cdiv(M, block_m), n_split). Each program computes its rows' rank-r
@@ -241,29 +297,26 @@ def low_rank_linear_triton(
     x2 = x.reshape(m, k)
     out2 = out.view(m, n)
 
-    r_pad = max(16, triton.next_power_of_2(rank))
+    r_pad = rank_block(rank)
     default_m, default_k, num_stages = _default_tiling(m, r_pad, x.dtype)
     block_m = block_m or default_m
     block_k = block_k or default_k
     m_blocks = triton.cdiv(m, block_m)
     n_blocks = triton.cdiv(n, block_n)
-    if n_split is None:
-        n_split = triton.cdiv(_target_programs(x.device), m_blocks)
-    n_split = max(1, min(n_split, n_blocks))
-    allow_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    n_split = column_splits(m_blocks, n_blocks, x.device) if n_split is None \
+        else max(1, min(n_split, n_blocks))
 
     wrap_triton(_low_rank_linear_kernel)[(m_blocks, n_split)](
-        x2, v, u, bias, out2,
-        m, n, k, rank,
-        x2.stride(0), x2.stride(1),
-        v.stride(0), v.stride(1),
-        u.stride(0), u.stride(1),
-        out2.stride(0), out2.stride(1),
-        bias.stride(0) if bias is not None else 0,
+        x_ptr=x2, v_ptr=v, u_ptr=u, bias_ptr=bias, out_ptr=out2,
+        M=m, N=n, K=k, R=rank,
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_vr=v.stride(0), stride_vk=v.stride(1),
+        stride_un=u.stride(0), stride_ur=u.stride(1),
+        stride_b=bias.stride(0) if bias is not None else 0,
+        stride_om=out2.stride(0), stride_on=out2.stride(1),
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS.index(activation),
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+        **dot_constexprs(x),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -274,20 +327,14 @@ def low_rank_linear_triton(
     return out
 
 
-def _low_rank_linear_default(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: str = "none",
-) -> torch.Tensor:
-    """Non-CPU devices: the fused kernel on CUDA when the rank is small, else two matmuls."""
-    _check_args(x, v, u, bias, activation)
-    if x.device.type == "cuda":
-        if triton is None:
-            raise RuntimeError("effc::low_rank_linear on CUDA needs the `triton` package, which is not importable")
-        if v.shape[0] <= MAX_FUSED_RANK:
-            return low_rank_linear_triton(x, v, u, bias, activation)
+def _low_rank_linear_default(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None,
+                             activation: str = "none") -> Tensor:
+    """Non-CPU devices: the fused kernel on CUDA when the rank is small, else two matmuls.
+
+    Its signature is the op's schema; both paths validate the arguments.
+    """
+    if x.device.type == "cuda" and v.dim() == 2 and v.shape[0] <= MAX_FUSED_RANK:
+        return low_rank_linear_triton(x, v, u, bias, activation)
     return low_rank_linear_reference(x, v, u, bias, activation)
 
 

@@ -2,8 +2,16 @@
 
 Kernel tests run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 without CUDA), on ragged shapes, with fresh random inputs and a NaN-poisoned output
-buffer so an element the kernel fails to write cannot pass.
+buffer so an element the kernel fails to write cannot pass. The kernel is the text template
+the Triton lowering also fills; the last tests check that the op runs it and that it compiles
+for CUDA.
 """
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -12,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import effc.kernels.low_rank as low_rank
 from effc.kernels.low_rank import (
     ACTIVATIONS,
     MAX_FUSED_RANK,
@@ -225,3 +234,69 @@ def test_bad_arguments_raise_value_error(impl):
         with pytest.raises(ValueError, match="low_rank_linear"):
             impl(*args)
             pytest.fail(f"no error for a bad {what}")
+
+
+def test_a_change_to_the_template_reaches_the_op_and_the_lowering(monkeypatch):
+    """One source: a deliberate bug in the template's K loop (it drops the last column of K)
+    shows in the op's kernel and in the lowering's fused kernel alike, as the same wrong
+    result: the reference without that column."""
+    from lowering_helpers import LOW_RANK, lower
+
+    x, v, u, b = make_inputs((37, 45), 29, 11, seed=12)
+    truncated = low_rank_linear_reference(x[:, :-1], v[:, :-1], u, b, "gelu")
+    assert not torch.allclose(truncated, low_rank_linear_reference(x, v, u, b, "gelu"), atol=1e-3)
+    broken = low_rank._X_TIMES_WT.replace("mask_k = offs_k < K\n", "mask_k = offs_k < K - 1\n")
+    assert broken != low_rank._X_TIMES_WT
+    monkeypatch.setattr(low_rank, "_X_TIMES_WT", broken)
+    monkeypatch.setattr(low_rank, "_low_rank_linear_kernel", low_rank._op_kernel())
+    op_out = run_poisoned(x, v, u, b, "gelu", **SMALL_BLOCKS)
+    lowered_out, report, _, _ = lower(lambda x, v, u, b: LOW_RANK(x, v, u, b, "gelu"), x, v, u, b)
+    assert [k.kind for k in report.kernels] == ["gemm"]
+    for out in (op_out, lowered_out):
+        torch.testing.assert_close(out, truncated, atol=1e-5, rtol=1e-5)
+
+
+# Run where Triton compiles for a GPU (no TRITON_INTERPRET), which needs no GPU to reach a cubin.
+_CUDA_CHECK = textwrap.dedent("""
+    import json, torch, triton
+    from torch._library.triton import get_triton_kernels_for_op
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import effc.kernels.low_rank as low_rank
+
+    kernel = low_rank._low_rank_linear_kernel
+    result = {"found_by_triton_op": get_triton_kernels_for_op("effc::low_rank_linear") == [kernel],
+              "jit": type(kernel).__name__, "compiled": []}
+    for dtype, rank, activation, has_bias in [("fp16", 16, 2, True), ("bf16", 128, 3, False),
+                                              ("fp32", 128, 4, True)]:
+        torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        block_m, block_k, stages = low_rank._default_tiling(256, low_rank.rank_block(rank), torch_dtype)
+        const = dict(HAS_BIAS=has_bias, ACTIVATION=activation, INPUT_PRECISION="ieee",
+                     UPCAST_DOT=False, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k,
+                     R_PAD=low_rank.rank_block(rank))
+        sig = {n: "constexpr" if n in const else "*" + dtype if n.endswith("_ptr") else "i32"
+               for n in kernel.arg_names}
+        done = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "num_stages": stages})
+        result["compiled"].append([dtype, done.asm["ttir"].count("tt.dot"), len(done.asm["cubin"])])
+    print(json.dumps(result))
+""")
+
+
+def test_op_kernel_compiles_for_cuda_and_triton_op_finds_it(tmp_path):
+    """The interpreter accepts more than the compiler: the kernel built from the template must
+    compile for sm_90 with the op's tilings (both products are tl.dot), and triton_op's source
+    scan must find it so inductor can see it."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if "ptxas" in done.stderr and done.returncode:
+        pytest.skip("no ptxas to compile for CUDA here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["found_by_triton_op"] and result["jit"] == "JITFunction"
+    assert [(d, dots) for d, dots, _ in result["compiled"]] == [("fp16", 2), ("bf16", 2), ("fp32", 2)]
+    assert all(size > 0 for *_, size in result["compiled"])
+

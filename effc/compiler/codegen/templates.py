@@ -1,13 +1,15 @@
 """GEMM-like templates with an epilogue slot: `low_rank_linear`, dense `linear`, and what follows.
 
 Two templates share one epilogue generator:
-- LOW_RANK, the effc low-rank GEMM (effc/kernels/low_rank.py): each program computes
-  t = x_rows @ v.T ([BLOCK_M, R_PAD], fp32) once, keeps it in registers, and produces its
-  output tiles acc = t @ u.T (+ bias);
+- low rank, the effc low-rank GEMM: each program computes t = x_rows @ v.T ([BLOCK_M, R_PAD],
+  fp32) once, keeps it in registers, and produces its output tiles acc = t @ u.T (+ bias).
+  Its text is TEMPLATE in effc/kernels/low_rank.py, which the op's own kernel fills with a
+  fixed epilogue, so the op and the lowering run one algorithm (and one set of launch rules);
 - DENSE, `F.linear(x, W, b)`: x is the [M, K] view of any leading dims, W is [N, K]; each
   program computes one [BLOCK_M, BLOCK_N] tile acc = x @ W.T (+ bias), accumulating in fp32
-  with `tl.dot` (IEEE fp32 products unless TF32 is allowed), masked for ragged M, N and K.
-  The partitioner only hands over a dense linear that has an epilogue: alone, cuBLAS wins.
+  with `tl.dot` (IEEE fp32 products unless TF32 is allowed), masked for ragged M, N and K;
+  its K loop is the low-rank template's first product (`x_times_wt`). The partitioner only
+  hands over a dense linear that has an epilogue: alone, cuBLAS wins.
 
 The slot after `acc` receives generated code: the op's own activation, then the fused
 pointwise nodes (activation, scale, residual add, gating multiply by another tensor, casts),
@@ -29,11 +31,12 @@ import math
 import torch
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
-                                          module_text, next_pow2, operand, rounded, row_major,
-                                          strides_of)
+                                          module_text, operand, rounded, row_major, strides_of)
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
+from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, kernel_source,
+                                   rank_block, x_times_wt)
 
 TARGETS = ("interpreter", "cuda")
 # the interpreter runs programs one after another: one small config, no tuning
@@ -53,52 +56,6 @@ LOW_RANK_CONFIGS = [
 ]
 AUTOTUNE_KEYS = {"dense": ["M", "N", "K"], "low_rank": ["M", "N", "K", "R"]}
 
-LOW_RANK = '''
-@triton.jit
-def {name}(
-    x_ptr, v_ptr, u_ptr, {operand_params}
-    M, N, K, R,
-    stride_xm, stride_xk, stride_vr, stride_vk, stride_un, stride_ur, {stride_params}
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-
-    # t = x @ v.T for this program's rows, once; rank padding is zero
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x_blk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        v_t_blk = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
-                          mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST_DOT:  # the interpreter's dot multiplies bf16 tiles as integers
-            x_blk = x_blk.to(tl.float32)
-            v_t_blk = v_t_blk.to(tl.float32)
-        t = tl.dot(x_blk, v_t_blk, t, input_precision=INPUT_PRECISION)
-    # eager's first matmul returns t in the input dtype
-    t_in = {round_t}
-    if UPCAST_DOT:
-        t_in = t_in.to(tl.float32)
-
-    # this program's column blocks: pid_n, pid_n + n_split, ... (n_split = grid dim 1)
-    for n_block in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_m[:, None] & mask_n[None, :]
-        u_t_blk = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_DOT:
-            u_t_blk = u_t_blk.to(tl.float32)
-        acc = tl.dot(t_in, u_t_blk, input_precision=INPUT_PRECISION)
-        # ---- epilogue (generated) ----
-{epilogue}'''
-
 DENSE = '''
 @triton.jit
 def {name}(
@@ -116,19 +73,8 @@ def {name}(
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
 
-    # acc = x @ w.T for this [BLOCK_M, BLOCK_N] tile, fp32; masked K lanes read zeros
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x_blk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t_blk = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_DOT:  # the interpreter's dot multiplies bf16 tiles as integers
-            x_blk = x_blk.to(tl.float32)
-            w_t_blk = w_t_blk.to(tl.float32)
-        acc = tl.dot(x_blk, w_t_blk, acc, input_precision=INPUT_PRECISION)
+    # acc = x @ w.T for this [BLOCK_M, BLOCK_N] tile
+{x_times_wt}
     # ---- epilogue (generated) ----
 {epilogue}'''
 
@@ -162,8 +108,7 @@ def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.
     lines = [f"e{i} = tl.load(in{i}_ptr + offs_m[:, None] * in{i}_sm + offs_n[None, :] * in{i}_sn,"
              f" mask=mask, other=0.0).to(tl.float32)  # {n.name}" for i, n in enumerate(extra)]
     if bias:
-        lines.append("acc += tl.load(bias_ptr + offs_n * stride_b, mask=mask_n, other=0.0)"
-                     ".to(tl.float32)[None, :]")
+        lines.append(BIAS_ADD)
     needs_bf16 = dtype == torch.bfloat16
     for j, n in enumerate(group.nodes):
         node_dtype = meta(n)[1]
@@ -224,14 +169,14 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     operand_params += [f"out{j}_ptr" for j in range(len(group.outputs))]
     stride_params = (["stride_b"] if bias is not None else []) + [
         p for i in range(len(extra)) for p in (f"in{i}_sm", f"in{i}_sn")]
-    fields = dict(name=name, operand_params="".join(p + ", " for p in operand_params),
-                  stride_params="".join(p + ", " for p in stride_params))
     if template == "low_rank":
-        body = LOW_RANK.format(**fields, round_t=_ROUND_T[dtype],
-                               epilogue="".join(f"        {line}\n" for line in lines))
+        body = kernel_source(name, operand_params, stride_params, _ROUND_T[dtype], lines)
         what = f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])})"
     else:
-        body = DENSE.format(**fields, epilogue="".join(f"    {line}\n" for line in lines))
+        body = DENSE.format(name=name, operand_params="".join(p + ", " for p in operand_params),
+                            stride_params="".join(p + ", " for p in stride_params),
+                            x_times_wt=x_times_wt("acc", "w", "n", "BLOCK_N"),
+                            epilogue="".join(f"    {line}\n" for line in lines))
         what = f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])})"
     tiling = "fixed config for the interpreter"
     if target == "cuda":
@@ -274,25 +219,19 @@ class GemmLauncher(Launcher):
         x2 = x.reshape(m, k)
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
-        cuda = x.device.type == "cuda"
-        tf32 = x.dtype == torch.float32 and cuda and torch.backends.cuda.matmul.allow_tf32
         args = [x2, *weights, *bias, *extra, *[o.view(m, n) for o in outs], m, n, k]
         if p.template == "low_rank":
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
         args += [b.stride(0) for b in bias] + [s for e in extra for s in e.stride()]
-        consts = {"INPUT_PRECISION": "tf32" if tf32 else "ieee",
-                  "UPCAST_DOT": x.dtype == torch.bfloat16 and not cuda}
+        consts = dot_constexprs(x)
         if p.template == "low_rank":
-            consts["R_PAD"] = max(16, next_pow2(weights[0].shape[0]))
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+            consts["R_PAD"] = rank_block(weights[0].shape[0])
 
         def grid(meta):
             rows, cols = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-            if p.template == "low_rank":
-                # a program loops over column blocks pid_n, pid_n + n_split, ...; on a GPU,
-                # split the columns when there are few row blocks (each split recomputes t)
-                cols = max(1, min(triton.cdiv(2 * sms, rows), cols)) if cuda else 1
+            if p.template == "low_rank":  # a program loops over its share of column blocks
+                cols = column_splits(rows, cols, x.device)
             return rows, cols
 
         if p.target == "cuda":  # triton.autotune picks BLOCK_*, num_warps and num_stages
