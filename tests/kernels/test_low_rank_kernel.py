@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lowering_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import effc.kernels.low_rank as low_rank
@@ -50,13 +51,14 @@ def make_inputs(x_shape, n, rank, dtype=torch.float32, bias=True, seed=0):
     v = torch.randn(rank, k, generator=g) / k**0.5
     u = torch.randn(n, rank, generator=g) / rank**0.5
     b = torch.randn(n, generator=g) * 0.5 if bias else None
-    cast = lambda t: None if t is None else t.to(dtype)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=DEVICE)
     return cast(x), cast(v), cast(u), cast(b)
 
 
 def run_poisoned(x, v, u, b, activation="none", **kwargs):
     """Runs the kernel into a NaN-filled buffer and checks it wrote into that buffer."""
-    out = torch.full(tuple(x.shape[:-1]) + (u.shape[0],), float("nan"), dtype=x.dtype)
+    out = torch.full(tuple(x.shape[:-1]) + (u.shape[0],), float("nan"), dtype=x.dtype,
+                     device=x.device)
     y = low_rank_linear_triton(x, v, u, b, activation, out=out, **kwargs)
     assert y is out
     assert not y.isnan().any(), "kernel left elements of the output unwritten"
@@ -120,15 +122,15 @@ def test_kernel_leading_dims(x_shape):
 def test_kernel_strided_operands():
     """Transposed and sliced operands: the kernel must honour every stride it is given."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(45, 37, generator=g).t()  # [37, 45], stride (1, 37)
-    v = (torch.randn(45, 11, generator=g) / 7).t()  # [11, 45], column-major
-    u = (torch.randn(29, 22, generator=g) / 3)[:, ::2]  # [29, 11], stride (22, 2)
-    b = torch.randn(58, generator=g)[::2]  # stride 2
+    x = torch.randn(45, 37, generator=g).to(DEVICE).t()  # [37, 45], stride (1, 37)
+    v = (torch.randn(45, 11, generator=g) / 7).to(DEVICE).t()  # [11, 45], column-major
+    u = (torch.randn(29, 22, generator=g) / 3).to(DEVICE)[:, ::2]  # [29, 11], stride (22, 2)
+    b = torch.randn(58, generator=g).to(DEVICE)[::2]  # stride 2
     assert not (x.is_contiguous() or v.is_contiguous() or u.is_contiguous() or b.is_contiguous())
     expected = low_rank_linear_reference(x.contiguous(), v.contiguous(), u.contiguous(), b.contiguous(), "relu")
     torch.testing.assert_close(run_poisoned(x, v, u, b, "relu", **SMALL_BLOCKS), expected, atol=1e-4, rtol=1e-4)
     # a strided output buffer: every other column is the output, the rest must stay untouched
-    buffer = torch.full((37, 58), float("nan"))
+    buffer = torch.full((37, 58), float("nan"), device=DEVICE)
     y = low_rank_linear_triton(x, v, u, b, "relu", out=buffer[:, ::2], **SMALL_BLOCKS)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     assert buffer[:, 1::2].isnan().all()
