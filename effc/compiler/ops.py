@@ -296,17 +296,47 @@ def classify(node: fx.Node) -> Op | None:
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.setitem}
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+                      operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.setitem, operator.delitem}
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                    "__ilshift__", "__irshift__", "__setitem__", "__delitem__"}
+# functions taking `inplace`, and its position (F.relu(x, True) is positional)
+_INPLACE_FLAG = {F.relu: 1, F.silu: 1, F.relu6: 1, F.hardswish: 1, F.hardsigmoid: 1,
+                 F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.dropout: 3}
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    pos = _INPLACE_FLAG.get(node.target) if node.op == "call_function" else None
+    if pos is not None and len(node.args) > pos:
+        return node.args[pos] is True
+    return node.kwargs.get("inplace") is True
 
 
 def mutates(node: fx.Node) -> bool:
-    """True if the node writes into a tensor in place (the lowering then leaves the graph alone)."""
+    """True if the node writes into a tensor in place (the partitioner makes it a barrier,
+    unless `out_of_place` applies)."""
+    if node.op == "call_module":  # a leaf module in a hand-traced graph: nn.ReLU(inplace=True)
+        owner = node.graph.owning_module
+        try:
+            module = owner.get_submodule(node.target) if owner is not None else None
+        except AttributeError:
+            return False
+        return getattr(module, "inplace", False) is True
     if node.op not in ("call_function", "call_method"):
         return False
-    if node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
+    if node.target is F.dropout and _arg(node, 2, "training", True) is False:
+        return False  # eval-mode dropout returns its input untouched, inplace or not
+    if _inplace_flag(node) or node.kwargs.get("out") is not None:
         return True
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
+        return node.target in _INPLACE_DUNDERS or (node.target.endswith("_")
+                                                   and not node.target.startswith("_"))
+    if node.target in (F.batch_norm, torch.batch_norm):  # training updates the running stats
+        first = 1 if node.target is F.batch_norm else 3
+        stats = [_arg(node, first, "running_mean"), _arg(node, first + 1, "running_var")]
+        return _arg(node, 5, "training", False) is not False and any(s is not None for s in stats)
     if getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return node.target in _INPLACE_OPERATORS  # and_, or_, not_ are pure
     schema = getattr(node.target, "_schema", None)
@@ -314,3 +344,70 @@ def mutates(node: fx.Node) -> bool:
         return schema.is_mutable
     name = getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_")
+
+
+# --- in-place ops with an out-of-place twin, and ops whose result is always a new tensor -----
+_INPLACE_METHODS = {f"{name}_": name for name in
+                    ("add", "sub", "mul", "div", "true_divide", "relu", "sigmoid", "tanh", "exp",
+                     "log", "neg", "abs", "sqrt", "rsqrt", "cos", "sin", "pow", "clamp",
+                     "clamp_min", "clamp_max", "masked_fill")}
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                      operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                      **{getattr(torch, f"{n}_"): getattr(torch, n) for n in
+                         ("relu", "sigmoid", "tanh", "exp", "log", "neg", "abs", "sqrt", "rsqrt",
+                          "cos", "sin")}}
+# F.dropout is left out: with training=False its out-of-place form returns its input itself
+_OUT_OF_PLACE_FLAG = {f: pos for f, pos in _INPLACE_FLAG.items() if f is not F.dropout}
+
+_FRESH_FUNCTIONS = {
+    torch.conv1d, torch.conv2d, torch.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.batch_norm, torch.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.linear,
+    torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.embedding, torch.cat, torch.stack,
+    torch.where, torch.masked_fill, torch.clamp, torch.clone, torch.cumsum, torch.softmax,
+    F.softmax, F.log_softmax, F.gelu, torch.mean, torch.sum, torch.amax,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
+    *_INPLACE_FUNCTIONS.values(), *_OUT_OF_PLACE_FLAG,
+} - {F.dropout}
+_FRESH_METHODS = {"clone", "cumsum", "sum", "mean", "amax", "softmax", "matmul", "gt", "lt", "ge",
+                  "le", "eq", "ne", *_INPLACE_METHODS.values()}
+
+
+def returns_fresh(node: fx.Node) -> bool:
+    """True if the node's value is a new tensor, never a view of (or the same object as) an
+    input: known compute ops only. Casts, dropout and views may hand back their input."""
+    if node.op not in ("call_function", "call_method") or mutates(node):
+        return False
+    shape_prop = node.meta.get("tensor_meta")  # a tuple of them for a tuple value
+    if not isinstance(node_value(node), torch.Tensor) and not hasattr(shape_prop, "shape"):
+        return False
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    if node.target in _FRESH_FUNCTIONS:
+        return True
+    op = classify(node)
+    return op is not None and op.name not in ("identity", "cast")
+
+
+def out_of_place(node: fx.Node) -> tuple[Any, tuple, dict] | None:
+    """(target, args, kwargs) of the out-of-place twin of an in-place node that writes only
+    into its first argument (`x.add_(y)` -> `x.add(y)`, `x += y` -> `x + y`,
+    `F.relu(x, inplace=True)` -> `F.relu(x, inplace=False)`), else None."""
+    if node.kwargs.get("out") is not None or not node.args:
+        return None
+    args, kwargs = node.args, dict(node.kwargs)
+    if node.op == "call_method":
+        target = _INPLACE_METHODS.get(node.target)
+    elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        target = _INPLACE_FUNCTIONS[node.target]
+    elif node.op == "call_function" and node.target in _OUT_OF_PLACE_FLAG and _inplace_flag(node):
+        target, pos = node.target, _OUT_OF_PLACE_FLAG[node.target]
+        if len(args) > pos:
+            args = args[:pos] + (False,) + args[pos + 1:]
+        else:
+            kwargs["inplace"] = False
+    else:
+        return None
+    return (target, args, kwargs) if target is not None else None

@@ -16,6 +16,24 @@ vertex: then contracting them keeps the graph acyclic, so the fused graph can be
 Row groups grow first (a norm's prologue is worth more than a GEMM epilogue), then GEMM
 epilogues, then pointwise chains. A node with a user outside its group, or that the graph
 returns, is an output of the group and stays materialized.
+
+In-place writes (`nn.ReLU(inplace=True)`, `out += identity`, `y.masked_fill_(...)`): the
+data edges above do not order a write against other reads of the tensor, so `partition`
+first rewrites, in the graph it is given, each write that is safe to compute out of place.
+`m = y.op_(...)` is safe when:
+- effc knows its out-of-place twin (`ops.out_of_place`) and the twin keeps y's dtype and
+  shape (y floating point; other tensor operands of y's dtype, broadcasting into y);
+- y is fresh: made in this graph by an op whose result is always a new tensor
+  (`ops.returns_fresh`: not an input, attribute, view, cast, dropout or unknown op);
+- every other reader of y ordered before the write returns a fresh tensor (or none) and
+  writes nothing: no alias of y exists that would see the write.
+Readers of y after the write are then pointed at m (in eager, m *is* y) and m becomes the
+out-of-place op: y is never written, and m can join groups. Every other write (into an
+input, a view, a tensor an alias was taken of, `out=`, `x[i] = v`) is a barrier: it stays
+eager and cuts the graph into segments; a group never spans two, and as a launcher sits
+after its group's last node, no kernel moves a read or write across a barrier. Identity and
+cast nodes that may alias a tensor a barrier writes are not fused either: a kernel would
+return a copy where eager returns the tensor itself, which later sees the write.
 """
 
 from __future__ import annotations
@@ -25,9 +43,13 @@ import itertools
 
 import networkx as nx
 import sympy
+import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
-from effc.compiler.ops import LIBRARY_GEMMS, Op, classify, meta, mutates
+from effc.compiler.graph_facts import node_value
+from effc.compiler.ops import (FLOAT_DTYPES, LIBRARY_GEMMS, Op, classify, meta, mutates,
+                               out_of_place, returns_fresh)
 
 _ids = itertools.count()
 
@@ -94,10 +116,12 @@ class Group:
 
 @dataclasses.dataclass
 class Partition:
-    """The groups of a graph, in graph order; `refused` says why a graph got none at all."""
+    """The groups of a graph, in graph order; in-place ops rewritten out of place
+    (`functionalized`, node names) and those left eager as barriers (node name, why)."""
 
     groups: list[Group]
-    refused: str | None = None
+    functionalized: list[str] = dataclasses.field(default_factory=list)
+    barriers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def fused_nodes(self) -> int:
@@ -121,8 +145,10 @@ def _bare_library_gemm(group: Group) -> bool:
 class _Builder:
     """Grows groups by contracting vertices of a quotient graph that stays a DAG."""
 
-    def __init__(self, nodes: list[fx.Node], ops: dict[fx.Node, Op]):
+    def __init__(self, nodes: list[fx.Node], ops: dict[fx.Node, Op],
+                 segment: dict[fx.Node, int]):
         self.order = {n: i for i, n in enumerate(nodes)}
+        self.segment = segment
         self.ops = ops
         self.dag = nx.DiGraph()
         self.dag.add_nodes_from(nodes)
@@ -141,6 +167,8 @@ class _Builder:
     # --- when two groups may merge --------------------------------------------------------
     def _combine(self, a: Group, b: Group) -> tuple[str, tuple] | None:
         """(kind, shape) of a ∪ b, or None if no kernel kind computes both."""
+        if self.segment[a.nodes[0]] != self.segment[b.nodes[0]]:
+            return None  # an in-place barrier lies between them
         kinds = {a.kind, b.kind}
         if kinds == {"pointwise"}:
             return ("pointwise", a.shape) if a.shape == b.shape else None
@@ -231,15 +259,117 @@ def _finish(group: Group) -> Group:
     return group
 
 
+def _holds_tensor(node: fx.Node) -> bool:
+    val = node_value(node)
+    if val is None:
+        return node.meta.get("tensor_meta") is not None
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(val))
+
+
+def _broadcasts_into(shape: tuple, into: tuple) -> bool:
+    return len(shape) <= len(into) and all(d == 1 or d == e for d, e in zip(reversed(shape),
+                                                                              reversed(into)))
+
+
+def _why_eager(m: fx.Node, order: dict[fx.Node, int]) -> str | None:
+    """Why in-place m cannot be computed out of place (None: it can; see the module docstring)."""
+    twin = out_of_place(m)
+    if twin is None:
+        return "effc knows no out-of-place form of it"
+    y = m.args[0]
+    if not isinstance(y, fx.Node) or meta(y) is None:
+        return "it writes into something that is not a tensor computed in this graph"
+    if y.op == "placeholder":
+        return f"it writes into the graph input `{y.name}`, which the caller sees"
+    if y.op == "get_attr":
+        return f"it writes into the module attribute `{y.target}`"
+    if not returns_fresh(y):
+        return (f"it writes into `{y.name}`, which may share memory with another tensor "
+                "(a view, an input, or an op effc does not know)")
+    shape, dtype, _ = meta(y)
+    if dtype not in FLOAT_DTYPES + (torch.float64,):
+        return f"it writes into a {dtype} tensor"
+    target, args, kwargs = twin
+    masked = target in ("masked_fill", torch.masked_fill)
+    for i, a in enumerate(list(args[1:]) + list(kwargs.values())):
+        am = meta(a)
+        if isinstance(a, fx.Node) and am is None:
+            if not isinstance(node_value(a), (int, float, torch.SymInt, torch.SymFloat)):
+                return f"it reads `{a.name}`, which effc cannot check"
+        elif am is not None:
+            if am[1] != dtype and not (masked and i == 0) or not _broadcasts_into(am[0], shape):
+                return "its out-of-place form would have another dtype or shape"
+        elif not (a is None or isinstance(a, (bool, int, float, str))):
+            return f"it takes an argument effc cannot check ({a!r})"
+    for u in y.users:
+        if u is not m and order[u] < order[m] and (mutates(u) or
+                                                   (_holds_tensor(u) and not returns_fresh(u))):
+            return f"`{u.name}` reads `{y.name}` before the write and may alias it"
+    return None
+
+
+def _functionalize(nodes: list[fx.Node]) -> tuple[list[str], list[tuple[fx.Node, str]]]:
+    """Rewrite safe in-place nodes out of place, in graph order (a rewritten node's result is
+    fresh, so an in-place op on it may be rewritten too). Returns (rewritten, barriers)."""
+    order = {n: i for i, n in enumerate(nodes)}
+    rewritten, barriers = [], []
+    for m in nodes:
+        if not mutates(m):
+            continue
+        why = _why_eager(m, order)
+        if why is not None:
+            barriers.append((m, why))
+            continue
+        target, args, kwargs = out_of_place(m)
+        y = m.args[0]
+        for u in list(y.users):
+            if u is not m and order[u] > order[m]:
+                u.replace_input_with(y, m)  # eager: m is y, holding the written value
+        m.target, m.args, m.kwargs = target, args, kwargs
+        rewritten.append(m.name)
+    return rewritten, barriers
+
+
+def _aliases_of_written(nodes: list[fx.Node],
+                        barriers: list[tuple[fx.Node, str]]) -> set[fx.Node]:
+    """Nodes that may share memory with a tensor a barrier writes (union-find over every node
+    whose result may alias its inputs; graph inputs may alias one another)."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        if n.op.startswith("call") and not returns_fresh(n):
+            for a in n.all_input_nodes:
+                parent[find(a)] = find(n)
+    written = {find(a) for m, _ in barriers for a in [m, *m.all_input_nodes]}
+    inputs = {find(n) for n in nodes if n.op in ("placeholder", "get_attr")}
+    if written & inputs:
+        written |= inputs
+    return {n for n in nodes if find(n) in written}
+
+
 def partition(graph: fx.Graph) -> Partition:
-    """Fusable groups of `graph` (nodes need shape metadata: Dynamo's, or ShapeProp's)."""
+    """Fusable groups of `graph` (nodes need shape metadata: Dynamo's, or ShapeProp's).
+
+    Rewrites safe in-place ops in `graph` out of place (module docstring): pass a copy if the
+    graph must stay as it is.
+    """
+    functionalized, barriers = _functionalize(list(graph.nodes))
     nodes = list(graph.nodes)
-    mutating = next((n for n in nodes if mutates(n)), None)
-    if mutating is not None:
-        return Partition([], f"the graph writes a tensor in place ({mutating.format_node()}); "
-                             "moving reads and writes across it is not modelled, so it runs eagerly")
-    ops = {n: op for n in nodes if (op := classify(n)) is not None}
-    groups = [_finish(g) for g in _Builder(nodes, ops).run()]
+    segment, cuts, k = {}, {m for m, _ in barriers}, 0
+    for n in nodes:  # segment k: the nodes after the k-th barrier
+        segment[n] = k
+        k += n in cuts
+    aliased = _aliases_of_written(nodes, barriers) if barriers else set()
+    ops = {n: op for n in nodes if (op := classify(n)) is not None and not mutates(n)
+           and not (n in aliased and op.name in ("identity", "cast"))}
+    groups = [_finish(g) for g in _Builder(nodes, ops, segment).run()]
     kept = [g for g in groups if not all(_is_noop(g.ops[n], n) for n in g.nodes)
             and not _bare_library_gemm(g)]
-    return Partition(kept)
+    reasons = [(m.name, f"writes in place and stays eager: {why}; no kernel moves a read or "
+                        "write across it") for m, why in barriers]
+    return Partition(kept, functionalized, reasons)

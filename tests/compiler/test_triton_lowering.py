@@ -208,6 +208,23 @@ def test_cpu_without_the_interpreter_says_so(monkeypatch):
         _compile(torch.relu, {"strict": True})(x)
 
 
+def _eager_vs_triton(fn, *inputs, options=None):
+    """The same graph lowered eagerly and with kernels, under inference_mode: outputs and the
+    inputs as each left them (in-place writes into inputs included) must be equal."""
+    runs = []
+    for lowering in ("eager", "triton"):
+        torch._dynamo.reset()
+        args = [a.clone() for a in inputs]
+        with torch.inference_mode(), poisoned_outputs():
+            out = torch.compile(fn, backend="effc",
+                                options={"lowering": lowering, **(options or {})})(*args)
+        runs.append((out if isinstance(out, tuple) else (out,), args))
+    (ref, ref_args), (out, out_args) = runs
+    for o, r in zip(out + tuple(out_args), ref + tuple(ref_args)):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    return effc.report().graphs[-1]
+
+
 class _InPlace(nn.Module):
     def forward(self, x):
         y = x * 2.0
@@ -215,12 +232,108 @@ class _InPlace(nn.Module):
         return torch.relu(y)
 
 
-def test_a_graph_that_mutates_in_place_runs_eagerly():
-    x = torch.randn(5, 7)
-    with torch.no_grad():
-        torch.testing.assert_close(_compile(_InPlace(), {})(x), torch.relu(x * 2.0 + 1.0))
-    g = effc.report().graphs[-1]
-    assert g.kernels == [] and "in place" in g.fallbacks[0].reason
+def test_in_place_ops_on_fresh_intermediates_fuse():
+    """y.add_ on a tensor the graph made is computed out of place: one kernel, no fallback."""
+    g = _eager_vs_triton(_InPlace(), torch.randn(5, 7))
+    assert [k.name for k in g.kernels] == ["fused_mul_add_relu"] and g.fallbacks == []
+
+
+class _Basic(nn.Module):
+    """torchvision's BasicBlock: ReLU(inplace=True) and `out += identity`."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(cout), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class _ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(_Basic(8, 8, 1), _Basic(8, 16, 2))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def test_resnet_style_cnn_fuses_its_in_place_relus_and_residual_adds():
+    """Every ReLU(inplace=True) and `out += identity` writes a fresh conv/bn result: each
+    relu, and each residual add with the relu after it, becomes a kernel; nothing falls back."""
+    torch.manual_seed(0)
+    model = _ResNetish().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # eval-mode statistics that do something
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    g = _eager_vs_triton(model, torch.randn(2, 3, 12, 12))
+    assert [k.name for k in g.kernels] == ["fused_relu", "fused_relu", "fused_add_relu",
+                                           "fused_relu", "fused_add_relu"]
+    assert g.fallbacks == [] and g.kernel_counts()["fused_nodes"] == 7
+
+
+def _writes_input(x):
+    y = torch.sigmoid(x) * 2.0
+    x.mul_(0.5)                  # the caller's tensor
+    return y + x, torch.relu(x) * 3.0
+
+
+def _writes_a_view_read_later(x):
+    y = x * 2.0 + 1.0
+    y[:, 0].mul_(2.0)            # through a view; y read again after
+    return torch.relu(y) * 3.0
+
+
+def _setitem(x):
+    y = x * 2.0 + 1.0
+    y[:, 1] = 0.0
+    return torch.relu(y) + 1.0
+
+
+def _aliasing_view(x):
+    y = x * 2.0
+    v = y.view(-1)
+    a = y + 1.0                  # read before the write
+    v.add_(1.0)
+    return a, y * 3.0, v * 1.0
+
+
+def _alias_read_before(x):
+    y = x * 2.0
+    t = y.t()                    # an alias made before the write must see it
+    y.add_(1.0)
+    return t * 3.0, torch.relu(y)
+
+
+@pytest.mark.parametrize("fn, written, why", [
+    (_writes_input, ["mul_"], "graph input"),
+    (_writes_a_view_read_later, ["mul_"], "may share memory"),
+    (_setitem, ["setitem"], "no out-of-place form"),
+    (_aliasing_view, ["add_"], "may share memory"),
+    (_alias_read_before, ["add_"], "reads `y` before the write"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_unsafe_in_place_writes_stay_eager_and_kernels_do_not_cross_them(fn, written, why):
+    x = torch.randn(6, 6)
+    g = _eager_vs_triton(fn, x)
+    assert [f.nodes for f in g.fallbacks] == [[n] for n in written]
+    assert all(why in f.reason and "stays eager" in f.reason for f in g.fallbacks)
+    assert len(g.kernels) >= 2 and not {n for k in g.kernels for n in k.nodes} & set(written)
+    assert why in str(effc.report())
+    torch._dynamo.reset()  # an eager write is no error: strict compiles the rest with kernels
+    _eager_vs_triton(fn, x, options={"strict": True})
 
 
 def _model(kind):
@@ -313,3 +426,31 @@ def test_verify_measures_the_lowered_callable():
     assert effc.report().graphs[-1].kernels  # something was really lowered
     assert row["max_abs"] == pytest.approx((out - ref).abs().max().item(), abs=1e-12)
     assert row["rel_fro"] < 1e-5
+
+
+def test_a_symbolic_row_length_gets_both_row_kernels_and_picks_by_length(monkeypatch):
+    """With dynamic shapes the row length is only known at run time: the module holds the
+    persistent kernel and its looped sibling, and each call runs the one its length needs."""
+    from effc.compiler.codegen import reduction
+
+    monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
+    seen = {}
+
+    class Keep(effc.compiler.pass_manager.Instrument):
+        def after_lowering(self, lowered, ctx, report):
+            seen["gm"] = lowered.gm
+
+    compiled = _compile(chain, {"instruments": [Keep()]}, dynamic=True)
+    ran = []
+    for shape in [(3, 5, 29), (2, 7, 45), (4, 3, 30)]:
+        inputs = _chain_inputs(*shape)
+        with poisoned_outputs():
+            out = compiled(*inputs)
+        for o, r in zip(out, chain(*inputs)):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        rows = [n.target for n in seen["gm"].graph.nodes
+                if isinstance(n.target, reduction.RowLauncher)]
+        ran.append(sorted({k.last_variant for k in rows}))
+    assert ran == [["persistent"], ["looped"], ["persistent"]]
+    graphs = effc.report().graphs
+    assert len(graphs) == 1 and graphs[0].fallbacks == [] and graphs[0].inputs["symint"] > 0
