@@ -31,7 +31,8 @@ POW_EXPONENTS = (-2, -1, -0.5, 0.5, 1, 2, 3, 4)
 class Op:
     """A node the lowering understands.
 
-    kind: "pointwise" (elementwise, output shape = broadcast of operands), "reduction"
+    kind: "pointwise" (elementwise, output shape = broadcast of operands; or `cat`, whose
+    output element is one operand's element at a shifted index), "reduction"
     (over the last dim: keeps it as size 1, or, for softmax/norms, a row-wise op whose output
     has the input's shape) or "gemm" (a GEMM-like op with a Triton template: effc's
     `low_rank_linear`, or the dense `linear`, which the partitioner keeps only with an epilogue).
@@ -67,6 +68,7 @@ _REDUCE = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
 _SOFTMAX = (torch.softmax, F.softmax)
 _LAYER_NORM = (F.layer_norm, torch.layer_norm)
 _GELU = (F.gelu, torch._C._nn.gelu)
+_CAT = (torch.cat, torch.concat)
 _LINEAR = (torch._C._nn.linear, F.linear)  # one builtin today; both spellings kept on purpose
 LIBRARY_GEMMS = ("linear",)  # a library call (cuBLAS) beats our template when nothing is fused
 
@@ -160,6 +162,34 @@ def _pointwise(node: fx.Node) -> Op | None:
             return None
         return Op("pointwise", "identity", (args[0],))
     return None
+
+
+def _cat(node: fx.Node) -> Op | None:
+    """`torch.cat(tensors, dim)` of >= 2 tensors of the output's dtype and rank (no legacy empty
+    1-d operand), each with a static size >= 1 along `dim`: the kernel picks the operand an
+    output element comes from by comparing its index with these sizes, baked in as constants.
+    params: `dim` (non-negative) and the operands' `sizes` along it."""
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    if not _only(node, {"tensors", "dim"}, 2) or not isinstance(tensors, (list, tuple)):
+        return None
+    out = meta(node)
+    if len(tensors) < 2 or out is None or not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    ndim = len(out[0])
+    if not -ndim <= dim < ndim:
+        return None
+    dim %= ndim
+    sizes = []
+    for t in tensors:
+        m = meta(t)
+        if m is None or m[1] != out[1] or len(m[0]) != ndim:
+            return None
+        if any(s != o for k, (s, o) in enumerate(zip(m[0], out[0])) if k != dim):
+            return None
+        if not m[0][dim].is_Integer or int(m[0][dim]) < 1:
+            return None
+        sizes.append(int(m[0][dim]))
+    return Op("pointwise", "cat", tuple(tensors), {"dim": dim, "sizes": sizes})
 
 
 def _cast(node: fx.Node) -> Op | None:
@@ -281,6 +311,8 @@ def classify(node: fx.Node) -> Op | None:
         return None
     try:
         op = _gemm(node) if node.op == "call_function" else None
+        if node.op == "call_function" and node.target in _CAT:
+            op = _cat(node)
         op = op or _pointwise(node) or _reduction(node)
     except (TypeError, ValueError, IndexError):
         return None  # an argument pattern this table does not know

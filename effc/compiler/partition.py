@@ -8,7 +8,9 @@ Three kinds of group (DESIGN.md, Lowering):
 - `row`: row reductions over the last dim (mean/sum/amax keepdim, softmax, layer_norm,
   rms_norm) with their pointwise prologue and epilogue, one row held in registers;
 - `pointwise`: a chain of elementwise ops that all have the group's output shape (inputs
-  may broadcast to it).
+  may broadcast to it), and `cat`s: a cat operand's producers, of the operand's shape, join
+  when the group holds all their users (the kernel recomputes them in the operand's index
+  range; they are never stored), so `q * cos + cat((-q2, q1)) * sin` is one kernel.
 
 Groups grow by merging neighbours over a networkx quotient graph (one vertex per group,
 one per node left eager). Two groups merge only if no path between them runs through a third
@@ -171,7 +173,13 @@ class _Builder:
             return None  # an in-place barrier lies between them
         kinds = {a.kind, b.kind}
         if kinds == {"pointwise"}:
-            return ("pointwise", a.shape) if a.shape == b.shape else None
+            if a.shape == b.shape:
+                return "pointwise", a.shape
+            shape = next((g.shape for g in (a, b) if _cat_operands_only(a.nodes + b.nodes,
+                                                                         g.shape, self.ops)), None)
+            return ("pointwise", shape) if shape is not None else None
+        if any(g.ops[n].name == "cat" for g in (a, b) for n in g.nodes):
+            return None  # only the pointwise generator computes cat
         if "gemm" in kinds:
             if kinds != {"gemm", "pointwise"} or a.shape != b.shape:
                 return None
@@ -245,6 +253,25 @@ class _Builder:
             raise AssertionError("effc partitioner: fused graph has a cycle")
         groups = {id(g): g for g in self.group_of.values()}.values()
         return sorted(groups, key=lambda g: self.order[g.nodes[0]])
+
+
+def _cat_operands_only(nodes: list[fx.Node], shape: tuple, ops: dict[fx.Node, Op]) -> bool:
+    """Whether one pointwise kernel of output `shape` computes `nodes`: a node of another shape
+    (a cat operand's producer) is computed only in that operand's index range and never
+    stored, so each of its users is in the group and is a cat reading it or a node of its own
+    shape (computed in the same range)."""
+    members = set(nodes)
+    for n in nodes:
+        own = meta(n)[0]
+        if own == shape:
+            continue
+        if not n.users:
+            return False  # nothing reads it: no cat would compute it
+        for u in n.users:
+            if u not in members or (meta(u)[0] != own and not (ops[u].name == "cat"
+                                                              and n in ops[u].operands)):
+                return False
+    return True
 
 
 def _finish(group: Group) -> Group:

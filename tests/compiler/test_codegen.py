@@ -519,3 +519,71 @@ def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     plain = generate(group, "interpreter").text
     assert "triton.autotune" not in plain and plain.split("@triton.jit")[1] == \
         source.text.split("@triton.jit")[1]
+
+
+# --- cat: each operand computed in its own index range, picked per lane ----------------------
+def _rotate_half(x):
+    """Llama's rotary embedding, as Hugging Face writes it."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+CATS = {
+    "last": (lambda a, b: torch.cat((a, b), -1) * 2.0, [(3, 5, 7), (3, 5, 4)]),
+    "middle": (lambda a, b: torch.cat([a, b], dim=1) + 1.0, [(3, 5, 7), (3, 2, 7)]),
+    "first": (lambda a, b: torch.concat((a, b)).exp(), [(3, 5, 7), (6, 5, 7)]),
+    "three_ragged": (lambda a, b, c: torch.cat((a, b, c), -2).sigmoid(),
+                     [(4, 3, 29), (4, 1, 29), (4, 5, 29)]),
+    "computed": (lambda a, b: torch.cat((-a[:, 6:], torch.relu(b) * 0.5), 1) - a,
+                 [(37, 12), (37, 6)]),
+    "broadcast_in_operand": (lambda a, w, b: torch.cat((a * w + 1.0, b), -1) * w.sum(),
+                             [(37, 13), (13,), (37, 32)]),
+    "nested": (lambda a, b, c: torch.cat((torch.cat((a, b), 0), c), 1).tanh(),
+               [(2, 3), (5, 3), (7, 4)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CATS))
+def test_cat_fuses_with_its_operands_and_users(name, dtype):
+    fn, shapes = CATS[name]
+    inputs = [rand(*s, dtype=dtype, seed=i) for i, s in enumerate(shapes)]
+    report, _ = check(fn, *inputs, kinds=["pointwise"])  # operands' producers pulled in
+    assert not any(n.target in (torch.cat, torch.concat) for n in check.lowered.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_embedding_is_one_kernel(dtype):
+    """q * cos + rotate_half(q) * sin, with cos/sin broadcast over batch and heads, q a
+    transposed view as in attention: one kernel, the slices read in their operand's range."""
+    def rope(q, cos, sin):
+        return q * cos + _rotate_half(q) * sin
+
+    q = rand(2, 9, 4, 8, dtype=dtype).transpose(1, 2)
+    cos, sin = rand(1, 1, 9, 8, dtype=dtype, seed=1), rand(1, 1, 9, 8, dtype=dtype, seed=2)
+    report, sources = check(rope, q, cos, sin, kinds=["pointwise"])
+    (k,) = report.kernels
+    assert k.name == "fused_mul_neg_cat_mul_add" and k.outputs == ["add"]
+    text = sources[k.name]
+    assert "c1_mask = xmask & (x3 < 4)" in text and "c2_x3 = x3 - 4" in text
+    assert "tl.where(x3 < 4, " in text
+
+
+def test_cat_operand_used_elsewhere_is_an_input_read_in_its_range():
+    def fn(a, b):
+        n = torch.neg(a)
+        return torch.cat((n, b), -1) * 2.0, n.exp()
+
+    report, _ = check(fn, rand(37, 5), rand(37, 6))
+    assert sorted(k.nodes for k in report.kernels) == [["cat", "mul"], ["neg", "exp"]]
+
+
+def test_cat_with_an_empty_operand_stays_eager():
+    """A KV cache starts as `cat([tensor([]), k])`: the legacy 1-d empty operand is refused."""
+    fn = lambda a, b: torch.cat([a, b], -2) * 2.0  # noqa: E731
+    out, report, gm, _ = lower(fn, rand(2, 0, 8), rand(2, 5, 8))
+    torch.testing.assert_close(out, fn(rand(2, 0, 8), rand(2, 5, 8)))
+    assert [k.name for k in report.kernels] == ["fused_mul"]
+    out, report, gm, _ = lower(fn, torch.tensor([]), rand(5, 8))
+    torch.testing.assert_close(out, fn(torch.tensor([]), rand(5, 8)))
+    assert [k.name for k in report.kernels] == ["fused_mul"] and not report.fallbacks

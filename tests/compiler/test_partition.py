@@ -456,3 +456,37 @@ def test_random_in_place_programs_were_not_vacuous():
     assert sum(r > 0 and b > 0 and g > 0 for g, r, b in inplace_programs) > 5
 
 
+
+
+def test_cat_pulls_in_its_operands_producers_only_when_it_holds_all_their_users():
+    """A cat operand's producer (its shape, not the group's) is computed in the operand's
+    range and never stored: it joins only when every user is in the group."""
+    a, b = torch.randn(37, 5), torch.randn(37, 6)
+    gm, p = _groups(lambda x, y: torch.cat((torch.neg(x) * 2.0, y), -1).exp(), a, b)
+    (g,) = p.groups
+    assert _names(g.nodes) == ["neg", "mul", "cat", "exp"] and _names(g.outputs) == ["exp"]
+    assert g.kernel_name() == "fused_neg_mul_cat_exp" and g.shape == (37, 11)
+
+    def shared(x, y):
+        n = torch.neg(x)
+        return torch.cat((n, y), -1).exp(), n * 2.0
+
+    gm, p = _groups(shared, a, b)
+    assert sorted(_names(g.nodes) for g in p.groups) == [["cat", "exp"], ["neg", "mul"]]
+
+    def read_by_eager_op(x, y):
+        n = torch.neg(x)
+        return torch.cat((n, y), -1) * n.sum()
+
+    gm, p = _groups(read_by_eager_op, a, b)
+    assert [_names(g.nodes) for g in p.groups] == [["neg"], ["cat", "mul"]]
+
+
+def test_cat_stays_out_of_row_and_gemm_groups():
+    x, v, u = torch.randn(37, 45), torch.randn(8, 45), torch.randn(29, 8)
+    gm, p = _groups(lambda a, b: torch.softmax(torch.cat((a, b), -1), -1), x, x)
+    assert sorted((g.kind, _names(g.nodes)) for g in p.groups) == [("pointwise", ["cat"]),
+                                                                    ("row", ["softmax"])]
+    gm, p = _groups(lambda a: torch.cat((LOW_RANK(a, v, u), a), -1) * 2.0, x)
+    assert sorted((g.kind, _names(g.nodes)) for g in p.groups) == [
+        ("gemm", ["low_rank_linear"]), ("pointwise", ["cat", "mul"])]

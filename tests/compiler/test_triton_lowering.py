@@ -454,3 +454,48 @@ def test_a_symbolic_row_length_gets_both_row_kernels_and_picks_by_length(monkeyp
     assert ran == [["persistent"], ["looped"], ["persistent"]]
     graphs = effc.report().graphs
     assert len(graphs) == 1 and graphs[0].fallbacks == [] and graphs[0].inputs["symint"] > 0
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def test_llama_rotary_embedding_fuses_its_cats():
+    """q * cos + rotate_half(q) * sin is one kernel per q and k, and cat(freqs, freqs) fuses
+    with cos/sin: the only cats left eager are the KV cache's (a legacy empty 1-d operand)."""
+    model, inputs = _model("llama")
+    seen = {}
+
+    class Keep(effc.compiler.pass_manager.Instrument):
+        def after_lowering(self, lowered, ctx, report):
+            seen["gm"] = lowered.gm
+
+    with torch.inference_mode():
+        _compile(model, {"instruments": [Keep()]})(**inputs)
+    (g,) = effc.report().graphs
+    names = [k.name for k in g.kernels]
+    assert names.count("fused_mul_neg_cat_mul_add") == 4  # q and k, 2 layers
+    assert "fused_mul_cat_cos_mul_sin_mul" in names and len(names) == 12  # 18 before
+    cats = [n for n in seen["gm"].graph.nodes if n.target is torch.cat]
+    assert [n.name for n in cats] == ["keys", "values", "keys_1", "values_1"]
+    assert all(classify(n) is None for n in cats)
+
+
+def test_dynamic_shapes_fuse_a_cat_along_a_static_dim():
+    def rope(q, cos, sin):
+        return q * cos + _rotate_half(q) * sin
+
+    compiled = _compile(rope, {})
+    for batch, seq in [(2, 9), (3, 5)]:
+        q, cos, sin = (torch.randn(batch, 4, seq, 8), torch.randn(1, 1, seq, 8),
+                       torch.randn(1, 1, seq, 8))
+        for t, dims in ((q, (0, 2)), (cos, (2,)), (sin, (2,))):
+            for d in dims:
+                torch._dynamo.mark_dynamic(t, d)
+        with poisoned_outputs():
+            out = compiled(q, cos, sin)
+        torch.testing.assert_close(out, rope(q, cos, sin), rtol=1e-6, atol=1e-6)
+    graphs = effc.report().graphs
+    assert len(graphs) == 1 and graphs[0].fallbacks == [] and graphs[0].inputs["symint"] > 0
+    assert [k.name for k in graphs[0].kernels] == ["fused_mul_neg_cat_mul_add"]
