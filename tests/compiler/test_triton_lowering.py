@@ -30,6 +30,15 @@ def _compile(fn, options, **kwargs):
     return torch.compile(fn, backend="effc", options={"lowering": "triton", **options}, **kwargs)
 
 
+class KeepLowered(effc.compiler.pass_manager.Instrument):
+    """An instrument that keeps the last lowered graph module (kernel launchers in place)."""
+
+    gm = None
+
+    def after_lowering(self, lowered, ctx, report):
+        self.gm = lowered.gm
+
+
 def chain(x, w, b):
     y = x * w + b
     return F.gelu(y), torch.softmax(y, -1), y.pow(2).mean(-1, keepdim=True)
@@ -395,15 +404,10 @@ def test_llama_in_half_precision_matches_eager(dtype):
 def test_llama_rewritten_graph_has_nothing_fusable_left_eager():
     """Every node the lowering supports is inside some kernel, in a real model's graph."""
     model, inputs = _model("llama")
-    seen = {}
-
-    class Keep(effc.compiler.pass_manager.Instrument):
-        def after_lowering(self, lowered, ctx, report):
-            seen["gm"] = lowered.gm
-
+    keep = KeepLowered()
     with torch.inference_mode():
-        _compile(model, {"low_rank": {"rank": 8}, "instruments": [Keep()]})(**inputs)
-    calls = [n for n in seen["gm"].graph.nodes if n.op in ("call_function", "call_method")]
+        _compile(model, {"low_rank": {"rank": 8}, "instruments": [keep]})(**inputs)
+    calls = [n for n in keep.gm.graph.nodes if n.op in ("call_function", "call_method")]
     left = [n for n in calls if classify(n) is not None]
     # only a cast to the dtype a tensor already has may stay: alone it is no work (eager returns
     # the input itself), so no kernel is made for it
@@ -434,13 +438,8 @@ def test_a_symbolic_row_length_gets_both_row_kernels_and_picks_by_length(monkeyp
     from effc.compiler.codegen import reduction
 
     monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
-    seen = {}
-
-    class Keep(effc.compiler.pass_manager.Instrument):
-        def after_lowering(self, lowered, ctx, report):
-            seen["gm"] = lowered.gm
-
-    compiled = _compile(chain, {"instruments": [Keep()]}, dynamic=True)
+    keep = KeepLowered()
+    compiled = _compile(chain, {"instruments": [keep]}, dynamic=True)
     ran = []
     for shape in [(3, 5, 29), (2, 7, 45), (4, 3, 30)]:
         inputs = _chain_inputs(*shape)
@@ -448,7 +447,7 @@ def test_a_symbolic_row_length_gets_both_row_kernels_and_picks_by_length(monkeyp
             out = compiled(*inputs)
         for o, r in zip(out, chain(*inputs)):
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
-        rows = [n.target for n in seen["gm"].graph.nodes
+        rows = [n.target for n in keep.gm.graph.nodes
                 if isinstance(n.target, reduction.RowLauncher)]
         ran.append(sorted({k.last_variant for k in rows}))
     assert ran == [["persistent"], ["looped"], ["persistent"]]
@@ -465,19 +464,14 @@ def test_llama_rotary_embedding_fuses_its_cats():
     """q * cos + rotate_half(q) * sin is one kernel per q and k, and cat(freqs, freqs) fuses
     with cos/sin: the only cats left eager are the KV cache's (a legacy empty 1-d operand)."""
     model, inputs = _model("llama")
-    seen = {}
-
-    class Keep(effc.compiler.pass_manager.Instrument):
-        def after_lowering(self, lowered, ctx, report):
-            seen["gm"] = lowered.gm
-
+    keep = KeepLowered()
     with torch.inference_mode():
-        _compile(model, {"instruments": [Keep()]})(**inputs)
+        _compile(model, {"instruments": [keep]})(**inputs)
     (g,) = effc.report().graphs
     names = [k.name for k in g.kernels]
     assert names.count("fused_mul_neg_cat_mul_add") == 4  # q and k, 2 layers
     assert "fused_mul_cat_cos_mul_sin_mul" in names and len(names) == 12  # 18 before
-    cats = [n for n in seen["gm"].graph.nodes if n.target is torch.cat]
+    cats = [n for n in keep.gm.graph.nodes if n.target is torch.cat]
     assert [n.name for n in cats] == ["keys", "values", "keys_1", "values_1"]
     assert all(classify(n) is None for n in cats)
 
