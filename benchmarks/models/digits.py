@@ -25,7 +25,6 @@ it there.  `python -m benchmarks.models.train_all` (re)trains them and prints me
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -206,35 +205,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- checkpoints
 
-_BUILDERS = {"digits_cnn": build_cnn, "digits_vit": build_vit}
-_TRAINERS = {"digits_cnn": train_cnn, "digits_vit": train_vit}
-
-
-def _canonical(name: str) -> str:
-    name = _ALIASES.get(name, name)
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown digits model {name!r}; choose from {MODEL_NAMES}")
-    return name
-
-
-def checkpoint_path(name: str) -> Path:
-    return _ckpt.checkpoint_path(_canonical(name))
-
-
-def get_model(name: str, retrain: bool = False):
-    """Return ``(model, data)`` for ``name`` in ``{"digits_cnn", "digits_vit"}``.
-
-    ``data`` is ``load_data()``'s tuple.  The model (eval mode) comes from
-    ``checkpoints/<name>.pt`` if present and loadable; otherwise (or with
-    ``retrain=True``) it is trained with seed 0 and the checkpoint is written.
-    """
-    name = _canonical(name)
-    data = load_data()
-    return _ckpt.load_or_train(name, _BUILDERS[name], _TRAINERS[name], data, retrain), data
-
-
-def save(model: nn.Module, name: str) -> Path:
-    return _ckpt.save(model, _canonical(name))
-
-
+_FAMILY = _ckpt.Family("digits", builders={"digits_cnn": build_cnn, "digits_vit": build_vit},
+                        trainers={"digits_cnn": train_cnn, "digits_vit": train_vit},
+                        aliases=_ALIASES, load_data=load_data)
+# get_model(name, retrain=False) -> (model, data); data is load_data()'s result
+checkpoint_path, get_model, save = _FAMILY.checkpoint_path, _FAMILY.get_model, _FAMILY.save
 num_params = _ckpt.num_params

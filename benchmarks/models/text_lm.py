@@ -40,7 +40,6 @@ import importlib
 import inspect
 import math
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -330,35 +329,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, context: int = CONTEXT,
 
 # ---------------------------------------------------------------------- checkpoints
 
-_BUILDERS = {"text_llama": build_llama, "text_gpt2": build_gpt2}
-_TRAINERS = {"text_llama": train_llama, "text_gpt2": train_gpt2}
-
-
-def _canonical(name: str) -> str:
-    name = _ALIASES.get(name, name)
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown text model {name!r}; choose from {MODEL_NAMES}")
-    return name
-
-
-def checkpoint_path(name: str) -> Path:
-    return _ckpt.checkpoint_path(_canonical(name))
-
-
-def get_model(name: str, retrain: bool = False):
-    """Return ``(model, (train_ids, val_ids))`` for ``name`` in ``{"text_llama", "text_gpt2"}``.
-
-    The model (eval mode) comes from ``checkpoints/<name>.pt`` if present and
-    loadable; otherwise (or with ``retrain=True``) it is trained with seed 0
-    and the default number of steps, and the checkpoint is written.
-    """
-    name = _canonical(name)
-    data = load_corpus()
-    return _ckpt.load_or_train(name, _BUILDERS[name], _TRAINERS[name], data, retrain), data
-
-
-def save(model: nn.Module, name: str) -> Path:
-    return _ckpt.save(model, _canonical(name))
-
-
+_FAMILY = _ckpt.Family("text", builders={"text_llama": build_llama, "text_gpt2": build_gpt2},
+                        trainers={"text_llama": train_llama, "text_gpt2": train_gpt2},
+                        aliases=_ALIASES, load_data=load_corpus)
+# get_model(name, retrain=False) -> (model, data); data is load_corpus()'s result
+checkpoint_path, get_model, save = _FAMILY.checkpoint_path, _FAMILY.get_model, _FAMILY.save
 num_params = _ckpt.num_params
