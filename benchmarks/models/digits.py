@@ -205,9 +205,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- checkpoints
 
-_FAMILY = _ckpt.Family("digits", builders={"digits_cnn": build_cnn, "digits_vit": build_vit},
+FAMILY = _ckpt.Family("digits", builders={"digits_cnn": build_cnn, "digits_vit": build_vit},
                         trainers={"digits_cnn": train_cnn, "digits_vit": train_vit},
                         aliases=_ALIASES, load_data=load_data)
 # get_model(name, retrain=False) -> (model, data); data is load_data()'s result
-checkpoint_path, get_model, save = _FAMILY.checkpoint_path, _FAMILY.get_model, _FAMILY.save
+checkpoint_path, get_model, save = FAMILY.checkpoint_path, FAMILY.get_model, FAMILY.save
 num_params = _ckpt.num_params

@@ -276,24 +276,23 @@ def _train_lm(model, train_ids, *, seed, steps, batch_size, context, lr, warmup,
     return model
 
 
-def train_llama(seed: int = 0, steps: int = STEPS, data=None, *, batch_size: int = BATCH_SIZE,
-                context: int = CONTEXT, lr: float = LR, log_every: int = 0):
-    """Train ``text_llama`` from scratch with a fixed seed; returns it in eval mode."""
-    train_ids = (load_corpus() if data is None else data)[0]
-    torch.manual_seed(seed)
-    model = build_llama()
-    return _train_lm(model, train_ids, seed=seed, steps=steps, batch_size=batch_size,
-                     context=context, lr=lr, warmup=WARMUP, log_every=log_every)
+def _trainer(build, name: str):
+    """A `train(seed, steps, data, ...)` for one of the text models (same recipe for both)."""
+
+    def train(seed: int = 0, steps: int = STEPS, data=None, *, batch_size: int = BATCH_SIZE,
+              context: int = CONTEXT, lr: float = LR, log_every: int = 0):
+        train_ids = (load_corpus() if data is None else data)[0]
+        torch.manual_seed(seed)
+        return _train_lm(build(), train_ids, seed=seed, steps=steps, batch_size=batch_size,
+                         context=context, lr=lr, warmup=WARMUP, log_every=log_every)
+
+    train.__name__ = f"train_{name.removeprefix('text_')}"
+    train.__doc__ = f"Train ``{name}`` from scratch with a fixed seed; returns it in eval mode."
+    return train
 
 
-def train_gpt2(seed: int = 0, steps: int = STEPS, data=None, *, batch_size: int = BATCH_SIZE,
-               context: int = CONTEXT, lr: float = LR, log_every: int = 0):
-    """Train ``text_gpt2`` from scratch with a fixed seed; returns it in eval mode."""
-    train_ids = (load_corpus() if data is None else data)[0]
-    torch.manual_seed(seed)
-    model = build_gpt2()
-    return _train_lm(model, train_ids, seed=seed, steps=steps, batch_size=batch_size,
-                     context=context, lr=lr, warmup=WARMUP, log_every=log_every)
+train_llama = _trainer(build_llama, "text_llama")
+train_gpt2 = _trainer(build_gpt2, "text_gpt2")
 
 
 @torch.no_grad()
@@ -329,9 +328,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, context: int = CONTEXT,
 
 # ---------------------------------------------------------------------- checkpoints
 
-_FAMILY = _ckpt.Family("text", builders={"text_llama": build_llama, "text_gpt2": build_gpt2},
+FAMILY = _ckpt.Family("text", builders={"text_llama": build_llama, "text_gpt2": build_gpt2},
                         trainers={"text_llama": train_llama, "text_gpt2": train_gpt2},
                         aliases=_ALIASES, load_data=load_corpus)
 # get_model(name, retrain=False) -> (model, data); data is load_corpus()'s result
-checkpoint_path, get_model, save = _FAMILY.checkpoint_path, _FAMILY.get_model, _FAMILY.save
+checkpoint_path, get_model, save = FAMILY.checkpoint_path, FAMILY.get_model, FAMILY.save
 num_params = _ckpt.num_params

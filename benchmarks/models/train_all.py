@@ -36,11 +36,11 @@ def _train_one(name, seed, digits_data, text_data, steps):
     """Train ``name``; return (model, train seconds, metric name, metric value)."""
     t0 = time.perf_counter()
     if name in digits.MODEL_NAMES:
-        model = digits._TRAINERS[name](seed=seed, data=digits_data)
+        model = digits.FAMILY.trainers[name](seed=seed, data=digits_data)
         dt = time.perf_counter() - t0
         return model, dt, "test_acc", digits.accuracy(model, digits_data[2], digits_data[3])
     kwargs = {} if steps is None else {"steps": steps}
-    model = text_lm._TRAINERS[name](seed=seed, data=text_data, **kwargs)
+    model = text_lm.FAMILY.trainers[name](seed=seed, data=text_data, **kwargs)
     dt = time.perf_counter() - t0
     return model, dt, "val_ppl", text_lm.perplexity(model, text_data[1])
 
