@@ -6,6 +6,8 @@ groups == 1. A rewritten linear calls `effc.low_rank_linear(x, v, u, b)`, a conv
 `effc.low_rank_conv` (k x k conv to r channels, then 1 x 1). Rank rules: a fixed `rank`,
 `rank_ratio`, `energy`, per-site `max_error`, or a global `param_budget` allocated across
 layers by sensitivity. Papers: Maestro (ordered factors), SVD-LLM whitening; see PAPERS.md.
+`rank` and `rank_ratio` fix the rank before the spectrum is known, so large weights get only
+their top factors from a randomized SVD (knob `svd`); the other rules read the full spectrum.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -28,6 +30,7 @@ from effc.passes.low_rank_math import (BudgetSite, Factorization, allocate, fact
                                        max_profitable_rank, output_error, round_rank, weight_error)
 
 RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget")
+FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
 DEFAULT_RANK_RATIO = 0.25
 
 
@@ -49,12 +52,19 @@ class LowRankConfig(PassConfig):
     whiten: bool = knob(True, "use calibration statistics (activation-aware SVD) when present")
     conv: bool = knob(True, "also factorize conv1d/conv2d weights")
     error_ranks: int = knob(4, "how many other ranks to report the error of", min=0, max=16)
+    svd: Literal["auto", "full", "randomized"] = knob(
+        "auto", "auto: randomized SVD of only the top factors when the rank is fixed (rank, "
+                "rank_ratio), min(m, n) >= 1024 and r <= min(m, n) / 4; else full SVD")
 
     def validate(self, key: str) -> None:
         given = [r for r in RULES if getattr(self, r) is not None]
         if len(given) > 1:
             raise ValueError(f"effc option {key!r}: give one rank rule, got {', '.join(given)}; "
                              f"accepted rules: {', '.join(RULES)}")
+        if self.svd == "randomized" and self.rule not in FIXED_RULES:
+            raise ValueError(f"effc option {key + '.svd'!r}: 'randomized' computes only the top "
+                             f"factors, so it needs a fixed rank rule ({', '.join(FIXED_RULES)});"
+                             f" {self.rule} reads the whole spectrum: use 'auto' or 'full'")
 
     @property
     def rule(self) -> str:
@@ -198,8 +208,14 @@ class LowRankPass(Pass):
                 rows.append(self._skip(site, why))
                 continue
             moment, use, note = self._moment(site, ctx)
+            fixed = self.config.rule in FIXED_RULES
+            fixed_rank = self._fixed_rank(site)[0] if fixed else None
+            if fixed and fixed_rank is None:
+                candidates.append((site, None, moment, note))  # not profitable: no SVD needed
+                continue
             try:
-                fac = factorize(site.matrix, moment if use else None)
+                fac = factorize(site.matrix, moment if use else None, rank=fixed_rank,
+                                method=self.config.svd)
             except (RuntimeError, ValueError) as exc:  # e.g. an SVD that does not converge
                 if ctx.config.strict:
                     raise
@@ -212,6 +228,8 @@ class LowRankPass(Pass):
             if rank is None:
                 rows.append(self._skip(site, why))
                 continue
+            if not fac.complete:
+                note += f"; randomized SVD (top {fac.known_rank} factors only)"
             denied = ctx.claim(site.weight_name, [site.weight_name])
             if denied:
                 rows.append(self._skip(site, denied))
@@ -247,29 +265,37 @@ class LowRankPass(Pass):
             return moment, False, "plain SVD (whiten=False)"
         return moment, True, "whitened SVD (calibration)"
 
+    def _fixed_rank(self, site: Site) -> tuple[int | None, str]:
+        """The rank of rule `rank`/`rank_ratio`, from the shape alone, or (None, why not)."""
+        cfg: LowRankConfig = self.config
+        full = min(site.m, site.n)
+        r = min(cfg.rank, full) if cfg.rule == "rank" else math.ceil(
+            (cfg.rank_ratio or DEFAULT_RANK_RATIO) * full)
+        return self._profitable(site, r)
+
+    def _profitable(self, site: Site, r: int) -> tuple[int | None, str]:
+        cfg: LowRankConfig = self.config
+        r = round_rank(max(r, 1), cfg.rank_multiple, min(site.m, site.n))
+        limit = max_profitable_rank(site.m, site.n, cfg.min_saving)
+        if r > limit:
+            return None, (f"not profitable: {cfg.rule} asks rank {r}, above {limit} where "
+                          f"r(m+n) <= {1 - cfg.min_saving:g} mn")
+        return r, ""
+
     def _choose_ranks(self, candidates) -> dict[str, tuple[int | None, str]]:
         cfg: LowRankConfig = self.config
-        out: dict[str, tuple[int | None, str]] = {}
         if cfg.rule == "param_budget":
             return self._allocate(candidates)
+        if cfg.rule in FIXED_RULES:
+            return {site.weight_name: self._fixed_rank(site) for site, *_ in candidates}
+        out: dict[str, tuple[int | None, str]] = {}
         for site, fac, _, _ in candidates:
-            full = min(site.m, site.n)
-            err = fac.tail_rel_error()
-            if cfg.rule == "rank":
-                r = min(cfg.rank, full)
-            elif cfg.rule == "energy":
+            err = _full_curve(fac)
+            if cfg.rule == "energy":
                 r = int(((1 - err.pow(2)) >= cfg.energy - 1e-12).nonzero()[0].item())
-            elif cfg.rule == "max_error":
+            else:
                 r = int((err <= cfg.max_error).nonzero()[0].item())
-            else:
-                r = math.ceil((cfg.rank_ratio or DEFAULT_RANK_RATIO) * full)
-            r = round_rank(max(r, 1), cfg.rank_multiple, full)
-            limit = max_profitable_rank(site.m, site.n, cfg.min_saving)
-            if r > limit:
-                out[site.weight_name] = (None, f"not profitable: {cfg.rule} asks rank {r}, "
-                                         f"above {limit} where r(m+n) <= {1 - cfg.min_saving:g} mn")
-            else:
-                out[site.weight_name] = (r, "")
+            out[site.weight_name] = self._profitable(site, r)
         return out
 
     def _allocate(self, candidates) -> dict[str, tuple[int | None, str]]:
@@ -285,7 +311,7 @@ class LowRankPass(Pass):
                 budget -= site.m * site.n
             else:
                 sites.append(BudgetSite(site.weight_name, site.m, site.n,
-                                        fac.tail_rel_error(), limit))
+                                        _full_curve(fac), limit))
         for key, r in allocate(sites, budget, mult).items():
             out[key] = (r, "") if r is not None else (None, "kept dense by the param_budget allocator")
         return out
@@ -336,6 +362,18 @@ class LowRankPass(Pass):
         others = sorted({round_rank(max(1, int(rank * f)), self.config.rank_multiple, full)
                          for f in (0.25, 0.5, 2.0, 4.0)} - {rank})[: self.config.error_ranks]
         metric = "out_rel_fro" if fac.whitened else "weight_rel_fro"
-        return {"kind": site.kind, "rank": rank, "full_rank": full, "shape": [site.m, site.n],
-                "rule": self.config.rule,
-                f"{metric}_at_rank": {str(r): round(err[r].item(), 6) for r in others + [rank]}}
+        out = {"kind": site.kind, "rank": rank, "full_rank": full, "shape": [site.m, site.n],
+               "rule": self.config.rule, "svd": fac.method,
+               f"{metric}_at_rank": {str(r): round(err[r].item(), 6) for r in others + [rank]
+                                     if r <= fac.known_rank}}
+        if not fac.complete:  # say where the curve stops instead of extrapolating it
+            out["error_known_up_to_rank"] = fac.known_rank
+        return out
+
+
+def _full_curve(fac: Factorization) -> torch.Tensor:
+    """The error at every rank, which only a full spectrum gives (validate() keeps it so)."""
+    if not fac.complete:
+        raise ValueError(f"this rank rule needs the full spectrum, but the {fac.method} SVD "
+                         f"computed only the top {fac.known_rank} factors")
+    return fac.tail_rel_error()

@@ -377,10 +377,10 @@ def test_a_site_whose_factorization_fails_is_skipped_not_fatal(monkeypatch):
 
     real = low_rank.factorize
 
-    def flaky(matrix, moment=None):
+    def flaky(matrix, moment=None, **kw):
         if matrix.shape == (10, 64):
             raise RuntimeError("svd did not converge")
-        return real(matrix, moment)
+        return real(matrix, moment, **kw)
 
     monkeypatch.setattr(low_rank, "factorize", flaky)
     torch.manual_seed(0)
