@@ -8,7 +8,9 @@ accuracy vs parameters on a trained model.
     ratio, and how much of the FLOP saving the time realises;
 (b) a BERT-base-shaped model from config: eager, inductor, effc (passes off), effc low_rank at
     rank_ratio 0.25 on the MLPs (eager and inductor lowering): latency ratios and output error;
-(c) accuracy/perplexity vs parameters kept: plain SVD, whitened uniform, whitened allocated.
+(c) accuracy/perplexity vs parameters kept: plain SVD, whitened uniform, whitened allocated;
+(d) factorization time of one 7B-sized weight at rank_ratio 0.25: full float64 SVD vs the
+    randomized top-r SVD that `svd="auto"` picks there, and the weight error of each.
 """
 
 from __future__ import annotations
@@ -104,13 +106,43 @@ def part_b(quick: bool) -> str:
                          "output cosine vs eager"], rows)
 
 
+def _decaying(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A weight with a power-law spectrum (s_i ~ i^-0.5), like trained transformer weights."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    scale = torch.arange(1, k + 1, dtype=torch.float32).pow(-0.5)
+    return (torch.randn(m, k, generator=g) * scale) @ torch.randn(k, n, generator=g) / k ** 0.5
+
+
+def part_d(quick: bool) -> str:
+    from effc.passes.low_rank_math import factorize, weight_error
+
+    shapes = [(1024, 1024), (1024, 2752)] if quick else [(4096, 4096), (4096, 11008)]
+    rows = []
+    for m, n in shapes:
+        w = _decaying(m, n)
+        r = min(m, n) // 4
+        times = time_interleaved({meth: lambda meth=meth: factorize(w, rank=r, method=meth)
+                                  for meth in ("full", "randomized")},
+                                 repeats=1 if quick else 3, warmup=0)
+        err = {meth: weight_error(w, *factorize(w, rank=r, method=meth).factors(r))["weight_rel_fro"]
+               for meth in ("full", "randomized")}
+        rows.append([f"{m}x{n}", r, times["full"], times["randomized"],
+                     times["full"] / times["randomized"], f"{err['full']:.5f}",
+                     f"{err['randomized']:.5f}", f"{err['randomized'] / err['full']:.4f}"])
+    head = (f"(d) factorization time, plain SVD at rank_ratio 0.25, power-law spectrum, fp32 weight "
+            f"(median of {1 if quick else 3}); {machine()}\n\n")
+    return head + table(["weight", "rank", "full s", "randomized s", "speedup", "full rel err",
+                         "randomized rel err", "err ratio"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
+    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b}
+    parts = {"a": part_a, "b": part_b, "d": part_d}
     try:
         from benchmarks.low_rank_quality import part_c
         parts["c"] = part_c
