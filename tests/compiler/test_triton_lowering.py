@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import MLP, first_tensor, hf_model
-from lowering_helpers import poisoned_outputs
+from lowering_helpers import DEVICE, poisoned_outputs
 
 import effc
 import effc.compiler.triton_lowering as triton_lowering
@@ -24,6 +24,11 @@ from effc.compiler.ops import classify
 @pytest.fixture(autouse=True)
 def _fresh_report():
     effc.reset()
+    if DEVICE.type == "cpu":
+        yield
+        return
+    with torch.device(DEVICE):  # EFFC_TEST_DEVICE=cuda: models and inputs are made on the GPU
+        yield
 
 
 def _compile(fn, options, **kwargs):
@@ -209,7 +214,7 @@ def test_auto_never_raises_for_a_graph_triton_cannot_take(monkeypatch):
 
 def test_cpu_without_the_interpreter_says_so(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(5, 7)
+    x = torch.randn(5, 7, device="cpu")
     torch.testing.assert_close(_compile(torch.relu, {})(x), torch.relu(x))
     assert "TRITON_INTERPRET=1" in effc.report().graphs[-1].fallbacks[0].reason
     torch._dynamo.reset()
