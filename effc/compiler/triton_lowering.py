@@ -164,6 +164,10 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
     parts = partition(gm.graph)  # rewrites safe in-place ops of this copy out of place
     for name, why in parts.barriers:  # eager ops like any other: not an error under strict
         report.fallbacks.append(FallbackRecord([name], why))
+    if parts.functionalized:
+        n = len(parts.functionalized)
+        report.notes.append(f"{n} in-place op{'s' * (n != 1)} computed out of place (nothing "
+                            "else reads the tensors written): " + ", ".join(parts.functionalized))
     target = kernel_target(example_inputs)
     folder = Path(config.debug_dir) / report.graph if config.debug_dir is not None else None
     sources: dict[str, str] = {}

@@ -250,6 +250,8 @@ def test_in_place_ops_on_fresh_intermediates_fuse():
     """y.add_ on a tensor the graph made is computed out of place: one kernel, no fallback."""
     g = _eager_vs_triton(_InPlace(), torch.randn(5, 7))
     assert [k.name for k in g.kernels] == ["fused_mul_add_relu"] and g.fallbacks == []
+    (note,) = g.notes  # the report says which ops were rewritten
+    assert note.startswith("1 in-place op computed out of place") and note.endswith(": add_")
 
 
 class _Basic(nn.Module):
