@@ -9,7 +9,8 @@ compute them, one generator:
   in registers: full-row values are [RBLOCK, BLOCK_N] tiles, reduced values [RBLOCK, 1], and
   Triton broadcasting mixes them as torch does;
 - looped (longer rows, a vocabulary-sized softmax): each statistic is one pass over the row in
-  BLOCK_N chunks, accumulated in fp32; the full-row values a pass needs (the prologue, earlier
+  BLOCK_N chunks, accumulated in fp32 (softmax's max and denominator share one pass: online
+  softmax); the full-row values a pass needs (the prologue, earlier
   row ops' outputs) are recomputed from the inputs in that pass, and a last pass computes and
   stores the full-row outputs. Reduced values live outside the loops.
 Padding lanes are masked to the statistic's identity. A kernel whose row length is symbolic
@@ -57,12 +58,17 @@ class RowPlan:
 
 @dataclasses.dataclass
 class Stat:
-    """A per-row statistic: `combine` ("sum"/"max") of `elem` over the row's lanes, then `after`."""
+    """A per-row statistic: `combine` of `elem` over the row's lanes, then `after`.
+
+    combine: "sum", "max", or "expsum" (sum of exp(elem - <the max statistic `of`>), softmax's
+    denominator: a looped kernel computes it in the max's pass, rescaling as the max grows).
+    """
 
     var: str
     combine: str
     elem: str
     after: str = ""
+    of: str = ""
 
 
 def _row_op(op: Op, a: list[str], v: str, n_size: str) -> tuple[list[Stat], str]:
@@ -73,7 +79,7 @@ def _row_op(op: Op, a: list[str], v: str, n_size: str) -> tuple[list[Stat], str]
     if op.name == "amax":
         return [Stat(f"{v}_max", "max", x)], f"{v}_max"
     if op.name == "softmax":
-        return ([Stat(f"{v}_max", "max", x), Stat(f"{v}_sum", "sum", f"tl.exp({x} - {v}_max)")],
+        return ([Stat(f"{v}_max", "max", x), Stat(f"{v}_sum", "expsum", x, of=f"{v}_max")],
                 f"tl.exp({x} - {v}_max) / {v}_sum")
     eps = scalar(op.params["eps"])
     if op.name == "layer_norm":
@@ -96,7 +102,21 @@ def _reduce(stat: Stat) -> str:
     """The statistic over this block's lanes, [RBLOCK, 1]."""
     if stat.combine == "sum":
         return f"tl.sum(tl.where(cmask, {stat.elem}, 0.0), axis=1)[:, None]"
+    if stat.combine == "expsum":
+        return f"tl.sum(tl.where(cmask, tl.exp({stat.elem} - {stat.of}), 0.0), axis=1)[:, None]"
     return f"tl.max(tl.where(cmask, {stat.elem}, float('-inf')), axis=1)[:, None]"
+
+
+def _online_softmax(mx: Stat, total: Stat) -> list[str]:
+    """One chunk's update of softmax's running max and its sum of exp(x - max): the sum so far
+    is rescaled by exp(old max - new max). While the max is -inf (every lane so far masked or
+    -inf) the sum stays 0, as eager's does, instead of exp(-inf + inf) = NaN."""
+    m, s, x = mx.var, total.var, mx.elem
+    return [f"{m}_new = tl.maximum({m}, {_reduce(mx)})",
+            f"{s} = {s} * tl.where({m}_new == {m}, 1.0, tl.exp({m} - {m}_new))",
+            f"{s} += tl.sum(tl.where(cmask & ({m}_new > float('-inf')), tl.exp({x} - {m}_new), "
+            "0.0), axis=1)[:, None]",
+            f"{m} = {m}_new"]
 
 
 @dataclasses.dataclass
@@ -139,16 +159,24 @@ def _chunk(body: _Body, roots: list[fx.Node]) -> list[str]:
 def _looped(body: _Body) -> list[str]:
     lines = list(body.head) + [line for n, line in body.loads.items() if not body.full[n]]
     loop = f"for c0 in range(0, {body.n_size}, BLOCK_N):"
+    zeros, neg_inf = "tl.zeros([RBLOCK, 1], dtype=tl.float32)", \
+        "tl.full([RBLOCK, 1], float('-inf'), tl.float32)"
     for n in body.order:
-        for stat in body.stats.get(n, []):
+        stats = body.stats.get(n, [])
+        for i, stat in enumerate(stats):
+            if stat.combine == "expsum":
+                continue  # computed in its max's pass
             if stat.combine == "sum":
-                lines.append(f"{stat.var} = tl.zeros([RBLOCK, 1], dtype=tl.float32)")
-                update = f"{stat.var} += {_reduce(stat)}"
+                lines.append(f"{stat.var} = {zeros}")
+                update = [f"{stat.var} += {_reduce(stat)}"]
+            elif i + 1 < len(stats) and stats[i + 1].of == stat.var:
+                lines += [f"{stat.var} = {neg_inf}", f"{stats[i + 1].var} = {zeros}"]
+                update = _online_softmax(stat, stats[i + 1])
             else:
-                lines.append(f"{stat.var} = tl.full([RBLOCK, 1], float('-inf'), tl.float32)")
-                update = f"{stat.var} = tl.maximum({stat.var}, {_reduce(stat)})"
+                lines.append(f"{stat.var} = {neg_inf}")
+                update = [f"{stat.var} = tl.maximum({stat.var}, {_reduce(stat)})"]
             lines.append(loop)
-            lines += ["    " + line for line in _chunk(body, body.deps[n][:1]) + [update]]
+            lines += ["    " + line for line in _chunk(body, body.deps[n][:1]) + update]
             if stat.after:
                 lines.append(f"{stat.var} = {stat.var}{stat.after}")
         if not body.full[n]:
