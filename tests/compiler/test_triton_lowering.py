@@ -222,16 +222,22 @@ def test_cpu_without_the_interpreter_says_so(monkeypatch):
         _compile(torch.relu, {"strict": True})(x)
 
 
+def _run(fn, lowering, options, *args, **kwargs):
+    """fn compiled afresh with `lowering` and called under inference_mode (kernel outputs
+    poisoned, so an element a kernel skips shows)."""
+    torch._dynamo.reset()
+    with torch.inference_mode(), poisoned_outputs():
+        return torch.compile(fn, backend="effc",
+                             options={"lowering": lowering, **options})(*args, **kwargs)
+
+
 def _eager_vs_triton(fn, *inputs, options=None):
     """The same graph lowered eagerly and with kernels, under inference_mode: outputs and the
     inputs as each left them (in-place writes into inputs included) must be equal."""
     runs = []
     for lowering in ("eager", "triton"):
-        torch._dynamo.reset()
         args = [a.clone() for a in inputs]
-        with torch.inference_mode(), poisoned_outputs():
-            out = torch.compile(fn, backend="effc",
-                                options={"lowering": lowering, **(options or {})})(*args)
+        out = _run(fn, lowering, options or {}, *args)
         runs.append((out if isinstance(out, tuple) else (out,), args))
     (ref, ref_args), (out, out_args) = runs
     for o, r in zip(out + tuple(out_args), ref + tuple(ref_args)):
@@ -365,12 +371,8 @@ def _model(kind):
 def test_whole_models_match_eager(kind, low_rank):
     model, inputs = _model(kind)
     passes = {"low_rank": low_rank} if low_rank else {}
-    with torch.inference_mode():
-        ref = first_tensor(torch.compile(model, backend="effc",
-                                         options={"lowering": "eager", **passes})(**inputs))
-        torch._dynamo.reset()
-        with poisoned_outputs():
-            out = first_tensor(_compile(model, passes)(**inputs))
+    ref, out = (first_tensor(_run(model, lowering, passes, **inputs))
+                for lowering in ("eager", "triton"))
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel <= 1e-5 and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     graphs = [g for g in effc.report().graphs if g.lowering == "triton"]
@@ -396,12 +398,8 @@ def test_llama_in_half_precision_matches_eager(dtype):
     model, inputs = _model("llama")
     model = model.to(dtype)
     options = {"low_rank": {"rank": 8}}
-    with torch.inference_mode():
-        ref = first_tensor(torch.compile(model, backend="effc",
-                                         options={"lowering": "eager", **options})(**inputs))
-        torch._dynamo.reset()
-        with poisoned_outputs():
-            out = first_tensor(_compile(model, options)(**inputs))
+    ref, out = (first_tensor(_run(model, lowering, options, **inputs))
+                for lowering in ("eager", "triton"))
     assert out.dtype == dtype
     assert (out - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
     graphs = [g for g in effc.report().graphs if g.lowering == "triton"]
