@@ -189,6 +189,31 @@ def test_reduced_and_full_outputs_of_one_row_group():
     assert len(report.kernels[0].outputs) == 2
 
 
+@pytest.mark.parametrize("max_block_n", [None, 32], ids=["persistent", "looped"])
+def test_row_outputs_keep_eager_permuted_layout(max_block_n, monkeypatch):
+    """Whisper's encoder: a conv output transposed to [B, T, C] plus positions, then LayerNorm.
+    Eager's sum keeps the transposed layout (the row is strided in memory); so do the kernel's
+    outputs. Sequence-first rows (row dims swapped, the row itself contiguous) likewise."""
+    if max_block_n:
+        monkeypatch.setattr(reduction, "MAX_BLOCK_N", max_block_n)
+    conv, pos = rand(3, 45, 7), rand(7, 45, seed=1)  # [B, C, T] and [T, C]
+
+    def whisper(c, p):
+        h = c.permute(0, 2, 1) + p
+        return h, F.layer_norm(h, (45,)), h.mean(-1, keepdim=True)
+
+    assert whisper(conv, pos)[0].stride() == (315, 1, 7)  # the layouts under test
+    check(whisper, conv, pos, kinds=["row"], atol32=2 * EPS32 * 45 * 8)
+
+    def seq_first(x):
+        h = x.transpose(0, 1) * 2.0
+        return h, torch.softmax(h, -1)
+
+    x = rand(7, 3, 45)
+    assert seq_first(x)[0].stride() == (45, 135, 1)
+    check(seq_first, x, kinds=["row"])
+
+
 def _launchers(gm):
     return [m for m in (n.target for n in gm.graph.nodes) if isinstance(m, reduction.RowLauncher)]
 

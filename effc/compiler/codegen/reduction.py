@@ -28,8 +28,8 @@ import torch.fx as fx
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, broadcast_dims,
                                           describe, dim_indices, expr, jit_def,
-                                          module_text, next_pow2, operand, row_major,
-                                          scalar, size_symbols, strides_of, texpr)
+                                          memory_order, module_text, next_pow2, operand,
+                                          row_major, scalar, size_symbols, strides_of, texpr)
 from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
@@ -46,11 +46,25 @@ class RowInput:
 
 
 @dataclasses.dataclass
+class RowOutput:
+    """An output buffer: full rows or one value per row (`reduced`), in eager's layout.
+
+    A layout other than row-major (eager keeps a permuted input's layout, e.g. for a LayerNorm
+    prologue's add over a transposed conv output) has its memory `order` and is written through
+    the strides of `dims`, passed at launch.
+    """
+    dtype: torch.dtype
+    reduced: bool
+    order: list[int] | None = None
+    dims: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class RowPlan:
     shape: tuple
     dynamic: list[int]
     inputs: list[RowInput]
-    outputs: list[tuple[torch.dtype, bool]]  # (dtype, reduced)
+    outputs: list[RowOutput]
     rnumel_arg: bool
     variants: tuple[str, ...]  # jit functions in the module: "persistent" and/or "looped"
     looped_name: str | None    # the looped function's name
@@ -202,10 +216,6 @@ def _persistent(body: _Body) -> list[str]:
 def generate(group: Group) -> Source:
     name, shape = group.kernel_name(), group.shape
     full, reduced = tuple(shape), group.reduced_shape
-    for out in group.outputs:
-        if not row_major(meta(out)[0], strides_of(out)):
-            raise CodegenError(f"output {out.name} is not row-major in eager (strides "
-                               f"{strides_of(out)}); row kernels write row-major outputs")
     ks, dynamic = size_symbols(shape)
     last = len(shape) - 1
     n_size = f"ks{last}" if last in dynamic else str(int(ks[last]))
@@ -245,6 +255,7 @@ def generate(group: Group) -> Source:
     head = ["rindex = tl.program_id(0).to(tl.int64) * RBLOCK + tl.arange(0, RBLOCK)[:, None]",
             f"rmask = rindex < {'rnumel' if rnumel_arg else texpr(rnumel)}"]
     head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used)]
+    in_used = set(used)
     body = _Body(head, loads, is_full, {}, {}, {}, list(group.nodes), {}, n_size)
     needs_bf16 = False
     for j, n in enumerate(group.nodes):
@@ -260,20 +271,36 @@ def generate(group: Group) -> Source:
         body.lines[n] = [f"# {describe(n)}"] + assign(f"v{j}", value, dtype)
         needs_bf16 |= dtype == torch.bfloat16
         names[n] = f"v{j}"
-    outputs = []
+    outputs, out_strides = [], []
     for j, out in enumerate(group.outputs):
         out_shape, dtype, _ = meta(out)
         is_reduced = out_shape == reduced and out_shape != full
         if not is_reduced and out_shape != full:
             raise CodegenError(f"output {out.name} has shape {out_shape}, not a row or a full shape")
-        outputs.append((dtype, is_reduced))
+        plan_out = RowOutput(dtype, is_reduced)
+        if not row_major(out_shape, strides_of(out)):
+            plan_out.order = memory_order(out_shape, strides_of(out))
+            if plan_out.order is None:
+                raise CodegenError(f"output {out.name} has a non-dense layout in eager (strides "
+                                   f"{strides_of(out)})")
+            plan_out.dims = [k for k in range(last) if out_shape[k] != 1]
+            plan_out.dims += [] if is_reduced else [last]
+        outputs.append(plan_out)
         params.append(f"out{j}")
         value = f"tl.broadcast_to({names[out]}, [RBLOCK, {'1' if is_reduced else 'BLOCK_N'}])"
-        where = ("rindex", "rmask") if is_reduced else (f"rindex * {n_size} + cindex", "mask")
+        if plan_out.order is not None:
+            used.update(k for k in plan_out.dims if k != last)
+            terms = [f"{'cindex' if k == last else f'r{k}'} * out{j}_stride{k}"
+                     for k in plan_out.dims]
+            out_strides += [f"out{j}_stride{k}" for k in plan_out.dims]
+            where = (" + ".join(terms) or "0", "rmask" if is_reduced else "mask")
+        else:
+            where = ("rindex", "rmask") if is_reduced else (f"rindex * {n_size} + cindex", "mask")
         body.stores[out] = (f"tl.store(out{j} + {where[0]}, {value}.to({TL_DTYPE[dtype]}), "
                             f"mask={where[1]})  # {out.name}")
+    head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used - in_used)]  # outputs' only
     params += (["rnumel"] if rnumel_arg else []) + [f"ks{k}" for k in dynamic] + strides
-    params += ["RBLOCK: tl.constexpr", "BLOCK_N: tl.constexpr"]
+    params += out_strides + ["RBLOCK: tl.constexpr", "BLOCK_N: tl.constexpr"]
     if last in dynamic:
         variants = ("persistent", "looped")
     else:
@@ -318,7 +345,8 @@ class RowLauncher(Launcher):
         shape = torch.broadcast_shapes(*(t.shape for t in inputs))
         row_shape = shape[:-1] + (1,)
         device = inputs[0].device
-        outs = [alloc(row_shape if red else shape, dtype, device) for dtype, red in p.outputs]
+        outs = [alloc(row_shape if o.reduced else shape, o.dtype, device, o.order)
+                for o in p.outputs]
         rows, n = math.prod(shape[:-1]), shape[-1]
         if rows == 0 or n == 0:
             return single_or_tuple(outs)
@@ -335,6 +363,8 @@ class RowLauncher(Launcher):
         looped = "persistent" not in p.variants or next_pow2(n) > MAX_BLOCK_N
         block_n = min(LOOP_BLOCK_N, MAX_BLOCK_N, next_pow2(n)) if looped else next_pow2(n)
         rblock = max(1, min(next_pow2(rows), TILE // block_n))
+        for out, o in zip(outs, p.outputs):
+            strides += [out.stride(k) for k in o.dims]
         args += outs + ([rows] if p.rnumel_arg else []) + [shape[k] for k in p.dynamic] + strides
         self._kernel(looped)[(triton.cdiv(rows, rblock),)](
             *args, RBLOCK=rblock, BLOCK_N=block_n, num_warps=4 if rblock * block_n <= 2048 else 8)
