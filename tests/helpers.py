@@ -141,6 +141,10 @@ def hf_model(kind: str, seed: int = 0) -> tuple[nn.Module, dict]:
         cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
         return tf.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    if kind == "falcon":  # FalconLinear computes `x @ W.T`, not F.linear
+        cfg = tf.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4)
+        return tf.FalconForCausalLM(cfg), {"input_ids": ids}
     raise ValueError(kind)
 
 

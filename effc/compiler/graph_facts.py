@@ -113,6 +113,20 @@ class GraphFacts:
         return out
 
 
+def is_transpose(node: Any) -> bool:
+    """`node` swaps the two dims of a 2-D tensor: `W.T`, `W.mT`, `W.t()`, `W.transpose(0, 1)`."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return False
+    t, args = node.target, node.args
+    if node.op == "call_function" and t is getattr:
+        return args[1] in ("T", "mT")
+    if (node.op, t) in (("call_method", "t"), ("call_function", torch.t)):
+        return len(args) == 1
+    if (node.op, t) in (("call_method", "transpose"), ("call_function", torch.transpose)):
+        return len(args) == 3 and {args[1], args[2]} in ({0, 1}, {-1, -2}, {0, -1}, {-2, 1})
+    return False
+
+
 def graph_device(example_inputs: Sequence[Any]) -> torch.device:
     """Device of the first tensor input (CPU for a graph without tensors)."""
     t = next((t for t in example_inputs if isinstance(t, torch.Tensor)), None)

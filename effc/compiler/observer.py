@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.graph_facts import GraphFacts, copy_graph_module
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module, is_transpose
 
 LINEAR = torch._C._nn.linear
 MATMULS = (torch.matmul, operator.matmul, torch.mm)
@@ -265,6 +265,8 @@ def input_site(node: fx.Node, facts: GraphFacts) -> tuple | str | None:
         x, w, kind = _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), "x@W"
     elif t in MATMULS:
         x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "other"), "x@W"
+        if is_transpose(w) and facts.weight_name(w.args[0]) is not None:
+            w, kind = w.args[0], "linear"  # x @ W.T
     elif t in CONVS:
         x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "weight"), "conv"
     else:

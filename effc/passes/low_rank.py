@@ -1,7 +1,7 @@
 """low_rank: factorize Linear/Conv weights W ~= u @ v (activation-aware when calibrated).
 
 Sites: `linear(x, W, b)`; `addmm(b, x, W)` and `matmul(x, W)` with a 2-D parameter W stored
-[in, out] (Hugging Face GPT-2's Conv1D); `conv1d`/`conv2d` with a parameter weight and
+[in, out] (Hugging Face GPT-2's Conv1D); `x @ W.T` (Falcon's FalconLinear); `conv1d`/`conv2d` with a parameter weight and
 groups == 1. A rewritten linear calls `effc.low_rank_linear(x, v, u, b)`, a conv
 `effc.low_rank_conv` (k x k conv to r channels, then 1 x 1). Rank rules: a fixed `rank`,
 `rank_ratio`, `energy`, per-site `max_error`, or a global `param_budget` allocated across
@@ -23,7 +23,7 @@ import torch.fx as fx
 import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_linear)
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import node_shape
+from effc.compiler.graph_facts import is_transpose, node_shape
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.low_rank_math import (BudgetSite, Factorization, allocate, factorize,
@@ -76,18 +76,19 @@ class Site:
     """A factorizable call: the node, its weight as an [m, n] (out x in) matrix, and how to rebuild."""
 
     node: fx.Node
-    kind: str                  # "linear" | "addmm" | "matmul" | "conv"
+    kind: str                  # "linear" | "addmm" | "matmul" | "matmul_t" | "conv"
     weight_name: str
     weight: torch.Tensor       # the parameter as stored
     matrix: torch.Tensor       # [m, n] out x in view
     conv_args: tuple = ()      # stride, padding, dilation
+    view: fx.Node | None = None  # matmul_t: the `W.T` node between the weight and the matmul
 
     def operands(self) -> tuple[fx.Node, Any]:
         """(x, bias) read from the node now: earlier rewrites may have replaced x's producer."""
         args, kw = self.node.args, self.node.kwargs
         if self.kind == "addmm":
             return args[1], args[0]
-        if self.kind == "matmul":
+        if self.kind in ("matmul", "matmul_t"):
             return args[0], None
         return args[0], args[2] if len(args) > 2 else kw.get("bias")
 
@@ -152,10 +153,14 @@ def find_site(node: fx.Node, ctx) -> Site | str | None:
         w = ctx.facts.weight_value(node.args[2])
         return Site(node, "addmm", name, w, w.T)
     if t in (torch.matmul, operator.matmul) and len(node.args) == 2:
-        name = ctx.facts.weight_name(node.args[1])
-        w = ctx.facts.weight_value(node.args[1])
+        view = node.args[1] if is_transpose(node.args[1]) else None
+        w_node = view.args[0] if view is not None else node.args[1]
+        name = ctx.facts.weight_name(w_node)
+        w = ctx.facts.weight_value(w_node)
         if name is None or w.dim() != 2:
             return None
+        if view is not None:  # x @ W.T is linear(x, W)
+            return Site(node, "matmul_t", name, w, w, view=view)
         return Site(node, "matmul", name, w, w.T)
     if t in (torch.conv2d, torch.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv1d):
         name = ctx.facts.weight_name(node.args[1])
@@ -243,10 +248,11 @@ class LowRankPass(Pass):
             return "excluded by include/exclude filters"
         if site.kind == "conv" and not self.config.conv:
             return "conv sites are off (conv=False)"
-        w_node = next(a for a in site.node.all_input_nodes
-                      if ctx.facts.weight_name(a) == site.weight_name)
-        if len(w_node.users) > 1:
-            return f"weight is used by {len(w_node.users)} calls (tied weights)"
+        w_node = site.view.args[0] if site.view is not None else next(
+            a for a in site.node.all_input_nodes if ctx.facts.weight_name(a) == site.weight_name)
+        for n in (w_node, site.view):
+            if n is not None and len(n.users) > 1:
+                return f"weight is used by {len(n.users)} calls (tied weights)"
         if max_profitable_rank(site.m, site.n, self.config.min_saving) < 1:
             return f"too small to save parameters ({site.m}x{site.n})"
         return ""
@@ -348,6 +354,8 @@ class LowRankPass(Pass):
                                                           "nn_module_stack") if k in site.node.meta})
         site.node.replace_all_uses_with(new)
         gm.graph.erase_node(site.node)
+        if site.view is not None and not site.view.users:
+            gm.graph.erase_node(site.view)
         error = weight_error(site.matrix, u64, v64)
         if moment is not None:
             error.update(output_error(site.matrix, u64, v64, moment))

@@ -306,7 +306,8 @@ def test_strict_rejects_two_rules():
 
 
 @pytest.mark.parametrize("kind,linears,tied", [("llama", 2 * 7 + 1, 0), ("gpt2", 2 * 4, 1),
-                                               ("bert", 2 * 6 + 1, 0), ("vit", 2 * 6 + 1, 0)])
+                                               ("bert", 2 * 6 + 1, 0), ("vit", 2 * 6 + 1, 0),
+                                               ("falcon", 2 * 4, 1)])
 def test_hugging_face_models_compile_with_finite_outputs(kind, linears, tied):
     model, inputs = hf_model(kind)
     model.eval()
@@ -370,6 +371,55 @@ def test_foreign_calibration_falls_back_with_the_reason(trained):
     rows = {s.site: s.reason for s in report.sites if s.decision == "rewritten"}
     assert rows["fc1.weight"] == "whitened SVD (calibration)"
     assert rows["fc2.weight"].startswith("plain SVD:") and "(96, 128)" in rows["fc2.weight"]
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's FalconLinear: `x @ W.T + b`, which Dynamo traces as a matmul with `W.T`."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+@pytest.mark.parametrize("spelling", ["T", "t", "transpose"])
+def test_x_times_transposed_weight_is_a_site_like_linear(trained, spelling):
+    """`x @ W.T` is linear(x, W): same factors, same whitening from calibration, same output."""
+    model, xtr, xte, _ = trained
+    forwards = {"T": lambda m, x: x @ m.weight.T + m.bias,
+                "t": lambda m, x: torch.matmul(x, m.weight.t()) + m.bias,
+                "transpose": lambda m, x: x @ m.weight.transpose(-1, -2) + m.bias}
+    twin = DigitsMLP()
+    twin.load_state_dict(model.state_dict())
+    for name in ("fc1", "fc2", "fc3", "head"):
+        layer = TransposedLinear(1, 1)
+        layer.weight, layer.bias = getattr(twin, name).weight, getattr(twin, name).bias
+        layer.forward = lambda x, m=layer: forwards[spelling](m, x)
+        setattr(twin, name, layer)
+    outs, reports = [], []
+    for m in (model, twin):
+        cal = effc.calibrate(m, xtr.split(350), progress=False)
+        _, out, report = _compile(m, xte, low_rank={"rank": 8}, calibration=cal)
+        outs.append(out)
+        reports.append({s.site: (s.decision, s.reason, s.params_after) for s in report.sites})
+    assert reports[1] == reports[0]
+    rewritten = {k: r for k, (d, r, _) in reports[1].items() if d == "rewritten"}
+    assert len(reports[1]) == 4 and set(rewritten) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    assert set(rewritten.values()) == {"whitened SVD (calibration)"}  # head: 10 x 64, no saving
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_transposed_weight_used_twice_is_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(48, 48))
+
+        def forward(self, x):
+            wt = self.w.T
+            return (x @ wt) @ wt
+
+    _, _, report = _compile(Tied(), torch.randn(5, 48), low_rank={"rank": 4})
+    assert [(r.decision, r.reason) for r in report.sites] == [
+        ("skipped", "weight is used by 2 calls (tied weights)")] * 2
 
 
 def test_a_site_whose_factorization_fails_is_skipped_not_fatal(monkeypatch):
