@@ -15,18 +15,26 @@
     low_rank pass's kernel (`effc.low_rank_linear`), effc's generated dense linear+gelu template
     and cuBLAS's linear + gelu for reference: bytes moved / time as a fraction of a measured
     copy bandwidth (a large `torch.empty_like(x).copy_(x)`, read + write bytes).
+(c) host time per kernel launch (the Python launcher's shape checks, output allocation and
+    argument lists), per kernel kind, next to running the same FX nodes as eager ops: what
+    decode-sized calls pay per kernel before the GPU does any work. On CUDA the real launch;
+    on the CPU the Triton call is stubbed out, so it measures effc's launcher alone.
 Goal (issue): effc-triton >= inductor on the same graph; decode kernels >= 70% of the copy
 bandwidth.
 
-Without CUDA this script does not time anything: it says so, and `--smoke` runs tiny shapes on
-the CPU under the Triton interpreter, checking every variant's output against eager and
-printing kernel counts, so the script itself is exercised.
+Without CUDA, (a) and (b) time nothing: `--smoke` runs tiny shapes on the CPU under the Triton
+interpreter, checking every variant's output against eager and printing kernel counts, so the
+script itself is exercised. (c) is timed on the CPU too:
+
+    .venv/bin/python benchmarks/bench_lowering.py --part c --record   # CPU: BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -267,33 +275,98 @@ def part_b(smoke: bool, device: str, dtype: torch.dtype) -> str:
     return head + table(headers, rows)
 
 
+# --- (c) host overhead per launch ------------------------------------------------------------
+class _NoLaunch:
+    """Stands in for a jit function on the CPU: `kernel[grid](...)` does nothing, so what is
+    timed is effc's launcher alone (the interpreter's run would swamp it)."""
+
+    def __init__(self):
+        self.fn = type("Fn", (), {"__globals__": collections.defaultdict(lambda: self)})()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def part_c(smoke: bool, device: str, dtype: torch.dtype) -> str:
+    """Host microseconds per launch of each generated kernel of a small Llama with low_rank
+    (shape checks, output allocation, argument lists): on CUDA the real asynchronous launch
+    (Triton's launcher included); on the CPU effc's launcher alone, the Triton call stubbed.
+    Next to it, the same FX nodes run as eager ops on the same tensors (the fallback path)."""
+    from benchmarks.common import time_interleaved
+    from effc.compiler.codegen.launch import Launcher
+
+    model, inputs = build("llama", True, device, dtype)
+    compiled = torch.compile(model, backend="effc",
+                             options={"low_rank": dict(LOW_RANK), "lowering": "triton"})
+    calls: dict[Launcher, tuple] = {}
+    original = Launcher.__call__
+
+    def recording(self, *args):
+        calls.setdefault(self, args)
+        return original(self, *args)
+
+    torch._dynamo.reset()
+    effc.reset()
+    Launcher.__call__ = recording
+    try:
+        with torch.inference_mode():
+            compiled(**inputs)
+    finally:
+        Launcher.__call__ = original
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    inner = 5 if smoke else 200
+    per_kind: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for launcher, args in calls.items():
+        if not CUDA:
+            launcher.kernel = _NoLaunch()
+
+        def run(fn, args=args):
+            for _ in range(inner):
+                fn(*args)
+            sync()
+
+        t = time_interleaved({"kernel": lambda: run(launcher), "eager": lambda: run(
+            launcher.fallback)}, repeats=3 if smoke else 15)
+        per_kind[launcher.kind].append((t["kernel"] / inner * 1e6, t["eager"] / inner * 1e6))
+    rows = []
+    for kind, pairs in sorted(per_kind.items()):
+        ours, eager = zip(*pairs)
+        rows.append([kind, len(pairs), statistics.median(ours), min(ours), max(ours),
+                     statistics.median(eager)])
+    what = "launch, Triton's launcher included" if CUDA else "effc launcher, Triton call stubbed"
+    return table(["kernel kind", "kernels", f"us per call, median ({what})", "min", "max",
+                  "eager ops on the same nodes, median us"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, outputs checked, no timings (the path without a GPU)")
-    parser.add_argument("--part", default="a,b", help="comma list of parts: a, b")
+    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--record", action="store_true",
                         help="write the tables to BENCHMARKS.md (CUDA runs only)")
     args = parser.parse_args()
-    if not CUDA:
-        print("bench_lowering: no CUDA device: timings need a GPU; nothing is timed here.")
-        if not args.smoke:
-            print("Run with --smoke to check the script's paths on the CPU (Triton interpreter).")
-            return
+    keys = [k.strip() for k in args.part.split(",")]
+    if not CUDA and not args.smoke and keys != ["c"]:
+        print("bench_lowering: no CUDA device: (a) and (b) need a GPU to time anything.")
+        print("Run with --smoke to check the script's paths on the CPU (Triton interpreter), "
+              "or --part c to time the host overhead per launch here.")
+        return
     smoke = args.smoke
     device = "cuda" if CUDA else "cpu"
     # the interpreter computes fp16 like the GPU does; fp32 keeps CPU eager references exact
     dtype = getattr(torch, args.dtype) if CUDA else torch.float32
     where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if CUDA
-             else f"CPU, Triton interpreter (no timings); {machine()}")
+             else f"CPU ({machine()}), Triton interpreter")
     print(f"device: {where}; dtype {dtype}; {'smoke' if smoke else 'full'} run\n")
     sections = []
     parts = {"a": ("(a) models: effc-triton vs inductor on the same rewritten graph, and vs eager",
                    part_a),
-             "b": ("(b) decode-shaped kernels (M = 1..8): bandwidth", part_b)}
-    for key in args.part.split(","):
-        title, fn = parts[key.strip()]
+             "b": ("(b) decode-shaped kernels (M = 1..8): bandwidth", part_b),
+             "c": ("(c) host time per kernel launch", part_c)}
+    for key in keys:
+        title, fn = parts[key]
         text = f"{title}; {where}; {dtype}\n\n" + fn(smoke, device, dtype)
         print(text + "\n", flush=True)
         sections.append(text)
@@ -301,10 +374,13 @@ def main() -> None:
         print(f"smoke: every output matched its eager reference (rel err <= {SMOKE_TOL}); "
               "no timings were taken")
     if args.record:
-        if not CUDA or smoke:
-            print("--record ignored: BENCHMARKS.md takes GPU numbers from a full run only")
-        else:
+        if smoke:
+            print("--record ignored: BENCHMARKS.md takes numbers from a full run only")
+        elif CUDA:
             record("lowering", "## Triton lowering (bench_lowering.py)\n\n" + "\n\n".join(sections))
+        else:
+            record("lowering_host", "## Triton lowering: host overhead per launch, CPU "
+                   "(bench_lowering.py --part c)\n\n" + "\n\n".join(sections))
 
 
 if __name__ == "__main__":

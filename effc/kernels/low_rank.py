@@ -301,8 +301,8 @@ def low_rank_linear_triton(
     default_m, default_k, num_stages = _default_tiling(m, r_pad, x.dtype)
     block_m = block_m or default_m
     block_k = block_k or default_k
-    m_blocks = triton.cdiv(m, block_m)
-    n_blocks = triton.cdiv(n, block_n)
+    m_blocks = -(-m // block_m)  # ceil: triton.cdiv is a jit function, slow from Python
+    n_blocks = -(-n // block_n)
     n_split = column_splits(m_blocks, n_blocks, x.device) if n_split is None \
         else max(1, min(n_split, n_blocks))
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from lowering_helpers import DEVICE, LOW_RANK, as_tuple, lower
 
-from effc.compiler.codegen import cache, reduction
+from effc.compiler.codegen import cache, launch, reduction
 from effc.compiler.codegen.common import FloorDiv, Rem, dim_indices, memory_order, texpr
 from effc.compiler.ops import classify
 
@@ -212,6 +212,43 @@ def test_row_outputs_keep_eager_permuted_layout(max_block_n, monkeypatch):
     x = rand(7, 3, 45)
     assert seq_first(x)[0].stride() == (45, 135, 1)
     check(seq_first, x, kinds=["row"])
+
+
+def _all_launchers(gm):
+    return [n.target for n in gm.graph.nodes if isinstance(n.target, launch.Launcher)]
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "row", "gemm"])
+def test_inputs_a_kernel_was_not_generated_for_run_eagerly_that_call_only(kind):
+    """A launch checks runtime sizes once; inputs that do not fit run the eager subgraph for
+    that call (reported, not marked broken), and the next fitting call launches again."""
+    x, w, u = rand(7, 45), rand(45, seed=1), rand(13, 5, seed=2)
+    fn = {"pointwise": lambda a, b: torch.sigmoid(a) * b,
+          "row": lambda a, b: F.layer_norm(a + 1.0, (45,), b),
+          "gemm": lambda a, v: torch.relu(LOW_RANK(a, v, u, None))}[kind]
+    inputs = (x, w) if kind != "gemm" else (x, rand(5, 45, seed=3))
+    _, report, gm, _ = lower(fn, *inputs)
+    (launcher,) = _all_launchers(gm)
+    bigger = (rand(9, 45, seed=4), inputs[1])  # 9 rows: the kernel was generated for 7
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*bigger), fn(*bigger), rtol=0, atol=0)
+        assert launcher.broken is None and launcher.launches == 1
+        (fb,) = report.fallbacks
+        assert fb.reason.startswith("at run time: ") and "is 9 at run time" in fb.reason
+        gm(*inputs)
+    assert launcher.launches == 2
+
+
+@given(st.lists(st.lists(st.integers(0, 3), max_size=4), min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_launch_broadcast_agrees_with_torch(shapes):
+    try:
+        expected = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        with pytest.raises(launch.Unfit, match="do not broadcast"):
+            launch.broadcast(*shapes)
+        return
+    assert launch.broadcast(*shapes) == expected
 
 
 def _launchers(gm):

@@ -64,11 +64,11 @@ class Launcher:
         inputs = args[:self.n_inputs]
         if self.broken is None:
             try:
-                why = self.unsupported(*inputs)
-                if why is None:
-                    out = self.launch(*inputs)
-                    self.launches += 1
-                    return out
+                out = self.launch(*inputs)
+                self.launches += 1
+                return out
+            except Unfit as exc:  # these inputs only: the next call may fit
+                why = str(exc)
             except Exception as exc:
                 if self.strict:
                     raise
@@ -78,25 +78,52 @@ class Launcher:
             self.notify(why)
         return self.fallback(*args)
 
-    def unsupported(self, *inputs: Any) -> str | None:
-        """Why these runtime inputs cannot use the kernel (None: they can)."""
-        return None
-
     def launch(self, *inputs: Any) -> Any:
+        """Run the kernel on `inputs`; raise Unfit, before any work, for inputs it cannot take
+        (shapes checked once, on the way to the launch arguments: this runs every call)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<effc {self.kind} kernel {self.__name__}>"
 
 
-def check_static(shape: Sequence[int], expected: Sequence[Any]) -> str | None:
-    """Compare runtime sizes with the sizes baked into the kernel (sympy ints; symbols are free)."""
+class Unfit(Exception):
+    """Runtime inputs a kernel was not generated for (their call runs the eager subgraph)."""
+
+
+def check_static(shape: Sequence[int], expected: Sequence[Any]) -> None:
+    """Runtime sizes must equal the sizes baked into the kernel (sympy ints; symbols are free)."""
     if len(shape) != len(expected):
-        return f"rank {len(shape)} at run time, kernel generated for rank {len(expected)}"
+        raise Unfit(f"rank {len(shape)} at run time, kernel generated for rank {len(expected)}")
     for k, (got, want) in enumerate(zip(shape, expected)):
         if getattr(want, "is_Integer", False) and int(want) != got:
-            return f"dim {k} is {got} at run time, kernel generated for {int(want)}"
-    return None
+            raise Unfit(f"dim {k} is {got} at run time, kernel generated for {int(want)}")
+
+
+def broadcast(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """torch.broadcast_shapes for int sizes, without its symbolic-shape machinery (which costs
+    more than the rest of a launch)."""
+    out = [1] * max(len(s) for s in shapes)
+    for s in shapes:
+        lead = len(out) - len(s)
+        for i, d in enumerate(s):
+            if d != 1 and out[lead + i] != d:
+                if out[lead + i] != 1:
+                    raise Unfit(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[lead + i] = d
+    return tuple(out)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton.cdiv is a jit function: calling it from Python costs ~4 us)."""
+    return -(-a // b)
+
+
+def dense(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`t` broadcast to `shape` and row-major (itself when it already is)."""
+    if t.shape == shape and t.is_contiguous():
+        return t
+    return t.expand(shape).contiguous()
 
 
 def single_or_tuple(outs: list[torch.Tensor]) -> Any:

@@ -17,6 +17,7 @@ so strided inputs get the strides of their own dims at launch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -29,7 +30,7 @@ from effc.compiler.codegen.common import (TL_DTYPE, CodegenError, assign, Source
                                           broadcast_dims, describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, output_order,
                                           size_symbols, strides_of, texpr)
-from effc.compiler.codegen.launch import Launcher, alloc, single_or_tuple
+from effc.compiler.codegen.launch import Launcher, Unfit, alloc, cdiv, single_or_tuple
 from effc.compiler.ops import meta
 from effc.compiler.partition import Group
 
@@ -212,50 +213,55 @@ def generate(group: Group) -> Source:
 class PointwiseLauncher(Launcher):
     kind = "pointwise"
 
-    def _shape(self, inputs) -> tuple[list[int] | None, str | None]:
-        """The output shape at run time, or why the inputs do not fit the kernel: static sizes
-        are the generated ones; a dynamic size is read from an input that has it."""
-        p = self.plan
-        shape = [int(s) if s.is_Integer else None for s in p.shape]
-        for t, want in zip(inputs, p.in_shapes):
+    @functools.cached_property
+    def _static(self) -> tuple[list, list[list]]:
+        """The output's and each input's sizes as ints, None where symbolic (read per call)."""
+        def ints(shape):
+            return [int(s) if s.is_Integer else None for s in shape]
+        return ints(self.plan.shape), [ints(w) for w in self.plan.in_shapes]
+
+    def _shape(self, inputs) -> list[int]:
+        """The output shape at run time (Unfit if the inputs do not fit the kernel): static
+        sizes are the generated ones; a dynamic size is read from an input that has it."""
+        out_static, in_static = self._static
+        shape = list(out_static)
+        for t, want in zip(inputs, in_static):
             if t.dim() != len(want):
-                return None, (f"an input of rank {t.dim()} at run time, kernel generated for "
-                              f"{len(want)}")
+                raise Unfit(f"an input of rank {t.dim()} at run time, kernel generated for "
+                            f"{len(want)}")
             lead = len(shape) - t.dim()
             for i, (got, w) in enumerate(zip(t.shape, want)):
-                if w.is_Integer and int(w) != got:
-                    return None, (f"an input's dim {i} is {got} at run time, kernel generated "
-                                  f"for {w}")
-                if not w.is_Integer and shape[i + lead] not in (None, got):
-                    return None, f"inputs disagree on dim {i + lead}: {shape[i + lead]} and {got}"
-                if not w.is_Integer:
+                if w is not None:
+                    if w != got:
+                        raise Unfit(f"an input's dim {i} is {got} at run time, kernel generated "
+                                    f"for {w}")
+                elif shape[i + lead] is None:
                     shape[i + lead] = got
+                elif shape[i + lead] != got:
+                    raise Unfit(f"inputs disagree on dim {i + lead}: {shape[i + lead]} and {got}")
         if None in shape:
-            return None, f"no input gives dim {shape.index(None)} at run time"
-        return shape, None
-
-    def unsupported(self, *inputs):
-        return self._shape(inputs)[1]
+            raise Unfit(f"no input gives dim {shape.index(None)} at run time")
+        return shape
 
     def launch(self, *inputs):
-        import triton
-
         p = self.plan
-        shape = self._shape(inputs)[0]
+        shape = self._shape(inputs)
         device = inputs[0].device
         outs = [alloc(shape, dtype, device, p.order) for dtype in p.out_dtypes]
         numel = math.prod(shape)
         if numel == 0:
             return single_or_tuple(outs)
         it_shape = [shape[k] for k in p.order]
+        permuted = p.order != sorted(p.order)
         args, strides = [], []
         for t, ip in zip(inputs, p.inputs):
             if ip.dense:  # contiguous(): a no-op for the layout the kernel was generated for
-                args.append(t.permute(p.order).contiguous())
+                args.append((t.permute(p.order) if permuted else t).contiguous())
                 continue
             args.append(t)  # strides of its own dims, aligned to the output's trailing dims
-            strides += [t.stride(p.order[j] - (len(shape) - t.dim())) for j in ip.dims]
-        args += [o.permute(p.order) for o in outs]  # contiguous in iteration order
+            own, lead = t.stride(), len(shape) - t.dim()
+            strides += [own[p.order[j] - lead] for j in ip.dims]
+        args += [o.permute(p.order) if permuted else o for o in outs]  # iteration order
         args += ([numel] if p.xnumel_arg else []) + [it_shape[k] for k in p.dynamic] + strides
-        self.kernel[(triton.cdiv(numel, XBLOCK),)](*args, XBLOCK=XBLOCK)
+        self.kernel[(cdiv(numel, XBLOCK),)](*args, XBLOCK=XBLOCK)
         return single_or_tuple(outs)

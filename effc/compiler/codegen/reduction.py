@@ -30,7 +30,8 @@ from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source
                                           describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, next_pow2, operand,
                                           row_major, scalar, size_symbols, strides_of, texpr)
-from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
+from effc.compiler.codegen.launch import (Launcher, alloc, broadcast, cdiv, check_static, dense,
+                                          single_or_tuple)
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
 
@@ -327,10 +328,6 @@ class RowLauncher(Launcher):
     kind = "row"
     last_variant: str | None = None  # "persistent" or "looped": what the last launch ran
 
-    def unsupported(self, *inputs):
-        shape = torch.broadcast_shapes(*(t.shape for t in inputs))
-        return check_static(shape, self.plan.shape)
-
     def _kernel(self, looped: bool):
         """The jit function for this row length (the looped one is the persistent one's sibling)."""
         p = self.plan
@@ -339,10 +336,9 @@ class RowLauncher(Launcher):
         return self.kernel
 
     def launch(self, *inputs):
-        import triton
-
         p = self.plan
-        shape = torch.broadcast_shapes(*(t.shape for t in inputs))
+        shape = broadcast(*(t.shape for t in inputs))
+        check_static(shape, p.shape)
         row_shape = shape[:-1] + (1,)
         device = inputs[0].device
         outs = [alloc(row_shape if o.reduced else shape, o.dtype, device, o.order)
@@ -353,20 +349,20 @@ class RowLauncher(Launcher):
         args, strides = [], []
         for t, ip in zip(inputs, p.inputs):
             if ip.mode == "full":
-                args.append(t.expand(shape).contiguous())
+                args.append(dense(t, shape))
             elif ip.mode == "row":
-                args.append(t.expand(row_shape).contiguous())
-            else:
-                view = t.expand(shape)
-                args.append(view)
-                strides += [view.stride(k) for k in ip.dims]
+                args.append(dense(t, row_shape))
+            else:  # its stride along each dim it varies in (a broadcast dim never moves)
+                args.append(t)
+                lead = len(shape) - t.dim()
+                strides += [t.stride(k - lead) for k in ip.dims]
         looped = "persistent" not in p.variants or next_pow2(n) > MAX_BLOCK_N
         block_n = min(LOOP_BLOCK_N, MAX_BLOCK_N, next_pow2(n)) if looped else next_pow2(n)
         rblock = max(1, min(next_pow2(rows), TILE // block_n))
         for out, o in zip(outs, p.outputs):
             strides += [out.stride(k) for k in o.dims]
         args += outs + ([rows] if p.rnumel_arg else []) + [shape[k] for k in p.dynamic] + strides
-        self._kernel(looped)[(triton.cdiv(rows, rblock),)](
+        self._kernel(looped)[(cdiv(rows, rblock),)](
             *args, RBLOCK=rblock, BLOCK_N=block_n, num_warps=4 if rblock * block_n <= 2048 else 8)
         self.last_variant = "looped" if looped else "persistent"
         return single_or_tuple(outs)

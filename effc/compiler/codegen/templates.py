@@ -32,7 +32,7 @@ import torch
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           module_text, operand, rounded, row_major, strides_of)
-from effc.compiler.codegen.launch import Launcher, alloc, check_static, single_or_tuple
+from effc.compiler.codegen.launch import Launcher, alloc, cdiv, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
 from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, kernel_source,
@@ -202,16 +202,12 @@ class GemmLauncher(Launcher):
         p = self.plan
         return tuple(inputs[p.x].shape[:-1]) + (inputs[p.weights[-1]].shape[0],)
 
-    def unsupported(self, *inputs):
-        return check_static(self._shape(inputs), self.plan.shape)
-
     def launch(self, *inputs):
-        import triton
-
         p = self.plan
         x = inputs[p.x]
         weights = [inputs[i] for i in p.weights]
         shape = self._shape(inputs)
+        check_static(shape, p.shape)
         m, k, n = math.prod(shape[:-1]), x.shape[-1], shape[-1]
         outs = [alloc(shape, dtype, x.device) for dtype in p.out_dtypes]
         if m == 0 or n == 0:
@@ -229,7 +225,7 @@ class GemmLauncher(Launcher):
             consts["R_PAD"] = rank_block(weights[0].shape[0])
 
         def grid(meta):
-            rows, cols = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+            rows, cols = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
             if p.template == "low_rank":  # a program loops over its share of column blocks
                 cols = column_splits(rows, cols, x.device)
             return rows, cols
