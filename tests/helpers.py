@@ -141,6 +141,25 @@ def hf_model(kind: str, seed: int = 0) -> tuple[nn.Module, dict]:
         cfg = tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
         return tf.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    if kind == "t5":  # encoder-decoder; relative position buckets are int64 in-place adds
+        cfg = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          dropout_rate=0.0)
+        return tf.T5ForConditionalGeneration(cfg), {"input_ids": ids,
+                                                    "decoder_input_ids": ids[:, :5]}
+    if kind == "whisper":  # conv front end, transposed to [B, T, C] before the LayerNorm
+        cfg = tf.WhisperConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                               max_source_positions=8, max_target_positions=16, pad_token_id=0,
+                               decoder_start_token_id=1, bos_token_id=1, eos_token_id=2)
+        return tf.WhisperModel(cfg), {"input_features": torch.randn(2, 16, 16),
+                                      "decoder_input_ids": ids[:, :5]}
+    if kind == "mixtral":  # top-k routing: in-place renormalisation and index writes
+        cfg = tf.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=64)
+        return tf.MixtralForCausalLM(cfg), {"input_ids": ids}
     if kind == "falcon":  # FalconLinear computes `x @ W.T`, not F.linear
         cfg = tf.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
                               num_attention_heads=4)
