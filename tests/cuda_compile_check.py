@@ -56,8 +56,9 @@ def _workloads():
     out = []
     for kind, dtype, passes in [("llama", torch.float32, {"low_rank": {"rank": 8}}),
                                 ("llama", bf16, {}), ("bert", bf16, {"low_rank": {"rank": 8}}),
-                                ("gpt2", fp16, {})]:
+                                ("gpt2", fp16, {}), ("whisper", fp16, {}), ("falcon", bf16, {})]:
         model, inputs = hf_model(kind)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         out.append((f"{kind} {TYPES[dtype]} {'low_rank' if passes else 'dense'}",
                     model.eval().to(dtype), inputs, passes, False))
 

@@ -69,6 +69,7 @@ _SOFTMAX = (torch.softmax, F.softmax)
 _LAYER_NORM = (F.layer_norm, torch.layer_norm)
 _GELU = (F.gelu, torch._C._nn.gelu)
 _CAT = (torch.cat, torch.concat)
+_MATMUL = (torch.matmul, operator.matmul)
 _LINEAR = (torch._C._nn.linear, F.linear)  # one builtin today; both spellings kept on purpose
 LIBRARY_GEMMS = ("linear",)  # a library call (cuBLAS) beats our template when nothing is fused
 
@@ -286,9 +287,23 @@ def _linear(node: fx.Node) -> Op | None:
     return Op("gemm", "linear", (x, w, bias))
 
 
+def _matmul(node: fx.Node) -> Op | None:
+    """`x @ B` with a 2-D B [K, N] (Falcon's `x @ W.T`; a weight stored [in, out]): the dense
+    linear with weight B^T, which the template reads through B's strides."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    x, b = node.args
+    xm, bm = meta(x), meta(b)
+    if xm is None or bm is None or len(xm[0]) < 2 or len(bm[0]) != 2 or xm[1] != bm[1]:
+        return None
+    return Op("gemm", "linear", (x, b, None), {"weight": "kn"})
+
+
 def _gemm(node: fx.Node) -> Op | None:
     if node.target in _LINEAR:
         return _linear(node)
+    if node.target in _MATMUL:
+        return _matmul(node)
     name = _gemm_targets().get(node.target)
     if name is None:
         return None

@@ -500,6 +500,56 @@ def test_dense_linear_reads_strided_weights_and_inputs():
     assert [k.name for k in report.kernels] == ["linear_silu"]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead", [(3, 7), (2, 3, 7)], ids=str)
+def test_gemm_outputs_keep_eager_permuted_layout(lead, dtype):
+    """Whisper's encoder layers in fp16: `residual + fc2(h)` with a channels-first residual
+    takes the residual's layout in eager; the kernel stores each output row through its
+    leading-dim indices and strides, for a low-rank and a dense GEMM."""
+    x, w, b = _dense_inputs((*lead, 45), dtype=dtype)
+    dims = list(range(len(lead) + 1))
+    r = rand(lead[0], 29, *lead[1:], dtype=dtype, seed=5).permute(0, *dims[2:], 1)
+    v, u = rand(8, 45, dtype=dtype, seed=6), rand(29, 8, dtype=dtype, seed=7) * 0.3
+
+    def dense(x, w, b, r):
+        h = r + F.linear(x, w, b)
+        return h, F.gelu(h) * 2.0
+
+    def low_rank(x, v, u, b, r):
+        return r + LOW_RANK(x, v, u, b)
+
+    assert dense(x, w, b, r)[0].stride()[-1] != 1  # eager's layout: what is under test
+    for fn, args in ((dense, (x, w, b, r)), (low_rank, (x, v, u, b, r))):
+        report, sources = check(fn, *args, kinds=["gemm"], atol32=1e-5, rtol32=1e-5)
+        assert "in eager's layout" in next(iter(sources.values()))
+
+
+MATMUL_SPELLINGS = {
+    "falcon_x_at_wt": lambda x, w, b: F.gelu(x @ w.T + b),            # FalconLinear
+    "matmul_kn_weight": lambda x, w, b: torch.relu(torch.matmul(x, w.t().contiguous())) * 2.0,
+    "activations": lambda x, w, b: torch.tanh(x @ x.flatten(0, -2)[:29].transpose(0, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 45), (3, 5, 45)], ids=str)
+@pytest.mark.parametrize("name", list(MATMUL_SPELLINGS))
+def test_x_at_a_2d_matrix_is_the_dense_template_with_its_epilogue(name, shape, dtype):
+    """`x @ B` with B [K, N]: the template reads B^T through B's strides, whatever B's layout."""
+    report, sources = check(MATMUL_SPELLINGS[name], *_dense_inputs(shape, dtype=dtype),
+                            atol32=1e-5, rtol32=1e-5)
+    (gemm,) = [k for k in report.kernels if k.kind == "gemm"]
+    assert gemm.name.startswith("linear_") and len(gemm.nodes) > 1
+    assert "stored [K, N], read transposed" in sources[gemm.file.removesuffix(".py")]
+
+
+def test_a_bare_matmul_and_a_batched_one_stay_library_calls():
+    x, w, _ = _dense_inputs((3, 5, 45))
+    out, report, _, _ = lower(lambda x, w: (x @ w.T, torch.relu(x @ x.transpose(1, 2))), x, w)
+    assert [k.kind for k in report.kernels] == ["pointwise"]  # the relu; no 3-D B template
+    torch.testing.assert_close(out[0], x @ w.T, rtol=0, atol=0)
+
+
 def test_a_bare_dense_linear_stays_a_library_call():
     out, report, gm, sources = lower(lambda x, w, b: F.linear(x, w, b), *_dense_inputs((37, 45)))
     assert report.kernels == [] and report.fallbacks == [] and sources == {}

@@ -31,7 +31,8 @@ import math
 import torch
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
-                                          module_text, operand, rounded, row_major, strides_of)
+                                          memory_order, module_text, operand, rounded, row_major,
+                                          strides_of)
 from effc.compiler.codegen.launch import Launcher, alloc, cdiv, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
@@ -92,6 +93,8 @@ class GemmPlan:
     bias: int | None
     epilogue: list[int]        # positions of the epilogue's extra operands
     out_dtypes: list[torch.dtype]
+    weight_kn: bool = False    # dense `x @ B`: the weight [N, K] is B.t(), passed as a view
+    out_orders: list = dataclasses.field(default_factory=list)  # None: row-major; else strided
 
 
 def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
@@ -102,8 +105,22 @@ def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
             f"    key={key!r},\n)")
 
 
-def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.dtype):
-    """(lines, out_dtypes, needs_bf16): the generated code after `acc`, shared by templates."""
+def _store_rows(j: int, lead: int) -> tuple[list[str], str]:
+    """(lines, offset) of output j's rows in a layout other than row-major: `offs_m` split
+    into its `lead` leading-dim indices (sizes out{j}_d1.. passed), each times its stride."""
+    lines, rest, terms = [], "offs_m", []
+    for k in reversed(range(1, lead)):
+        lines += [f"o{j}_i{k} = {rest} % out{j}_d{k}", f"o{j}_r{k} = {rest} // out{j}_d{k}"]
+        terms.append(f"o{j}_i{k} * out{j}_s{k}")
+        rest = f"o{j}_r{k}"
+    terms.append(f"{rest} * out{j}_s0")
+    return lines, " + ".join(reversed(terms))
+
+
+def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.dtype,
+              orders: list[list[int] | None]):
+    """(lines, out_dtypes, needs_bf16): the generated code after `acc`, shared by templates.
+    An output with a memory order (eager's layout, not row-major) is stored through strides."""
     names = {n: f"e{i}" for i, n in enumerate(extra)}
     lines = [f"e{i} = tl.load(in{i}_ptr + offs_m[:, None] * in{i}_sm + offs_n[None, :] * in{i}_sn,"
              f" mask=mask, other=0.0).to(tl.float32)  # {n.name}" for i, n in enumerate(extra)]
@@ -131,7 +148,12 @@ def _epilogue(group: Group, gemm, op: Op, extra: list, bias: bool, dtype: torch.
     out_dtypes = []
     for j, out in enumerate(group.outputs):
         out_dtypes.append(meta(out)[1])
-        lines.append(f"tl.store(out{j}_ptr + offs_m[:, None] * N + offs_n[None, :], "
+        where = "offs_m[:, None] * N + offs_n[None, :]"
+        if orders[j] is not None:
+            row_lines, rows = _store_rows(j, len(group.shape) - 1)
+            lines += [f"# {out.name} in eager's layout (memory order {orders[j]})"] + row_lines
+            where = f"({rows})[:, None] + offs_n[None, :] * out{j}_sn"
+        lines.append(f"tl.store(out{j}_ptr + {where}, "
                      f"{names[out]}.to({TL_DTYPE[meta(out)[1]]}), mask=mask)  # {out.name}")
     return lines, out_dtypes, needs_bf16
 
@@ -150,11 +172,15 @@ def generate(group: Group, target: str = "interpreter") -> Source:
         weights = [w]
     else:
         raise CodegenError(f"no template for {op.name}")
+    weight_kn = op.params.get("weight") == "kn"  # x @ B: the weight is B^T, a strided view
     name, dtype = group.kernel_name(), meta(gemm)[1]
     position = {n: i for i, n in enumerate(group.inputs)}
+    orders = []  # per output: None (row-major), or eager's memory order, stored with strides
     for out in group.outputs:
-        if not row_major(meta(out)[0], strides_of(out)):
-            raise CodegenError(f"output {out.name} is not row-major in eager")
+        out_shape, st = meta(out)[0], strides_of(out)
+        orders.append(None if row_major(out_shape, st) else memory_order(out_shape, st))
+        if not row_major(out_shape, st) and orders[-1] is None:
+            raise CodegenError(f"output {out.name} has a non-dense layout in eager (strides {st})")
     extra = [n for n in group.inputs
              if any(n in group.ops[m].nodes for m in group.nodes if m is not gemm)]
     for n in extra:
@@ -164,11 +190,16 @@ def generate(group: Group, target: str = "interpreter") -> Source:
             raise CodegenError(f"epilogue operand {n.name} {in_shape} does not broadcast to "
                                f"{group.shape}")
 
-    lines, out_dtypes, needs_bf16 = _epilogue(group, gemm, op, extra, bias is not None, dtype)
+    lines, out_dtypes, needs_bf16 = _epilogue(group, gemm, op, extra, bias is not None, dtype,
+                                              orders)
     operand_params = (["bias_ptr"] if bias is not None else []) + [f"in{i}_ptr" for i in range(len(extra))]
     operand_params += [f"out{j}_ptr" for j in range(len(group.outputs))]
     stride_params = (["stride_b"] if bias is not None else []) + [
         p for i in range(len(extra)) for p in (f"in{i}_sm", f"in{i}_sn")]
+    lead = len(group.shape) - 1
+    stride_params += [p for j, order in enumerate(orders) if order is not None for p in
+                      [f"out{j}_s{k}" for k in range(lead)] + [f"out{j}_sn"]
+                      + [f"out{j}_d{k}" for k in range(1, lead)]]
     if template == "low_rank":
         body = kernel_source(name, operand_params, stride_params, _ROUND_T[dtype], lines)
         what = f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])})"
@@ -177,7 +208,8 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                             stride_params="".join(p + ", " for p in stride_params),
                             x_times_wt=x_times_wt("acc", "w", "n", "BLOCK_N"),
                             epilogue="".join(f"    {line}\n" for line in lines))
-        what = f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])})"
+        what = (f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])}"
+                + (" stored [K, N], read transposed)" if weight_kn else ")"))
     tiling = "fixed config for the interpreter"
     if target == "cuda":
         configs = LOW_RANK_CONFIGS if template == "low_rank" else DENSE_CONFIGS
@@ -190,7 +222,7 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                + f"; {tiling}")
     plan = GemmPlan(template, target, group.shape, position[x], [position[t] for t in weights],
                     position[bias] if bias is not None else None,
-                    [position[n] for n in extra], out_dtypes)
+                    [position[n] for n in extra], out_dtypes, weight_kn, orders)
     return Source(name, "gemm", module_text(name, "gemm", summary, body, needs_bf16), plan)
 
 
@@ -198,28 +230,31 @@ class GemmLauncher(Launcher):
     kind = "gemm"
     last_config: dict | None = None  # the fixed tiling of the last interpreter launch
 
-    def _shape(self, inputs) -> tuple[int, ...]:
-        p = self.plan
-        return tuple(inputs[p.x].shape[:-1]) + (inputs[p.weights[-1]].shape[0],)
-
     def launch(self, *inputs):
         p = self.plan
         x = inputs[p.x]
         weights = [inputs[i] for i in p.weights]
-        shape = self._shape(inputs)
+        if p.weight_kn:
+            weights = [w.t() for w in weights]
+        shape = tuple(x.shape[:-1]) + (weights[-1].shape[0],)
         check_static(shape, p.shape)
         m, k, n = math.prod(shape[:-1]), x.shape[-1], shape[-1]
-        outs = [alloc(shape, dtype, x.device) for dtype in p.out_dtypes]
+        orders = p.out_orders or [None] * len(p.out_dtypes)
+        outs = [alloc(shape, dtype, x.device, order) for dtype, order in zip(p.out_dtypes, orders)]
         if m == 0 or n == 0:
             return single_or_tuple(outs)
         x2 = x.reshape(m, k)
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
-        args = [x2, *weights, *bias, *extra, *[o.view(m, n) for o in outs], m, n, k]
+        args = [x2, *weights, *bias, *extra,
+                *[o.view(m, n) if order is None else o for o, order in zip(outs, orders)], m, n, k]
         if p.template == "low_rank":
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
         args += [b.stride(0) for b in bias] + [s for e in extra for s in e.stride()]
+        for o, order in zip(outs, orders):  # strides of every dim, then the leading dims' sizes
+            if order is not None:
+                args += list(o.stride()) + list(shape[1:-1])
         consts = dot_constexprs(x)
         if p.template == "low_rank":
             consts["R_PAD"] = rank_block(weights[0].shape[0])
