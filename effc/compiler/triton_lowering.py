@@ -25,6 +25,7 @@ from effc.compiler.config import Config
 from effc.compiler.graph_facts import copy_graph_module, node_value
 from effc.compiler.partition import Group, partition
 from effc.compiler.report import FallbackRecord, GraphReport, KernelRecord
+from effc.compiler.unflatten import unflatten_gemms
 
 
 def triton_available() -> bool:
@@ -161,6 +162,7 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         report.fallbacks.append(FallbackRecord(["(whole graph)"], why))
         return gm, {}
     _ensure_meta(gm, example_inputs)
+    unflattened = unflatten_gemms(gm.graph)  # GPT-2's Conv1D: x.view(-1, K) @ W, viewed back
     parts = partition(gm.graph)  # rewrites safe in-place ops of this copy out of place
     for name, why in parts.barriers:  # eager ops like any other: not an error under strict
         report.fallbacks.append(FallbackRecord([name], why))
@@ -168,6 +170,11 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         n = len(parts.functionalized)
         report.notes.append(f"{n} in-place op{'s' * (n != 1)} computed out of place (nothing "
                             "else reads the tensors written): " + ", ".join(parts.functionalized))
+    if unflattened:
+        n = len(unflattened)
+        report.notes.append(f"{n} GEMM{'s' * (n != 1)} on a flattened input computed on the "
+                            "input itself, so the epilogue fuses (views "
+                            + ", ".join(unflattened) + ")")
     target = kernel_target(example_inputs)
     folder = Path(config.debug_dir) / report.graph if config.debug_dir is not None else None
     sources: dict[str, str] = {}
