@@ -166,15 +166,16 @@ def _pointwise(node: fx.Node) -> Op | None:
 
 
 def _cat(node: fx.Node) -> Op | None:
-    """`torch.cat(tensors, dim)` of >= 2 tensors of the output's dtype and rank (no legacy empty
-    1-d operand), each with a static size >= 1 along `dim`: the kernel picks the operand an
-    output element comes from by comparing its index with these sizes, baked in as constants.
-    params: `dim` (non-negative) and the operands' `sizes` along it."""
+    """`torch.cat(tensors, dim)` of tensors of the output's dtype and rank (no legacy empty
+    1-d operand: the lowering drops those first), each with a static size >= 1 along `dim`: the
+    kernel picks the operand an output element comes from by comparing its index with these
+    sizes, baked in as constants. One operand is a copy. params: `dim` (non-negative) and the
+    operands' `sizes` along it."""
     tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
     if not _only(node, {"tensors", "dim"}, 2) or not isinstance(tensors, (list, tuple)):
         return None
     out = meta(node)
-    if len(tensors) < 2 or out is None or not isinstance(dim, int) or isinstance(dim, bool):
+    if not tensors or out is None or not isinstance(dim, int) or isinstance(dim, bool):
         return None
     ndim = len(out[0])
     if not -ndim <= dim < ndim:

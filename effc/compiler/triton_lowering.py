@@ -25,7 +25,7 @@ from effc.compiler.config import Config
 from effc.compiler.graph_facts import copy_graph_module, node_value
 from effc.compiler.partition import Group, partition
 from effc.compiler.report import FallbackRecord, GraphReport, KernelRecord
-from effc.compiler.unflatten import unflatten_gemms
+from effc.compiler.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
 
 
 def triton_available() -> bool:
@@ -163,6 +163,7 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         return gm, {}
     _ensure_meta(gm, example_inputs)
     unflattened = unflatten_gemms(gm.graph)  # GPT-2's Conv1D: x.view(-1, K) @ W, viewed back
+    emptied = drop_empty_cat_operands(gm.graph)  # the KV cache's first cat([tensor([]), k])
     parts = partition(gm.graph)  # rewrites safe in-place ops of this copy out of place
     for name, why in parts.barriers:  # eager ops like any other: not an error under strict
         report.fallbacks.append(FallbackRecord([name], why))
@@ -175,6 +176,9 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         report.notes.append(f"{n} GEMM{'s' * (n != 1)} on a flattened input computed on the "
                             "input itself, so the epilogue fuses (views "
                             + ", ".join(unflattened) + ")")
+    if emptied:
+        report.notes.append(f"legacy empty operands dropped from {len(emptied)} cat"
+                            f"{'s' * (len(emptied) != 1)}: " + ", ".join(emptied))
     target = kernel_target(example_inputs)
     folder = Path(config.debug_dir) / report.graph if config.debug_dir is not None else None
     sources: dict[str, str] = {}

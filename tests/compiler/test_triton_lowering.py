@@ -486,18 +486,22 @@ def _rotate_half(x):
 
 def test_llama_rotary_embedding_fuses_its_cats():
     """q * cos + rotate_half(q) * sin is one kernel per q and k, and cat(freqs, freqs) fuses
-    with cos/sin: the only cats left eager are the KV cache's (a legacy empty 1-d operand)."""
+    with cos/sin. The KV cache's first cat (a legacy empty operand, dropped) is a copy: k's
+    rotary kernel writes the cache directly; v's is a copy kernel of its own. No cat is left."""
     model, inputs = _model("llama")
     keep = KeepLowered()
     with torch.inference_mode():
         _compile(model, {"instruments": [keep]})(**inputs)
     (g,) = effc.report().graphs
     names = [k.name for k in g.kernels]
-    assert names.count("fused_mul_neg_cat_mul_add") == 4  # q and k, 2 layers
-    assert "fused_mul_cat_cos_mul_sin_mul" in names and len(names) == 12  # 18 before
-    cats = [n for n in keep.gm.graph.nodes if n.target is torch.cat]
-    assert [n.name for n in cats] == ["keys", "values", "keys_1", "values_1"]
-    assert all(classify(n) is None for n in cats)
+    assert names.count("fused_mul_neg_cat_mul_add") == 2  # q, 2 layers
+    assert names.count("fused_mul_neg_cat_mul_add_cat") == 2  # k and its cache, 2 layers
+    assert names.count("fused_cat") == 2  # v's cache
+    assert "fused_mul_cat_cos_mul_sin_mul" in names and len(names) == 14  # 18 before, 16 cats
+    k_cache = next(k for k in g.kernels if k.name == "fused_mul_neg_cat_mul_add_cat")
+    assert k_cache.outputs == ["keys"]  # k itself is never stored
+    assert not [n for n in keep.gm.graph.nodes if n.target is torch.cat]
+    assert g.notes[-1] == "legacy empty operands dropped from 4 cats: keys, values, keys_1, values_1"
 
 
 def test_dynamic_shapes_fuse_a_cat_along_a_static_dim():

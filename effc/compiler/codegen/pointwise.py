@@ -153,6 +153,8 @@ class _Body:
         return var
 
     def _sub_range(self, rng: _Range, d: int, lo: int, hi: int) -> _Range:
+        if lo == 0 and hi == int(rng.shape[d]):
+            return rng  # a cat of one operand (a copy): the whole range
         key = (rng.name, d, lo, hi)
         if key not in self.ranges:
             name = f"c{len(self.ranges) + 1}"

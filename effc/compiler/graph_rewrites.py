@@ -1,6 +1,8 @@
-"""Un-flatten GEMMs on flattened inputs, so their epilogue can fuse (the lowering's copy only).
+"""Rewrites the Triton lowering makes to its own copy of the graph before partitioning, so that
+more of it fuses. Each keeps every value the graph computes; the report notes what was done.
 
-Hugging Face's `Conv1D` (GPT-2 and its family) computes a linear layer on a flattened input:
+Un-flattened GEMMs. Hugging Face's `Conv1D` (GPT-2 and its family) computes a linear layer
+on a flattened input:
 
     x2 = x.view(-1, K);  y = torch.addmm(b, x2, W);  z = y.view(*x.shape[:-1], N)
 
@@ -13,6 +15,14 @@ Both views only relabel the leading dims of row-major data, so the same values a
 which the partitioner sees as a GEMM on `x` with a bias epilogue. The dense rewrite is made only
 when a pointwise op reads `z`: a GEMM with nothing to fuse stays the library's `addmm`
 (cuBLAS beats a Triton template there). The low-rank one is always made: it is the same op.
+
+Empty cat operands. `torch.cat` skips a legacy empty 1-d operand (`torch.tensor([])`, shape
+(0,)) whatever the other operands' rank; Hugging Face's KV cache starts as one, so the first
+`cat([cache, k], dim=-2)` of a prefill is a copy of k. Dropping such operands lets the cat
+fuse with the ops that produce k (the rotary embedding), which then write the cache directly.
+Only where the operands left all have the result's dtype: whether an empty operand takes
+part in type promotion varies (measured: a float64 one does, a float32 one next to float16
+does not), so the result's dtype must not depend on it.
 """
 
 from __future__ import annotations
@@ -102,4 +112,28 @@ def unflatten_gemms(graph: fx.Graph) -> list[str]:
         if not x2.users:
             graph.erase_node(x2)
         done.append(z.name)
+    return done
+
+
+def drop_empty_cat_operands(graph: fx.Graph) -> list[str]:
+    """Drop legacy empty (shape (0,)) operands from every `cat` of `graph` whose other operands
+    all have the result's dtype; the names of the cats changed."""
+    done = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+            continue
+        key = 0 if node.args else "tensors"
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        out = meta(node)
+        if not isinstance(tensors, (list, tuple)) or out is None or len(out[0]) < 2:
+            continue
+        kept = [t for t in tensors if not ((m := meta(t)) is not None and tuple(m[0]) == (0,))]
+        if len(kept) == len(tensors) or not kept or any(meta(t) is None or meta(t)[1] != out[1]
+                                                         for t in kept):
+            continue  # (an empty operand may still have set the result's dtype)
+        if key == 0:
+            node.update_arg(0, kept)
+        else:
+            node.update_kwarg("tensors", kept)
+        done.append(node.name)
     return done
