@@ -1,4 +1,5 @@
-"""GEMMs on a flattened input (GPT-2's Conv1D) are computed on the input, so epilogues fuse."""
+"""The lowering's graph rewrites: GEMMs on a flattened input (GPT-2's Conv1D) computed on the
+input, so epilogues fuse; legacy empty cat operands (the KV cache's first step) dropped."""
 
 import pytest
 import torch
@@ -91,3 +92,24 @@ def test_gpt2_mlp_gemms_fuse_their_gelu_and_match_eager():
     gemms = [k for k in graph.kernels if k.kind == "gemm"]
     assert len(gemms) == 2 and all(any(n.startswith("tanh") for n in k.nodes) for k in gemms)
     assert any("6 GEMMs on a flattened input" in note for note in graph.notes)
+
+
+EMPTY = torch.tensor([], device=DEVICE)
+CATS = {  # fn, inputs, cats rewritten
+    "cache_first_step": (lambda c, k: torch.cat([c, k], dim=-2), (EMPTY, X), 1),
+    "keyword_and_two_empties": (lambda c, k: torch.cat(tensors=[c, k, c], dim=1), (EMPTY, X), 1),
+    "all_empty": (lambda c, k: torch.cat([c, c]) + k.sum(), (EMPTY, X), 0),
+    "one_dim_result": (lambda c, k: torch.cat([c, k.flatten()]), (EMPTY, X), 0),
+    "empty_sets_dtype": (lambda c, k: torch.cat([c.double(), k.half()], dim=0), (EMPTY, X), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(CATS))
+def test_legacy_empty_cat_operands_are_dropped_where_nothing_else_changes(name):
+    fn, args, expected = CATS[name]
+    gm = traced(fn, *args)
+    assert len(drop_empty_cat_operands(gm.graph)) == expected
+    gm.recompile()
+    out, ref = gm(*args), fn(*args)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
