@@ -135,5 +135,9 @@ def drop_empty_cat_operands(graph: fx.Graph) -> list[str]:
             node.update_arg(0, kept)
         else:
             node.update_kwarg("tensors", kept)
+        for t in set(tensors) - set(kept):  # `torch.tensor([])` made for the cat alone
+            if isinstance(t, fx.Node) and not t.users and t.op == "call_function" and \
+                    t.target in (torch.tensor, torch.empty, torch.zeros):
+                graph.erase_node(t)
         done.append(node.name)
     return done

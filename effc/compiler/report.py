@@ -87,6 +87,9 @@ class GraphReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     kernels: list[KernelRecord] = dataclasses.field(default_factory=list)
     fallbacks: list[FallbackRecord] = dataclasses.field(default_factory=list)
+    # lowering="triton": the calls left to eager, by kind ("library", "views", "non-float",
+    # "other") and op name, with counts
+    eager_ops: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def sites(self) -> list[SiteRow]:
@@ -195,6 +198,12 @@ def render_graph(g: GraphReport, markdown: bool = False) -> str:
     if g.fallbacks:
         rows = [[f.kernel or "-", _short(", ".join(f.nodes)), f.reason] for f in g.fallbacks]
         lines += ["left to eager:", "", _table(["kernel", "nodes", "reason"], rows, markdown), ""]
+    if g.eager_ops:
+        what = {"library": "library calls", "views": "views and shape ops",
+                "non-float": "ops on non-float values", "other": "float ops with no kernel"}
+        lines += ["ops run eagerly between kernels:"] + [
+            f"  {what[k]}: " + ", ".join(f"{name} x{c}" for name, c in ops.items())
+            for k, ops in g.eager_ops.items()] + [""]
     lines += [f"note: {n}" for n in g.notes]
     return "\n".join(lines).rstrip() + "\n"
 

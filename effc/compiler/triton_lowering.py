@@ -21,11 +21,12 @@ import torch.fx as fx
 
 from effc.compiler.codegen import build, generate
 from effc.compiler.codegen.cache import source_hash
+from effc.compiler.codegen.launch import Launcher
 from effc.compiler.config import Config
 from effc.compiler.graph_facts import copy_graph_module, node_value
+from effc.compiler.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
 from effc.compiler.partition import Group, partition
 from effc.compiler.report import FallbackRecord, GraphReport, KernelRecord
-from effc.compiler.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
 
 
 def triton_available() -> bool:
@@ -115,6 +116,36 @@ def _toposort(graph: fx.Graph) -> None:
     nodes[0].prepend(order[0])
     for before, after in zip(order, order[1:]):
         before.append(after)
+
+
+# what the ops left to eager are, for the report (anything else: "no kernel for it")
+_LIBRARY_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d",
+                "scaled_dot_product_attention", "embedding"}
+_SHAPE_OPS = {"view", "reshape", "transpose", "permute", "getitem", "getattr", "unsqueeze",
+              "squeeze", "expand", "expand_as", "view_as", "contiguous", "split", "chunk",
+              "flatten", "unflatten", "t", "narrow", "select", "unbind", "size", "dim"}
+
+
+def eager_ops(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+    """The calls of the lowered graph that are not kernels, counted by op name in four kinds:
+    library calls (GEMMs, attention, embedding: no template, or nothing to fuse), views and
+    shape ops (no data moved), ops on non-float values, and float ops no kernel computes."""
+    found: dict[str, dict[str, int]] = {"library": {}, "views": {}, "non-float": {}, "other": {}}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or isinstance(n.target, Launcher):
+            continue
+        if n.target is operator.getitem and isinstance(getattr(n.args[0], "target", None),
+                                                       Launcher):
+            continue  # a kernel's output
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        value = node_value(n)
+        if not isinstance(value, (torch.Tensor, tuple, list)):
+            continue  # no tensor: a size, a logging call
+        kind = ("library" if name in _LIBRARY_OPS else "views" if name in _SHAPE_OPS else
+                "other" if isinstance(value, torch.Tensor) and value.is_floating_point() else
+                "non-float")
+        found[kind][name] = found[kind].get(name, 0) + 1
+    return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in found.items() if v}
 
 
 def kernel_target(example_inputs: Sequence[Any]) -> str:
@@ -213,5 +244,6 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
     _toposort(gm.graph)
     gm.graph.lint()
     gm.recompile()
+    report.eager_ops = eager_ops(gm)
     return gm, sources
 

@@ -440,6 +440,23 @@ def test_llama_rewritten_graph_has_nothing_fusable_left_eager():
         left[0].meta["example_value"].dtype
 
 
+def test_the_report_says_which_ops_ran_eagerly_between_kernels(tmp_path):
+    """Llama without passes: its linears have nothing to fuse but Llama's gate, attention and
+    the embedding have no template; what else runs eagerly moves no data or is no float op,
+    except an int -> float cast (rotary positions) and a cast to the same dtype."""
+    model, inputs = _model("llama")
+    with torch.inference_mode():
+        _compile(model, {"debug_dir": str(tmp_path)})(**inputs)
+    (g,) = effc.report().graphs
+    assert g.eager_ops["library"] == {"linear": 13, "scaled_dot_product_attention": 2,
+                                      "embedding": 1}
+    assert g.eager_ops["other"] == {"float": 1, "to": 1}
+    assert set(g.eager_ops) == {"library", "views", "non-float", "other"}
+    assert "library calls: linear x13, scaled_dot_product_attention x2" in str(effc.report())
+    dumped = json.loads((tmp_path / g.graph / "report.json").read_text())
+    assert dumped["eager_ops"] == g.eager_ops
+
+
 def test_verify_measures_the_lowered_callable():
     """verify runs what will run: with triton lowering and no pass, fused kernels differ from
     eager by float rounding only, and the report's error is exactly the measured one."""
