@@ -66,6 +66,7 @@ def _workloads():
         y = F.gelu(x) + F.gelu(x, approximate="tanh") * F.silu(w) - torch.relu(x) / 3.0
         y = torch.tanh(y) * torch.sigmoid(x) + torch.exp(-x.abs()) + torch.log(x.abs() + 1.0)
         y = y * torch.rsqrt(x * x + 1.0) + torch.sqrt(x.abs()) - torch.cos(x) * torch.sin(w)
+        y = y + F.hardswish(x) + F.leaky_relu(w, 0.2) * x.clamp(-1.0, 1.0) + torch.erf(x)
         return (y.pow(3) - (-y)).to(torch.float32) * 0.5
 
     def norms(x, r, w, b):

@@ -60,9 +60,10 @@ _UNARY = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh"
           torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.exp: "exp", torch.log: "log",
           torch.rsqrt: "rsqrt", torch.sqrt: "sqrt", torch.neg: "neg", operator.neg: "neg",
           torch.abs: "abs", operator.abs: "abs", torch.cos: "cos", torch.sin: "sin",
-          F.silu: "silu"}
+          F.silu: "silu", torch.erf: "erf", torch.reciprocal: "reciprocal",
+          torch.square: "square"}
 _UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "log", "rsqrt", "sqrt", "neg", "abs", "cos",
-                  "sin"}
+                  "sin", "erf", "reciprocal", "square"}
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 _REDUCE = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
 _SOFTMAX = (torch.softmax, F.softmax)
@@ -127,9 +128,49 @@ def _only(node: fx.Node, allowed: set[str], first: int) -> bool:
     return len(node.args) <= first and set(node.kwargs) <= allowed
 
 
+# ops with Python-number parameters: name -> (parameter names and defaults, after the input)
+_PARAM_FUNCTIONS = {
+    torch.clamp: ("clamp", ("min", None), ("max", None)), torch.clip: ("clamp", ("min", None), ("max", None)),
+    torch.clamp_min: ("clamp", ("min", None)), torch.clamp_max: ("clamp", ("max", None)),
+    F.hardtanh: ("clamp", ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+    F.relu6: ("relu6", ("inplace", False)),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", 0.01), ("inplace", False)),
+    F.hardswish: ("hardswish", ("inplace", False)),
+    F.hardsigmoid: ("hardsigmoid", ("inplace", False)),
+}
+_PARAM_METHODS = {"clamp": _PARAM_FUNCTIONS[torch.clamp], "clip": _PARAM_FUNCTIONS[torch.clamp],
+                  "clamp_min": _PARAM_FUNCTIONS[torch.clamp_min],
+                  "clamp_max": _PARAM_FUNCTIONS[torch.clamp_max]}
+
+
+def _with_params(node: fx.Node, spec: tuple) -> Op | None:
+    """An op whose parameters are Python numbers (clamp bounds, a slope), `inplace` False."""
+    name, params = spec[0], dict(spec[1:])
+    names = list(params)
+    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+        return None
+    values = {k: _arg(node, i + 1, k, params[k]) for i, k in enumerate(names)}
+    if values.pop("inplace", False) is not False:
+        return None
+    if not all(v is None or _scalar(v) for v in values.values()):
+        return None  # a tensor bound, or a NaN/inf one
+    if name == "relu6":
+        name, values = "clamp", {"min": 0.0, "max": 6.0}
+    if name == "clamp":
+        lo, hi = (values.get(k) for k in (("min", "max") if "min" in values or "max" in values
+                                           else ("min_val", "max_val")))
+        if lo is None and hi is None:
+            return None  # torch refuses a clamp without bounds
+        values = {"min": lo, "max": hi}
+    return Op("pointwise", name, (node.args[0],), values)
+
+
 def _pointwise(node: fx.Node) -> Op | None:
     t, args, kw = node.target, node.args, node.kwargs
     method = node.op == "call_method"
+    spec = _PARAM_METHODS.get(t) if method else _PARAM_FUNCTIONS.get(t)
+    if spec is not None:
+        return _with_params(node, spec)
     name = (_BINARY_METHODS.get(t) if method else _BINARY.get(t))
     if name is not None:
         if len(args) != 2 or kw.get("alpha", 1) != 1 or kw.get("rounding_mode") is not None:

@@ -67,6 +67,13 @@ UNARY = {
     "scalar_over_tensor": lambda x: 0.7 / (x.abs() + 0.5),
     "casts": lambda x: (x * 1.1).to(torch.float16).float().to(torch.bfloat16).float(),
     "dropout_eval": lambda x: F.dropout(x * 2.0, 0.1, False),
+    "clamp": lambda x: torch.clamp(x, -0.5, 1.5), "clamp_min_method": lambda x: x.clamp_min(0.1),
+    "clamp_max_kw": lambda x: torch.clamp(x, max=0.3), "clip": lambda x: x.clip(-1.0, 1.0),
+    "clamp_min_above_max": lambda x: x.clamp(1.0, -1.0),  # torch: every element is max
+    "relu6": F.relu6, "hardtanh": lambda x: F.hardtanh(x, -0.7, 0.9),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.2), "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid, "erf": torch.erf, "square": torch.square,
+    "reciprocal": lambda x: torch.reciprocal(x.abs() + 0.1),
 }
 
 
@@ -74,6 +81,16 @@ UNARY = {
 @pytest.mark.parametrize("name", list(UNARY))
 def test_each_pointwise_op_alone(name, dtype):
     check(UNARY[name], rand(37, 45, dtype=dtype), kinds=["pointwise"])
+
+
+@pytest.mark.parametrize("name", ["clamp", "clamp_min_method", "relu6", "hardtanh",
+                                  "leaky_relu", "hardswish", "hardsigmoid", "relu", "square"])
+def test_nan_and_inf_come_out_as_in_eager(name):
+    x = rand(37, 45)
+    x[::3, ::2] = float("nan")
+    x[1::3, ::5] = float("inf")
+    x[2::3, ::7] = float("-inf")
+    check(UNARY[name], x, kinds=["pointwise"])
 
 
 BROADCASTS = [((37, 45), (45,)), ((37, 45), (37, 1)), ((3, 5, 29), (5, 1)), ((29,), (3, 5, 29)),

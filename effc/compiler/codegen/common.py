@@ -236,6 +236,21 @@ def expr(op: Op, a: list[str | float], dtype: torch.dtype = torch.float32) -> st
         return f"tl.sqrt_rn({x})"
     if n in ("sigmoid", "exp", "log", "rsqrt", "abs", "cos", "sin"):
         return f"tl.{n}({x})"
+    if n == "erf":
+        return f"tl.math.erf({x})"
+    if n == "reciprocal":
+        return f"1.0 / {x}"
+    if n == "square":
+        return f"{x} * {x}"
+    if n == "clamp":  # NaN stays NaN, as in torch; min > max gives max, as in torch
+        lo, hi = op.params["min"], op.params["max"]
+        value = x if lo is None else f"tl.where({x} < {float(lo)!r}, {float(lo)!r}, {x})"
+        return value if hi is None else f"tl.where({value} > {float(hi)!r}, {float(hi)!r}, {value})"
+    if n == "leaky_relu":
+        return f"tl.where({x} > 0, {x}, {x} * {float(op.params['negative_slope'])!r})"
+    if n in ("hardswish", "hardsigmoid"):  # x * relu6(x + 3) / 6 and relu6(x + 3) / 6
+        relu6 = f"tl.where({x} + 3.0 < 0.0, 0.0, tl.where({x} + 3.0 > 6.0, 6.0, {x} + 3.0))"
+        return f"{x} * {relu6} / 6.0" if n == "hardswish" else f"{relu6} / 6.0"
     if n == "pow":
         e = op.params["exponent"]
         if e == 0.5:
