@@ -140,6 +140,9 @@ class GlobalOptions:
     lowering: Literal["auto", "eager", "inductor", "triton"] = knob(
         "auto", "auto: eager (Triton on CUDA once validated on a GPU); triton: generated "
                 "kernels (on CPU under TRITON_INTERPRET=1)")
+    kernels: tuple[Literal["gemm", "row", "pointwise"], ...] = knob(
+        ("gemm", "row", "pointwise"), "lowering='triton': the kinds of generated kernel to use; "
+        "the ops of a kind left out run eagerly (['row', 'pointwise']: every GEMM a library call)")
     debug_dir: str | None = knob(None, "write the debug dump under this folder")
     strict: bool = knob(False, "raise instead of skipping a site or rolling back a pass")
     verify: bool = knob(False, "run original and rewritten graph on the example inputs and "
@@ -158,6 +161,7 @@ _ENV = {  # environment variable -> (key, parser)
     "EFFC_DISABLE": ("disable", "list"),
     "EFFC_MAX_REWRITES": ("max_rewrites", int),
     "EFFC_CACHE_DIR": ("cache_dir", str),
+    "EFFC_KERNELS": ("kernels", "list"),
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 

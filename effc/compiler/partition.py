@@ -379,8 +379,14 @@ def _aliases_of_written(nodes: list[fx.Node],
     return {n for n in nodes if find(n) in written}
 
 
-def partition(graph: fx.Graph) -> Partition:
-    """Fusable groups of `graph` (nodes need shape metadata: Dynamo's, or ShapeProp's).
+KINDS = ("gemm", "row", "pointwise")
+
+
+def partition(graph: fx.Graph, kinds: tuple[str, ...] = KINDS) -> Partition:
+    """Fusable groups of `graph` (nodes need shape metadata: Dynamo's, or ShapeProp's), of the
+    kernel `kinds` given. Without "gemm" or "row", GEMMs or row reductions are left out before
+    groups form (their epilogues and prologues may still make pointwise kernels); without
+    "pointwise", pointwise ops still join GEMM and row kernels, only pointwise kernels go.
 
     Rewrites safe in-place ops in `graph` out of place (module docstring): pass a copy if the
     graph must stay as it is.
@@ -393,10 +399,11 @@ def partition(graph: fx.Graph) -> Partition:
         k += n in cuts
     aliased = _aliases_of_written(nodes, barriers) if barriers else set()
     ops = {n: op for n in nodes if (op := classify(n)) is not None and not mutates(n)
-           and not (n in aliased and op.name in ("identity", "cast"))}
+           and not (n in aliased and op.name in ("identity", "cast"))
+           and {"reduction": "row"}.get(op.kind, op.kind) in kinds + ("pointwise",)}
     groups = [_finish(g) for g in _Builder(nodes, ops, segment).run()]
     kept = [g for g in groups if not all(_is_noop(g.ops[n], n) for n in g.nodes)
-            and not _bare_library_gemm(g)]
+            and not _bare_library_gemm(g) and g.kind in kinds]
     reasons = [(m.name, f"writes in place and stays eager: {why}; no kernel moves a read or "
                         "write across it") for m, why in barriers]
     return Partition(kept, functionalized, reasons)

@@ -193,9 +193,10 @@ def lower_triton(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Conf
         report.fallbacks.append(FallbackRecord(["(whole graph)"], why))
         return gm, {}
     _ensure_meta(gm, example_inputs)
-    unflattened = unflatten_gemms(gm.graph)  # GPT-2's Conv1D: x.view(-1, K) @ W, viewed back
+    # GPT-2's Conv1D: x.view(-1, K) @ W, viewed back (only worth it if GEMM kernels are on)
+    unflattened = unflatten_gemms(gm.graph) if "gemm" in config.kernels else []
     emptied = drop_empty_cat_operands(gm.graph)  # the KV cache's first cat([tensor([]), k])
-    parts = partition(gm.graph)  # rewrites safe in-place ops of this copy out of place
+    parts = partition(gm.graph, config.kernels)  # rewrites safe in-place ops out of place
     for name, why in parts.barriers:  # eager ops like any other: not an error under strict
         report.fallbacks.append(FallbackRecord([name], why))
     if parts.functionalized:

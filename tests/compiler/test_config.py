@@ -67,6 +67,8 @@ BAD = [
     ({}, {"EFFC_LOWERING": "tpu"}, "'lowering'"),
     ({}, {"EFFC_MAX_REWRITES": "many"}, "EFFC_MAX_REWRITES"),
     ({}, {"EFFC_DISABLE": "ghost"}, "'disable'"),
+    ({"kernels": ["gemm", "rows"]}, {}, "'kernels'"),
+    ({}, {"EFFC_KERNELS": "gemm,tiles"}, "'kernels'"),
 ]
 
 
@@ -112,13 +114,14 @@ def test_pass_order_is_registry_order_not_dict_order(toy):
 def test_environment_fills_only_what_options_leave_unset(toy, tmp_path):
     env = {"EFFC_PASSES": "toy_copy", "EFFC_DEBUG_DIR": str(tmp_path), "EFFC_STRICT": "1",
            "EFFC_VERIFY": "true", "EFFC_DISABLE": "toy_copy", "EFFC_MAX_REWRITES": "3",
-           "EFFC_LOWERING": "inductor", "EFFC_CACHE_DIR": str(tmp_path / "kernels")}
+           "EFFC_LOWERING": "inductor", "EFFC_CACHE_DIR": str(tmp_path / "kernels"),
+           "EFFC_KERNELS": "row, pointwise"}
     cfg = Config.from_options({"strict": False, "toy_copy": {"exclude": ["head*"]}}, env=env)
     assert cfg.strict is False  # option wins over EFFC_STRICT
     assert cfg.passes["toy_copy"].exclude == ("head*",)  # option dict wins over EFFC_PASSES
     assert cfg.debug_dir == str(tmp_path) and cfg.verify is True and cfg.max_rewrites == 3
     assert cfg.disable == ("toy_copy",) and cfg.lowering == "inductor"
-    assert cfg.cache_dir == str(tmp_path / "kernels")
+    assert cfg.cache_dir == str(tmp_path / "kernels") and cfg.kernels == ("row", "pointwise")
 
 
 def test_to_dict_is_plain_data(toy):

@@ -457,6 +457,23 @@ def test_the_report_says_which_ops_ran_eagerly_between_kernels(tmp_path):
     assert dumped["eager_ops"] == g.eager_ops
 
 
+@pytest.mark.parametrize("kinds", [("row", "pointwise"), ("gemm", "pointwise"), ("gemm", "row"),
+                                   ()], ids=lambda k: "+".join(k) or "none")
+def test_kernel_kinds_left_out_run_eagerly_and_the_rest_still_fuse(kinds):
+    """`kernels` picks the kinds of generated kernel: a kind left out is never made, and the
+    ops it would have held join other kinds where they can (Llama's SwiGLU `silu * up` is a
+    pointwise kernel once GEMMs are off)."""
+    model, inputs = _model("llama")
+    ref = first_tensor(_run(model, "eager", {}, **inputs))
+    out = first_tensor(_run(model, "triton", {"kernels": list(kinds)}, **inputs))
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    (g,) = [g for g in effc.report().graphs if g.lowering == "triton"]
+    assert {k.kind for k in g.kernels} == set(kinds) and not g.fallbacks
+    if kinds == ("row", "pointwise"):
+        assert "fused_silu_mul" in [k.name for k in g.kernels]
+        assert g.eager_ops["library"]["linear"] == 2 * 7 + 1
+
+
 def test_verify_measures_the_lowered_callable():
     """verify runs what will run: with triton lowering and no pass, fused kernels differ from
     eager by float rounding only, and the report's error is exactly the measured one."""
