@@ -17,6 +17,7 @@ Tolerances, measured and justified:
   K * eps * sum|x v| ~ 2e-5 for these operands; rtol = atol = 1e-5 (measured <= 4e-6).
 """
 
+import inspect
 import operator
 
 import pytest
@@ -25,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
+import triton
 from lowering_helpers import DEVICE, LOW_RANK, as_tuple, lower
 
 from effc.compiler.codegen import cache, launch, reduction
@@ -608,6 +610,13 @@ def _autotune_call(tree, kernel):
     return fn.decorator_list[0], params
 
 
+def test_autotuning_buckets_row_counts_by_powers_of_two():
+    from effc.compiler.codegen.templates import m_bucket
+
+    assert [m_bucket(m) for m in (0, 1, 2, 3, 5, 8, 9, 300, 4096, 4097, 10 ** 6)] == [
+        1, 1, 2, 4, 8, 8, 16, 512, 4096, 4096, 4096]
+
+
 @pytest.mark.parametrize("template", ["dense", "low_rank"])
 def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     """The CUDA target cannot run here; its source is checked: a triton.autotune over configs
@@ -629,8 +638,10 @@ def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     call, params = _autotune_call(ast.parse(source.text), source.name)
     kw = {k.arg: k.value for k in call.keywords}
     key = ast.literal_eval(kw["key"])
-    assert key == (["M", "N", "K"] if template == "dense" else ["M", "N", "K", "R"])
+    assert key == (["M_BUCKET", "N", "K"] if template == "dense" else ["M_BUCKET", "N", "K", "R"])
     assert all(k in params for k in key)
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        assert ast.literal_eval(kw["cache_results"]) is True
     found = []
     for c in kw["configs"].elts:
         assert ast.unparse(c.func) == "triton.Config"
@@ -642,8 +653,6 @@ def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     assert all(bm >= 16 and bn >= 16 and bk >= 16 for bm, bn, bk, _, _ in found)  # tl.dot minimum
     assert any(bm == 16 for bm, *_ in found)  # a decode-shaped (GEMV-like) tile
     assert all(params[b] == "tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    import triton
-
     # it is valid Triton: importing it gives the Autotuner that launches on a GPU
     assert isinstance(cache.load(source.text, source.name, tmp_path), triton.runtime.Autotuner)
     # the interpreter source for the same group differs only by the decorator

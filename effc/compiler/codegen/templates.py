@@ -31,8 +31,8 @@ import math
 import torch
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
-                                          memory_order, module_text, operand, rounded, row_major,
-                                          strides_of)
+                                          memory_order, module_text, next_pow2, operand, rounded,
+                                          row_major, strides_of)
 from effc.compiler.codegen.launch import Launcher, alloc, cdiv, check_static, single_or_tuple
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
@@ -55,7 +55,15 @@ LOW_RANK_CONFIGS = [
     (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3),
     (16, 128, 128, 4, 3), (128, 64, 16, 8, 2),
 ]
-AUTOTUNE_KEYS = {"dense": ["M", "N", "K"], "low_rank": ["M", "N", "K", "R"]}
+# autotuning is keyed on the row count's bucket, not the row count: a new prompt length or
+# batch size reuses the tuning of its power-of-two bucket instead of benchmarking every config
+AUTOTUNE_KEYS = {"dense": ["M_BUCKET", "N", "K"], "low_rank": ["M_BUCKET", "N", "K", "R"]}
+M_BUCKET_MAX = 4096
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of M rows: the next power of two, all rows above 4096 in one."""
+    return min(next_pow2(max(m, 1)), M_BUCKET_MAX)
 
 DENSE = '''
 @triton.jit
@@ -98,11 +106,17 @@ class GemmPlan:
 
 
 def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
-    """`@triton.autotune(...)` over `configs`, one readable line per config."""
+    """`@triton.autotune(...)` over `configs`, one readable line per config; the best config
+    is kept in Triton's cache across processes where this Triton can (`cache_results`)."""
+    import inspect
+
+    import triton
+
     rows = [f"        triton.Config({{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'BLOCK_K': {bk}}}, "
             f"num_warps={w}, num_stages={st})," for bm, bn, bk, w, st in configs]
+    cache = "cache_results" in inspect.signature(triton.autotune).parameters
     return ("@triton.autotune(\n    configs=[\n" + "\n".join(rows) + "\n    ],\n"
-            f"    key={key!r},\n)")
+            f"    key={key!r},\n" + ("    cache_results=True,\n" if cache else "") + ")")
 
 
 def _store_rows(j: int, lead: int) -> tuple[list[str], str]:
@@ -197,6 +211,7 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     stride_params = (["stride_b"] if bias is not None else []) + [
         p for i in range(len(extra)) for p in (f"in{i}_sm", f"in{i}_sn")]
     lead = len(group.shape) - 1
+    stride_params += ["M_BUCKET"]  # the autotuning key (CUDA), unused by the kernel body
     stride_params += [p for j, order in enumerate(orders) if order is not None for p in
                       [f"out{j}_s{k}" for k in range(lead)] + [f"out{j}_sn"]
                       + [f"out{j}_d{k}" for k in range(1, lead)]]
@@ -252,6 +267,7 @@ class GemmLauncher(Launcher):
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
         args += [b.stride(0) for b in bias] + [s for e in extra for s in e.stride()]
+        args.append(m_bucket(m))
         for o, order in zip(outs, orders):  # strides of every dim, then the leading dims' sizes
             if order is not None:
                 args += list(o.stride()) + list(shape[1:-1])
