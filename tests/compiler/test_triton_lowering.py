@@ -397,10 +397,14 @@ MORE_MODELS = {"gpt2": set(), "vit": set(), "falcon": set(), "whisper": set(),
                "t5": {"relative_buckets_1"}, "mixtral": {"setitem", "router_top_value_1"}}
 
 
-@pytest.mark.parametrize("kind", list(MORE_MODELS))
-def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind):
+@pytest.mark.parametrize("kind,passes", [(k, {}) for k in MORE_MODELS] + [
+    ("gpt2", {"low_rank": {"rank": 8}}), ("falcon", {"low_rank": {"rank": 8}})],
+    ids=list(MORE_MODELS) + ["gpt2-low_rank", "falcon-low_rank"])
+def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind, passes):
+    """GPT-2's and Falcon's linears (`addmm` on a flattened input, `x @ W.T`) with low_rank too:
+    every one is a low-rank GEMM kernel, none is left a library call."""
     model, inputs = _model(kind)
-    ref, out = (first_tensor(_run(model, lowering, {}, **inputs))
+    ref, out = (first_tensor(_run(model, lowering, passes, **inputs))
                 for lowering in ("eager", "triton"))
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
     graphs = [g for g in effc.report().graphs if g.lowering == "triton"]
@@ -408,6 +412,12 @@ def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind):
     eager = {n for g in graphs for f in g.fallbacks for n in f.nodes}
     assert MORE_MODELS[kind] <= eager
     assert all("writes in place" in f.reason for g in graphs for f in g.fallbacks)
+    if passes:
+        (g,) = graphs
+        rewritten = g.passes[0].counters["rewritten"]
+        assert rewritten == 2 * 4 and sum(k.name.startswith("low_rank_linear")
+                                          for k in g.kernels) == rewritten
+        assert not {"addmm", "matmul"} & set(g.eager_ops.get("library", {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
