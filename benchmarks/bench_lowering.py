@@ -12,8 +12,10 @@
     effc's report (generated kernels, FX nodes fused, fallbacks) and inductor's
     `generated_kernel_count`; error is against effc lowering=eager (the same graph run eagerly).
 (b) decode-shaped kernels (M = 1..8 rows, GEMV-like, bound by reading the weights): the
-    low_rank pass's kernel (`effc.low_rank_linear`), effc's generated dense linear+gelu template
-    and cuBLAS's linear + gelu for reference: bytes moved / time as a fraction of a measured
+    low_rank pass's op (`effc.low_rank_linear`: at these M on a GPU, two cuBLAS GEMMs, since the
+    fused kernel would re-read v once per column split), the lowering's low-rank group with a
+    gelu epilogue (x @ v.T from cuBLAS, then the generated dense template over u), effc's
+    generated dense linear+gelu template and cuBLAS's linear + gelu for reference: bytes moved / time as a fraction of a measured
     copy bandwidth (a large `torch.empty_like(x).copy_(x)`, read + write bytes).
 (c) host time per kernel launch (the Python launcher's shape checks, output allocation and
     argument lists), per kernel kind, next to running the same FX nodes as eager ops: what
@@ -246,6 +248,18 @@ def part_b(smoke: bool, device: str, dtype: torch.dtype) -> str:
                 lambda x=x: low_rank(x), (m * k + r * k + n * r + n + m * n) * size,
                 lambda x=x: F.linear(F.linear(x, v), u, bias)),
         }
+        torch._dynamo.reset()
+        effc.reset()
+        lr_gelu = torch.compile(lambda x: F.gelu(torch.ops.effc.low_rank_linear(x, v, u, bias)),
+                                backend="effc", options={"lowering": "triton"})
+        with torch.inference_mode():
+            lr_gelu(x)
+        kernels = [kk.name for gr in effc.report().graphs for kk in gr.kernels]
+        assert kernels == ["low_rank_linear_gelu"], kernels
+        # at these M on a GPU: x @ v.T from cuBLAS, then the dense template over u with the gelu
+        cands[f"effc template low_rank_linear_gelu K=N={k} r={r}"] = (
+            lambda x=x: lr_gelu(x), (m * k + r * k + 2 * m * r + n * r + n + m * n) * size,
+            lambda x=x: F.gelu(F.linear(F.linear(x, v), u, bias)))
         torch._dynamo.reset()
         effc.reset()
         compiled = torch.compile(gelu_linear, backend="effc", options={"lowering": "triton"})

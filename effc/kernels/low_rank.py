@@ -183,6 +183,17 @@ def column_splits(row_blocks: int, col_blocks: int, device: torch.device) -> int
     return max(1, min(-(-target // row_blocks), col_blocks))
 
 
+def fused_fills_gpu(m: int, n: int, device: torch.device) -> bool:
+    """Whether the fused kernel's row blocks alone fill the GPU for `m` rows (no column splits).
+
+    With splits, every split recomputes t = x @ v.T and so re-reads all of v: at decode sizes
+    (a few rows) that is hundreds of reads of v. Then a library GEMM for t and a second GEMM
+    over u read each factor once, at the price of writing and reading t ([m, r], small).
+    Always true off CUDA (one program at a time: no splits).
+    """
+    return column_splits(-(-m // 64), -(-n // 64), device) == 1
+
+
 def dot_constexprs(x: Tensor) -> dict:
     """INPUT_PRECISION and UPCAST_DOT for the GEMM templates, given their x operand."""
     cuda = x.device.type == "cuda"
@@ -329,11 +340,13 @@ def low_rank_linear_triton(
 
 def _low_rank_linear_default(x: Tensor, v: Tensor, u: Tensor, bias: Optional[Tensor] = None,
                              activation: str = "none") -> Tensor:
-    """Non-CPU devices: the fused kernel on CUDA when the rank is small, else two matmuls.
+    """Non-CPU devices: the fused kernel on CUDA when the rank is small and the rows fill the
+    GPU without column splits (`fused_fills_gpu`), else two matmuls.
 
     Its signature is the op's schema; both paths validate the arguments.
     """
-    if x.device.type == "cuda" and v.dim() == 2 and v.shape[0] <= MAX_FUSED_RANK:
+    if x.device.type == "cuda" and v.dim() == 2 and v.shape[0] <= MAX_FUSED_RANK and \
+            fused_fills_gpu(math.prod(x.shape[:-1]), u.shape[0], x.device):
         return low_rank_linear_triton(x, v, u, bias, activation)
     return low_rank_linear_reference(x, v, u, bias, activation)
 

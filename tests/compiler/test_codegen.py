@@ -19,6 +19,7 @@ Tolerances, measured and justified:
 
 import inspect
 import operator
+import re
 
 import pytest
 import sympy
@@ -353,16 +354,25 @@ EPILOGUES = {
 }
 
 
+@pytest.mark.parametrize("variant", ["fused", "two_step"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 45), (3, 5, 45)], ids=str)
 @pytest.mark.parametrize("name", list(EPILOGUES))
-def test_low_rank_linear_with_fused_epilogue(name, shape, dtype):
+def test_low_rank_linear_with_fused_epilogue(name, shape, dtype, variant, monkeypatch):
+    """Both kernels of a low-rank group: `fused` keeps x @ v.T in registers (rows that fill a
+    GPU); `two_step` takes it from a library GEMM and runs the dense template over u (fewer
+    rows, e.g. decoding: the fused kernel would re-read v once per column split)."""
+    from effc.compiler.codegen import templates
+
+    monkeypatch.setattr(templates, "fused_fills_gpu", lambda *args: variant == "fused")
     fn = EPILOGUES[name]
     report, sources = check(lambda x, v, u, b: fn(x, v, u, b), *_lr_inputs(shape, dtype=dtype),
                             atol32=1e-5, rtol32=1e-5)
     assert report.kernels and all(k.kind == "gemm" for k in report.kernels)
     left = [n for n in check.lowered.graph.nodes if n.op.startswith("call") and classify(n)]
     assert left == []  # every epilogue node went into a GEMM kernel
+    launchers = [t for t in _all_launchers(check.lowered) if t.plan.template == "low_rank"]
+    assert launchers and {t.last_variant for t in launchers} == {variant}
 
 
 def test_epilogue_names_say_what_is_fused():
@@ -655,10 +665,14 @@ def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     assert all(params[b] == "tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     # it is valid Triton: importing it gives the Autotuner that launches on a GPU
     assert isinstance(cache.load(source.text, source.name, tmp_path), triton.runtime.Autotuner)
-    # the interpreter source for the same group differs only by the decorator
+    # the interpreter source for the same group differs only by the decorators
     plain = generate(group, "interpreter").text
-    assert "triton.autotune" not in plain and plain.split("@triton.jit")[1] == \
-        source.text.split("@triton.jit")[1]
+    undecorated = re.sub(r"@triton\.autotune\(\n.*?\n\)\n", "", source.text, flags=re.S)
+    assert "triton.autotune" not in plain and "triton.autotune" not in undecorated
+    assert plain.split("@triton.jit", 1)[1] == undecorated.split("@triton.jit", 1)[1]
+    if template == "low_rank":  # and the two-step kernel: the dense template, its own configs
+        two_step, _ = _autotune_call(ast.parse(source.text), source.plan.two_step)
+        assert len(two_step.keywords[0].value.elts) == len(DENSE_CONFIGS)
 
 
 # --- cat: each operand computed in its own index range, picked per lane ----------------------

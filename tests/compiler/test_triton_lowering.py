@@ -420,6 +420,24 @@ def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind, 
         assert not {"addmm", "matmul"} & set(g.eager_ops.get("library", {}))
 
 
+def test_llama_low_rank_two_step_kernels_match_eager(monkeypatch):
+    """Decode-sized calls on a GPU take x @ v.T from a library GEMM and run the dense template
+    over u with the fused epilogue; forced here, every low-rank kernel takes that path."""
+    from effc.compiler.codegen import launch, templates
+
+    monkeypatch.setattr(templates, "fused_fills_gpu", lambda *args: False)
+    model, inputs = _model("llama")
+    options = {"low_rank": {"rank": 8}}
+    ref = first_tensor(_run(model, "eager", options, **inputs))
+    keep = KeepLowered()
+    out = first_tensor(_run(model, "triton", {**options, "instruments": [keep]}, **inputs))
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    launchers = [n.target for n in keep.gm.graph.nodes if isinstance(n.target, launch.Launcher)
+                 and n.target.kind == "gemm"]
+    assert len(launchers) == 2 * 7 + 1  # every low-rank site, bare or with its epilogue
+    assert {t.last_variant for t in launchers} == {"two_step"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_llama_in_half_precision_matches_eager(dtype):
     """Every fused op rounds to its dtype where eager does; the GEMM sums in fp32 in another

@@ -151,6 +151,41 @@ def test_kernel_default_tiling():
     torch.testing.assert_close(y, low_rank_linear_reference(x, v, u, b, "gelu_tanh"), atol=1e-4, rtol=1e-4)
 
 
+class _H100:
+    multi_processor_count = 132
+
+
+@pytest.mark.parametrize("m,n,fused", [(1, 4096, False), (8, 4096, False), (4096, 4096, False),
+                                       (16896, 4096, True), (10 ** 5, 64, True)])
+def test_the_fused_kernel_runs_only_where_its_rows_fill_the_gpu(m, n, fused, monkeypatch):
+    """Each column split recomputes x @ v.T: at decode sizes the fused kernel would read v
+    once per split (up to 2 x 132 times on an H100), so the op and the lowering take t from a
+    library GEMM there; the fused kernel needs 2 x 132 row blocks of 64 (16896 rows)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _H100())
+    assert low_rank.fused_fills_gpu(m, n, torch.device("cuda")) is fused
+    assert low_rank.fused_fills_gpu(m, n, torch.device("cpu"))  # one program at a time
+
+
+def test_op_on_cuda_runs_the_fused_kernel_only_where_it_fills_the_gpu(monkeypatch):
+    """The op's dispatch, with CUDA tensors stood in for: which implementation each size gets."""
+    calls = []
+    monkeypatch.setattr(low_rank, "fused_fills_gpu", lambda m, n, device: m >= 1000)
+    monkeypatch.setattr(low_rank, "low_rank_linear_triton", lambda *a: calls.append("fused"))
+    monkeypatch.setattr(low_rank, "low_rank_linear_reference", lambda *a: calls.append("two"))
+
+    class Cuda:  # the attributes the dispatch reads
+        def __init__(self, *shape):
+            self.shape, self.device = shape, torch.device("cuda")
+
+        def dim(self):
+            return len(self.shape)
+
+    for rows in (1, 8, 999, 1000, 5000):
+        low_rank._low_rank_linear_default(Cuda(rows, 64), Cuda(16, 64), Cuda(128, 16))
+    low_rank._low_rank_linear_default(Cuda(5000, 512), Cuda(256, 512), Cuda(128, 256))  # r > 128
+    assert calls == ["two", "two", "two", "fused", "fused", "two"]
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     m=st.integers(1, 40), k=st.integers(1, 40), n=st.integers(1, 40), r=st.integers(1, 40),

@@ -9,6 +9,7 @@ under `strict`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +113,15 @@ def broadcast(*shapes: Sequence[int]) -> tuple[int, ...]:
                     raise Unfit(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
                 out[lead + i] = d
     return tuple(out)
+
+
+def sibling(kernel: Any, name: str) -> Any:
+    """Another kernel of the module that defines `kernel` (a jit function, an interpreted one,
+    or an autotuner around either): generated modules hold variants side by side."""
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return fn.__globals__[name]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -31,7 +31,7 @@ from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source
                                           memory_order, module_text, next_pow2, operand,
                                           row_major, scalar, size_symbols, strides_of, texpr)
 from effc.compiler.codegen.launch import (Launcher, alloc, broadcast, cdiv, check_static, dense,
-                                          single_or_tuple)
+                                          sibling, single_or_tuple)
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
 
@@ -332,7 +332,7 @@ class RowLauncher(Launcher):
         """The jit function for this row length (the looped one is the persistent one's sibling)."""
         p = self.plan
         if looped and p.variants == ("persistent", "looped"):
-            return self.kernel.fn.__globals__[p.looped_name]
+            return sibling(self.kernel, p.looped_name)
         return self.kernel
 
     def launch(self, *inputs):

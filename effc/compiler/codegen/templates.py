@@ -4,7 +4,11 @@ Two templates share one epilogue generator:
 - low rank, the effc low-rank GEMM: each program computes t = x_rows @ v.T ([BLOCK_M, R_PAD],
   fp32) once, keeps it in registers, and produces its output tiles acc = t @ u.T (+ bias).
   Its text is TEMPLATE in effc/kernels/low_rank.py, which the op's own kernel fills with a
-  fixed epilogue, so the op and the lowering run one algorithm (and one set of launch rules);
+  fixed epilogue, so the op and the lowering run one algorithm (and one set of launch rules).
+  When the rows do not fill the GPU (decoding), that kernel would split columns over
+  programs that each recompute t, re-reading v: then the module's second kernel, `<name>_t`,
+  runs instead: t from a library GEMM, then the dense template over (t, u) with the same
+  epilogue (`fused_fills_gpu` decides per launch);
 - DENSE, `F.linear(x, W, b)`: x is the [M, K] view of any leading dims, W is [N, K]; each
   program computes one [BLOCK_M, BLOCK_N] tile acc = x @ W.T (+ bias), accumulating in fp32
   with `tl.dot` (IEEE fp32 products unless TF32 is allowed), masked for ragged M, N and K;
@@ -18,7 +22,8 @@ operands are read as [M, N] tiles through strides given at launch (0 for broadca
 a bias-like [N] vector).
 
 Tiling: for CUDA the kernel is wrapped in `triton.autotune` over a short config list (BLOCK_M,
-BLOCK_N, BLOCK_K, num_warps, num_stages) keyed on the problem sizes; under the Triton
+BLOCK_N, BLOCK_K, num_warps, num_stages) keyed on the problem sizes (the row count by its
+power-of-two bucket); under the Triton
 interpreter it runs one fixed small config (INTERPRETER_CONFIG), which also keeps every
 ragged edge of the test shapes inside a masked block.
 """
@@ -29,15 +34,17 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           memory_order, module_text, next_pow2, operand, rounded,
                                           row_major, strides_of)
-from effc.compiler.codegen.launch import Launcher, alloc, cdiv, check_static, single_or_tuple
+from effc.compiler.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
+                                          single_or_tuple)
 from effc.compiler.ops import Op, meta
 from effc.compiler.partition import Group
-from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, kernel_source,
-                                   rank_block, x_times_wt)
+from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, fused_fills_gpu,
+                                   kernel_source, rank_block, x_times_wt)
 
 TARGETS = ("interpreter", "cuda")
 # the interpreter runs programs one after another: one small config, no tuning
@@ -103,6 +110,15 @@ class GemmPlan:
     out_dtypes: list[torch.dtype]
     weight_kn: bool = False    # dense `x @ B`: the weight [N, K] is B.t(), passed as a view
     out_orders: list = dataclasses.field(default_factory=list)  # None: row-major; else strided
+    two_step: str | None = None  # low_rank: the kernel taking t = x @ v.T from a library GEMM
+
+
+def _tuned(text: str, template: str, target: str) -> str:
+    """A template's kernel text, wrapped in its autotuner for CUDA."""
+    if target != "cuda":
+        return text.strip("\n")
+    configs = LOW_RANK_CONFIGS if template == "low_rank" else DENSE_CONFIGS
+    return _autotune_decorator(configs, AUTOTUNE_KEYS[template]) + "\n" + text.strip("\n")
 
 
 def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
@@ -215,21 +231,30 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     stride_params += [p for j, order in enumerate(orders) if order is not None for p in
                       [f"out{j}_s{k}" for k in range(lead)] + [f"out{j}_sn"]
                       + [f"out{j}_d{k}" for k in range(1, lead)]]
-    if template == "low_rank":
-        body = kernel_source(name, operand_params, stride_params, _ROUND_T[dtype], lines)
-        what = f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])})"
-    else:
-        body = DENSE.format(name=name, operand_params="".join(p + ", " for p in operand_params),
+    def dense(kernel_name: str) -> str:  # the dense template with this epilogue
+        text = DENSE.format(name=kernel_name,
+                            operand_params="".join(p + ", " for p in operand_params),
                             stride_params="".join(p + ", " for p in stride_params),
                             x_times_wt=x_times_wt("acc", "w", "n", "BLOCK_N"),
                             epilogue="".join(f"    {line}\n" for line in lines))
+        return _tuned(text, "dense", target)
+
+    two_step = None
+    if template == "low_rank":
+        # fused: t = x @ v.T kept in registers; two-step (`_t`): t from a library GEMM, then
+        # the dense template over (t, u) with the same epilogue (see fused_fills_gpu)
+        two_step = f"{name}_t"
+        body = _tuned(kernel_source(name, operand_params, stride_params, _ROUND_T[dtype], lines),
+                      "low_rank", target) + "\n\n" + dense(two_step)
+        what = (f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])}; {name} "
+                f"keeps x @ v.T in registers, {two_step} reads it from a library GEMM)")
+    else:
+        body = dense(name)
         what = (f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])}"
                 + (" stored [K, N], read transposed)" if weight_kn else ")"))
     tiling = "fixed config for the interpreter"
     if target == "cuda":
-        configs = LOW_RANK_CONFIGS if template == "low_rank" else DENSE_CONFIGS
-        body = _autotune_decorator(configs, AUTOTUNE_KEYS[template]) + "\n" + body.lstrip("\n")
-        tiling = f"autotuned over {len(configs)} configs"
+        tiling = "autotuned over config lists"
     summary = (f"{what} with an epilogue of {len(group.nodes) - 1} FX nodes "
                f"({group.describe()}); output shape {tuple(group.shape)}; epilogue operands: "
                + (", ".join(f"in{i}={n.name}" for i, n in enumerate(extra)) or "none")
@@ -237,13 +262,14 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                + f"; {tiling}")
     plan = GemmPlan(template, target, group.shape, position[x], [position[t] for t in weights],
                     position[bias] if bias is not None else None,
-                    [position[n] for n in extra], out_dtypes, weight_kn, orders)
+                    [position[n] for n in extra], out_dtypes, weight_kn, orders, two_step)
     return Source(name, "gemm", module_text(name, "gemm", summary, body, needs_bf16), plan)
 
 
 class GemmLauncher(Launcher):
     kind = "gemm"
     last_config: dict | None = None  # the fixed tiling of the last interpreter launch
+    last_variant: str | None = None  # low_rank: "fused" or "two_step", what the last launch ran
 
     def launch(self, *inputs):
         p = self.plan
@@ -259,11 +285,17 @@ class GemmLauncher(Launcher):
         if m == 0 or n == 0:
             return single_or_tuple(outs)
         x2 = x.reshape(m, k)
+        kernel, template = self.kernel, p.template
+        if template == "low_rank":
+            self.last_variant = "fused" if fused_fills_gpu(m, n, x.device) else "two_step"
+            if self.last_variant == "two_step":  # t from the library; then a dense GEMM over u
+                x2, weights, k = F.linear(x2, weights[0]), weights[1:], weights[0].shape[0]
+                kernel, template = sibling(self.kernel, p.two_step), "dense"
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
         args = [x2, *weights, *bias, *extra,
                 *[o.view(m, n) if order is None else o for o, order in zip(outs, orders)], m, n, k]
-        if p.template == "low_rank":
+        if template == "low_rank":
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
         args += [b.stride(0) for b in bias] + [s for e in extra for s in e.stride()]
@@ -272,20 +304,20 @@ class GemmLauncher(Launcher):
             if order is not None:
                 args += list(o.stride()) + list(shape[1:-1])
         consts = dot_constexprs(x)
-        if p.template == "low_rank":
+        if template == "low_rank":
             consts["R_PAD"] = rank_block(weights[0].shape[0])
 
         def grid(meta):
             rows, cols = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
-            if p.template == "low_rank":  # a program loops over its share of column blocks
+            if template == "low_rank":  # a program loops over its share of column blocks
                 cols = column_splits(rows, cols, x.device)
             return rows, cols
 
         if p.target == "cuda":  # triton.autotune picks BLOCK_*, num_warps and num_stages
-            self.kernel[grid](*args, **consts)
+            kernel[grid](*args, **consts)
             self.last_config = None
         else:
             config = dict(INTERPRETER_CONFIG)
-            self.kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
+            kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
             self.last_config = config
         return single_or_tuple(outs)
