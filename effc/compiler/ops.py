@@ -464,6 +464,18 @@ _FRESH_METHODS = {"clone", "cumsum", "sum", "mean", "amax", "softmax", "matmul",
                   "le", "eq", "ne", *_INPLACE_METHODS.values()}
 
 
+# ops returning a tuple of new tensors (values and indices): each item is fresh
+_FRESH_TUPLE_FUNCTIONS = {torch.topk, torch.sort}
+_FRESH_TUPLE_METHODS = {"topk", "sort"}
+
+
+def _returns_fresh_tuple(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _FRESH_TUPLE_METHODS and not node.kwargs.get("out")
+    return node.op == "call_function" and node.target in _FRESH_TUPLE_FUNCTIONS and \
+        not node.kwargs.get("out")
+
+
 def returns_fresh(node: fx.Node) -> bool:
     """True if the node's value is a new tensor, never a view of (or the same object as) an
     input: known compute ops only. Casts, dropout and views may hand back their input."""
@@ -476,6 +488,8 @@ def returns_fresh(node: fx.Node) -> bool:
         return node.target in _FRESH_METHODS
     if node.target in _FRESH_FUNCTIONS:
         return True
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return _returns_fresh_tuple(node.args[0])  # topk's values: a new tensor
     op = classify(node)
     return op is not None and op.name not in ("identity", "cast")
 

@@ -26,7 +26,8 @@ first rewrites, in the graph it is given, each write that is safe to compute out
 - effc knows its out-of-place twin (`ops.out_of_place`) and the twin keeps y's dtype and
   shape (y floating point; other tensor operands of y's dtype, broadcasting into y);
 - y is fresh: made in this graph by an op whose result is always a new tensor
-  (`ops.returns_fresh`: not an input, attribute, view, cast, dropout or unknown op);
+  (`ops.returns_fresh`: not an input, attribute, view, cast, dropout or unknown op; topk's
+  and sort's values and indices are fresh, so an MoE router's `w /= w.sum(...)` fuses);
 - every other reader of y ordered before the write returns a fresh tensor (or none) and
   writes nothing: no alias of y exists that would see the write.
 Readers of y after the write are then pointed at m (in eager, m *is* y) and m becomes the

@@ -205,6 +205,31 @@ def test_in_place_ops_on_fresh_intermediates_are_rewritten_out_of_place_and_fuse
     assert torch.equal(x, X) and torch.equal(w, W)
 
 
+def test_a_write_into_topk_values_is_rewritten_but_one_into_a_split_is_not():
+    """An MoE router renormalises its top-k weights in place (`w /= w.sum(-1, keepdim=True)`,
+    Mixtral): topk's values are a new tensor, so the write is computed out of place and fuses
+    into a row kernel. A chunk of `split` is a view of its input: writing it stays a barrier."""
+    def router(x):
+        w, idx = torch.topk(torch.softmax(x, -1), 2, dim=-1)
+        w.div_(w.sum(-1, keepdim=True))  # Dynamo's `w /= ...` (symbolic_trace would not)
+        return w, idx
+
+    def chunk(x):
+        y = x * 2.0
+        a, b = y.split(20, dim=-1)
+        a.div_(a.sum(-1, keepdim=True))
+        return y
+
+    gm, p = _groups(router, X.clone())
+    assert p.barriers == [] and p.functionalized == ["div_"]
+    assert [g.kernel_name() for g in p.groups] == ["row_softmax", "row_sum_div"]
+    gm.recompile()
+    for o, r in zip(gm(X.clone()), router(X.clone())):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    gm, p = _groups(chunk, X.clone())
+    assert [name for name, _ in p.barriers] == ["div_"] and p.functionalized == []
+
+
 def test_writes_into_inputs_views_and_aliased_tensors_stay_eager_as_barriers():
     """Each unsafe write is kept, with its reason, and no group spans it."""
     def fn(x):
