@@ -197,6 +197,8 @@ def _pointwise(node: fx.Node) -> Op | None:
         return Op("pointwise", "pow", (args[0],), {"exponent": exponent})
     if method and t == "to" or method and t in _CAST_METHODS:
         return _cast(node)
+    if method and t == "type_as":  # Gemma's norms: `out.type_as(x)`, a cast to x's dtype
+        return Op("pointwise", "cast", (args[0],)) if _only(node, set(), 2) else None
     if t is F.dropout:
         training = _arg(node, 2, "training", True)
         p = _arg(node, 1, "p", 0.5)

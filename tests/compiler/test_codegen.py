@@ -69,6 +69,7 @@ UNARY = {
     "scalar_ops": lambda x: (1.0 - x) * 1.1 / 0.7 + 0.1 - 0.3,
     "scalar_over_tensor": lambda x: 0.7 / (x.abs() + 0.5),
     "casts": lambda x: (x * 1.1).to(torch.float16).float().to(torch.bfloat16).float(),
+    "type_as": lambda x: (x * 1.1).type_as(x.half()).float(),
     "dropout_eval": lambda x: F.dropout(x * 2.0, 0.1, False),
     "clamp": lambda x: torch.clamp(x, -0.5, 1.5), "clamp_min_method": lambda x: x.clamp_min(0.1),
     "clamp_max_kw": lambda x: torch.clamp(x, max=0.3), "clip": lambda x: x.clip(-1.0, 1.0),
