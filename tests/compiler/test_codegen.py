@@ -522,6 +522,18 @@ def test_dense_linear_with_fused_epilogue(name, shape, dtype):
     assert len(left) == (1 if name == "gating_mul" else 0)
 
 
+def test_dense_template_visits_every_tile_in_its_grouped_order():
+    """Tiles go in groups of 8 row blocks: 10 row blocks (32 rows each under the interpreter)
+    make a full group and a ragged one of 2, over 3 column blocks (the last ragged too)."""
+    from effc.compiler.codegen.templates import INTERPRETER_CONFIG
+
+    rows = 9 * INTERPRETER_CONFIG["BLOCK_M"] + 5
+    x, w, b = _dense_inputs((rows, 45), n=70)
+    report, _ = check(lambda x, w, b: torch.relu(F.linear(x, w, b)), x, w, b, atol32=1e-5,
+                      rtol32=1e-5)
+    assert [k.name for k in report.kernels] == ["linear_relu"]
+
+
 def test_dense_linear_reads_strided_weights_and_inputs():
     x = rand(45, 74).t()[::2]                  # [37, 45] with strides (2, 74)
     w = rand(45, 29, scale=0.15, seed=1).t()   # [29, 45] with strides (1, 29)

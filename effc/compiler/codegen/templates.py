@@ -81,8 +81,15 @@ def {name}(
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # tiles in groups of 8 row blocks, column by column within a group: programs running at
+    # the same time share the weight's column blocks and x's row blocks in L2
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    in_group = 8 * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // in_group) * 8
+    group_rows = tl.minimum(row_blocks - first_m, 8)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -310,8 +317,8 @@ class GemmLauncher(Launcher):
         def grid(meta):
             rows, cols = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
             if template == "low_rank":  # a program loops over its share of column blocks
-                cols = column_splits(rows, cols, x.device)
-            return rows, cols
+                return rows, column_splits(rows, cols, x.device)
+            return (rows * cols,)  # the dense template orders its tiles in groups itself
 
         if p.target == "cuda":  # triton.autotune picks BLOCK_*, num_warps and num_stages
             kernel[grid](*args, **consts)
