@@ -197,6 +197,15 @@ def _literal(value: str | float, dtype: torch.dtype) -> str:
     return value if isinstance(value, str) else scalar(torch.tensor(value, dtype=dtype).item())
 
 
+# one-operand ops that are a single expression of their operand `{x}` (fp32)
+_UNARY_EXPRESSIONS = {
+    "relu": "tl.where({x} < 0, 0.0, {x})",  # keeps NaN, as torch.relu does
+    "silu": "{x} * tl.sigmoid({x})", "neg": "-{x}", "sqrt": "tl.sqrt_rn({x})",
+    "erf": "tl.math.erf({x})", "reciprocal": "1.0 / {x}", "square": "{x} * {x}",
+    **{n: f"tl.{n}({{x}})" for n in ("sigmoid", "exp", "log", "rsqrt", "abs", "cos", "sin")},
+}
+
+
 def expr(op: Op, a: list[str | float], dtype: torch.dtype = torch.float32) -> str:
     """The fp32 value of a pointwise op whose result has `dtype`, given its operands
     (variable names, or Python numbers).
@@ -214,15 +223,13 @@ def expr(op: Op, a: list[str | float], dtype: torch.dtype = torch.float32) -> st
     x = _literal(a[0], torch.float32)
     if n in ("identity", "cast"):
         return x
-    if n == "relu":
-        return f"tl.where({x} < 0, 0.0, {x})"  # keeps NaN, as torch.relu does
+    if n in _UNARY_EXPRESSIONS:
+        return _UNARY_EXPRESSIONS[n].format(x=x)
     if n == "gelu" and op.params.get("approximate") == "tanh":
         # 0.5 * (1 + tanh(z)) == sigmoid(2z)
         return f"{x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))"
     if n == "gelu":
         return f"0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476))"
-    if n == "silu":
-        return f"{x} * tl.sigmoid({x})"
     if n == "tanh":
         # 2 sigmoid(2x) - 1 loses relative precision near 0, where the odd Taylor series
         # (to x^11, error < 1e-9 relative for |x| < 0.3) takes over
@@ -230,18 +237,6 @@ def expr(op: Op, a: list[str | float], dtype: torch.dtype = torch.float32) -> st
                   f" + {x} * {x} * (-0.05396825396825397 + {x} * {x} * (0.021869488536155203"
                   f" + {x} * {x} * -0.008863235529902197)))))")
         return f"tl.where(tl.abs({x}) < 0.3, {series}, 2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"
-    if n == "neg":
-        return f"-{x}"
-    if n == "sqrt":
-        return f"tl.sqrt_rn({x})"
-    if n in ("sigmoid", "exp", "log", "rsqrt", "abs", "cos", "sin"):
-        return f"tl.{n}({x})"
-    if n == "erf":
-        return f"tl.math.erf({x})"
-    if n == "reciprocal":
-        return f"1.0 / {x}"
-    if n == "square":
-        return f"{x} * {x}"
     if n == "clamp":  # NaN stays NaN, as in torch; min > max gives max, as in torch
         lo, hi = op.params["min"], op.params["max"]
         value = x if lo is None else f"tl.where({x} < {float(lo)!r}, {float(lo)!r}, {x})"
