@@ -54,9 +54,12 @@ def unavailable_reason(example_inputs: Sequence[Any], grad_enabled: bool) -> str
 
 
 def _ensure_meta(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Shape metadata for graphs not traced by Dynamo (hand-built FX graphs in tests)."""
+    """Shape metadata for graphs not traced by Dynamo (hand-built FX graphs in tests). A Dynamo
+    graph has fake values on its nodes (none on a call returning None, such as torch's API
+    logging): running it here would run the whole model once more."""
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    if all(node_value(n) is not None or "tensor_meta" in n.meta for n in calls):
+    if any(node_value(n) is not None for n in calls) or all("tensor_meta" in n.meta
+                                                             for n in calls):
         return
     from torch.fx.passes.shape_prop import ShapeProp
 

@@ -505,6 +505,20 @@ def test_kernel_kinds_left_out_run_eagerly_and_the_rest_still_fuse(kinds):
         assert g.eager_ops["library"]["linear"] == 2 * 7 + 1
 
 
+def test_a_dynamo_graph_is_lowered_from_its_fake_values_without_running_it(monkeypatch):
+    """Llama's graph has a call with no value (torch's API-usage logging); the lowering still
+    reads Dynamo's fake values and never propagates real tensors through the model again."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    def refuse(self, *args):
+        raise AssertionError("the lowering ran the graph to get shapes")
+
+    monkeypatch.setattr(ShapeProp, "propagate", refuse)
+    model, inputs = _model("llama")
+    out = first_tensor(_run(model, "triton", {}, **inputs))
+    assert torch.isfinite(out).all() and effc.report().graphs[-1].kernels
+
+
 def test_verify_measures_the_lowered_callable():
     """verify runs what will run: with triton lowering and no pass, fused kernels differ from
     eager by float rounding only, and the report's error is exactly the measured one."""
