@@ -15,20 +15,23 @@
     low_rank pass's op (`effc.low_rank_linear`: at these M on a GPU, two cuBLAS GEMMs, since the
     fused kernel would re-read v once per column split), the lowering's low-rank group with a
     gelu epilogue (x @ v.T from cuBLAS, then the generated dense template over u), effc's
-    generated dense linear+gelu template and cuBLAS's linear + gelu for reference: bytes moved / time as a fraction of a measured
-    copy bandwidth (a large `torch.empty_like(x).copy_(x)`, read + write bytes).
+    generated dense linear+gelu template and cuBLAS's linear + gelu for reference: bytes
+    moved / time as a fraction of a measured copy bandwidth (a large
+    `torch.empty_like(x).copy_(x)`, read + write bytes).
 (c) host time per kernel launch (the Python launcher's shape checks, output allocation and
     argument lists), per kernel kind, next to running the same FX nodes as eager ops: what
     decode-sized calls pay per kernel before the GPU does any work. On CUDA the real launch;
     on the CPU the Triton call is stubbed out, so it measures effc's launcher alone.
+(d) seconds the lowering itself takes (partition; and partition, code generation and kernel
+    loading) on Llama graphs of 8, 16 and 32 layers: compile time that grows with depth.
 Goal (issue): effc-triton >= inductor on the same graph; decode kernels >= 70% of the copy
 bandwidth.
 
 Without CUDA, (a) and (b) time nothing: `--smoke` runs tiny shapes on the CPU under the Triton
 interpreter, checking every variant's output against eager and printing kernel counts, so the
-script itself is exercised. (c) is timed on the CPU too:
+script itself is exercised. (c) and (d) are timed on the CPU too:
 
-    .venv/bin/python benchmarks/bench_lowering.py --part c --record   # CPU: BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_lowering.py --part c,d --record   # CPU: BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -352,20 +355,69 @@ def part_c(smoke: bool, device: str, dtype: torch.dtype) -> str:
                   "eager ops on the same nodes, median us"], rows)
 
 
+# --- (d) lowering time vs depth ----------------------------------------------------------------
+def part_d(smoke: bool, device: str, dtype: torch.dtype) -> str:
+    """Seconds effc's Triton lowering spends on a Llama graph of growing depth (partition, and
+    the whole lowering: partition, code generation, loading the cached kernels), with Dynamo's
+    graph captured once and lowered again per timing; no kernel runs."""
+    import time
+
+    import transformers as tf
+
+    from effc.compiler.config import Config
+    from effc.compiler.partition import partition
+    from effc.compiler.report import GraphReport
+    from effc.compiler.triton_lowering import lower_triton
+
+    rows = []
+    for layers in ((2, 4) if smoke else (8, 16, 32)):
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2)
+        model = tf.LlamaForCausalLM(cfg).eval().to(device)
+        captured = []
+
+        def capture(gm, example_inputs):
+            captured.append((gm, example_inputs))
+            return gm
+
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            torch.compile(model, backend=capture)(input_ids=torch.randint(0, 96, (1, 4),
+                                                                          device=device))
+        (gm, inputs), = captured
+        config = Config.from_options({"lowering": "triton"}, env={})
+        timings = {"partition": [], "lowering": []}
+        for _ in range(1 if smoke else 3):
+            copy = torch.fx.GraphModule(gm, gm.graph.__deepcopy__())
+            start = time.perf_counter()
+            groups = partition(copy.graph).groups
+            timings["partition"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            lower_triton(gm, inputs, config, GraphReport(graph="d"), grad_enabled=False)
+            timings["lowering"].append(time.perf_counter() - start)
+        nodes = sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        rows.append([layers, nodes, len(groups), statistics.median(timings["partition"]),
+                     statistics.median(timings["lowering"])])
+    return table(["layers", "FX call nodes", "kernels", "partition s (median)",
+                  "whole lowering s (median)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, outputs checked, no timings (the path without a GPU)")
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
+    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--record", action="store_true",
                         help="write the tables to BENCHMARKS.md (CUDA runs only)")
     args = parser.parse_args()
     keys = [k.strip() for k in args.part.split(",")]
-    if not CUDA and not args.smoke and keys != ["c"]:
+    if not CUDA and not args.smoke and set(keys) - {"c", "d"}:
         print("bench_lowering: no CUDA device: (a) and (b) need a GPU to time anything.")
         print("Run with --smoke to check the script's paths on the CPU (Triton interpreter), "
-              "or --part c to time the host overhead per launch here.")
+              "or --part c,d to time the host overhead per launch and the lowering here.")
         return
     smoke = args.smoke
     device = "cuda" if CUDA else "cpu"
@@ -378,7 +430,8 @@ def main() -> None:
     parts = {"a": ("(a) models: effc-triton vs inductor on the same rewritten graph, and vs eager",
                    part_a),
              "b": ("(b) decode-shaped kernels (M = 1..8): bandwidth", part_b),
-             "c": ("(c) host time per kernel launch", part_c)}
+             "c": ("(c) host time per kernel launch", part_c),
+             "d": ("(d) lowering time vs model depth (Llama, passes off)", part_d)}
     for key in keys:
         title, fn = parts[key]
         text = f"{title}; {where}; {dtype}\n\n" + fn(smoke, device, dtype)
@@ -393,8 +446,8 @@ def main() -> None:
         elif CUDA:
             record("lowering", "## Triton lowering (bench_lowering.py)\n\n" + "\n\n".join(sections))
         else:
-            record("lowering_host", "## Triton lowering: host overhead per launch, CPU "
-                   "(bench_lowering.py --part c)\n\n" + "\n\n".join(sections))
+            record("lowering_host", "## Triton lowering: host overhead per launch and lowering "
+                   "time, CPU (bench_lowering.py --part c,d)\n\n" + "\n\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ Groups grow by merging neighbours over a networkx quotient graph (one vertex per
 one per node left eager). Two groups merge only if no path between them runs through a third
 vertex: then contracting them keeps the graph acyclic, so the fused graph can be ordered.
 A topological order of the quotient is kept through the merges, so that check searches only
-the vertices placed between the two (linear time overall in practice: a 32-layer Llama
-partitions in 0.27 s, 3.2 s with a whole-graph path search per merge).
+the vertices placed between the two (linear time overall in practice: a 32-layer Llama graph
+partitions in 0.09 s, 0.87 s with a whole-graph path search per merge;
+benchmarks/bench_lowering.py --part d).
 Row groups grow first (a norm's prologue is worth more than a GEMM epilogue), then GEMM
 epilogues, then pointwise chains. A node with a user outside its group, or that the graph
 returns, is an output of the group and stays materialized.
