@@ -82,11 +82,25 @@ def _gemm_targets() -> dict[Any, str]:
     return {op: "low_rank_linear", op.default: "low_rank_linear"}
 
 
+def _exact_quotient(e: sympy.Expr) -> sympy.Expr:
+    """FloorDiv(a, b) -> a / b when b divides a as polynomials ((s // 4)**2 // (s // 4))."""
+    a, b = e.args
+    q = sympy.cancel(a / b)
+    return q if sympy.fraction(q)[1] == 1 else e
+
+
 def sym(size: Any) -> sympy.Expr:
-    """A size (int or SymInt) as a sympy expression; symbolic sizes keep their symbols."""
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))
+    """A size or stride (int or SymInt) as a sympy expression; symbolic sizes keep their
+    symbols. Two spellings torch's shape algebra leaves unsimplified are normalised, so equal
+    sizes compare equal: `Max(1, x)` in a contiguous tensor's strides (x differs from it only
+    when some size is 0, and then no element is read) and an exact floor division."""
+    if not isinstance(size, torch.SymInt):
+        return sympy.Integer(int(size))
+    e = sympy.sympify(size.node.expr)
+    e = e.replace(lambda x: type(x).__name__ == "Max" and len(x.args) == 2 and 1 in x.args,
+                  lambda x: x.args[0] if x.args[1] == 1 else x.args[1])  # torch's own Max too
+    return e.replace(lambda x: type(x).__name__ == "FloorDiv" and len(x.args) == 2,
+                     _exact_quotient)
 
 
 def meta(node: Any) -> tuple[tuple[sympy.Expr, ...], torch.dtype, torch.device] | None:

@@ -583,6 +583,38 @@ def test_llama_rotary_embedding_fuses_its_cats():
     assert g.notes[-1] == "legacy empty operands dropped from 4 cats: keys, values, keys_1, values_1"
 
 
+class _ConvNextBlock(nn.Module):
+    """ConvNeXt's block: depthwise conv, channels-last LayerNorm and MLP, back, residual."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):  # eps written out: under dynamic=True a module's float is symbolic
+        h = F.layer_norm(self.dw(x).permute(0, 2, 3, 1), (8,), self.norm.weight, self.norm.bias,
+                         1e-6)
+        h = self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2)
+        return x + h
+
+
+def test_dynamic_image_sizes_keep_their_kernels():
+    """With dynamic=True, a contiguous tensor's symbolic strides carry `Max(1, size)` (and
+    sizes an unsimplified `(s // 4)**2 // (s // 4)`): read as the sizes they equal, the
+    layouts stay dense and every group still gets its kernel, at two image sizes."""
+    torch.manual_seed(0)
+    model = _ConvNextBlock().eval()
+    keep = KeepLowered()
+    compiled = _compile(model, {"instruments": [keep]}, dynamic=True)
+    with torch.inference_mode():
+        for size in (12, 20):
+            x = torch.randn(2, 8, size, size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    (g,) = effc.report().graphs
+    assert g.inputs["symint"] > 0 and g.fallbacks == []
+    assert {k.kind for k in g.kernels} >= {"row", "gemm"}
+
+
 def test_dynamic_shapes_fuse_a_cat_along_a_static_dim():
     def rope(q, cos, sin):
         return q * cos + _rotate_half(q) * sin
