@@ -193,6 +193,8 @@ def _pointwise(node: fx.Node) -> Op | None:
             return None
         # `number / tensor` is Tensor.__rtruediv__: reciprocal(tensor) * number, rounded twice
         reciprocal = name == "div" and t is operator.truediv and not isinstance(args[0], fx.Node)
+        if meta(node) is not None and meta(node)[1] == torch.float32:  # a number, exactly
+            args = tuple(scalar_tensor_of(a) or a for a in args)  # (Llama's `var + eps`)
         return Op("pointwise", name, tuple(args), {"reciprocal": True} if reciprocal else {})
     if (method and t in _UNARY_METHODS) or (not method and t in _UNARY):
         # F.relu/F.silu take `inplace`; only the out-of-place form is pure
@@ -303,7 +305,7 @@ def _reduction(node: fx.Node) -> Op | None:
         w, b, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
         if not _norm_args(shape, m, (w, b), eps):
             return None
-        return Op("reduction", "layer_norm", (x, w, b), {"eps": float(eps)})
+        return Op("reduction", "layer_norm", *_eps(eps, (x, w, b)))
     if not method and t is getattr(F, "rms_norm", None):
         shape = _arg(node, 1, "normalized_shape")
         w, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
@@ -311,13 +313,35 @@ def _reduction(node: fx.Node) -> Op | None:
             eps = torch.finfo(m[1]).eps
         if not _norm_args(shape, m, (w,), eps):
             return None
-        return Op("reduction", "rms_norm", (x, w), {"eps": float(eps)})
+        return Op("reduction", "rms_norm", *_eps(eps, (x, w)))
     return None
+
+
+def scalar_tensor_of(a: Any) -> fx.Node | None:
+    """t if `a` is `t.item()` of a 0-dim float tensor t, else None. Under dynamic=True Dynamo
+    passes a module's float attribute (a norm's eps) that way: kernels read t as a broadcast
+    scalar instead, so the op still fuses."""
+    if isinstance(a, fx.Node) and a.op == "call_method" and a.target == "item" and \
+            len(a.args) == 1 and not a.kwargs:
+        m = meta(a.args[0])
+        if m is not None and m[0] == () and m[1] in FLOAT_DTYPES + (torch.float64,):
+            return a.args[0]
+    return None
+
+
+def _eps(value: Any, operands: tuple) -> tuple[tuple, dict] | None:
+    """(operands, params) of a norm with epsilon `value`: a number in params, or a scalar
+    tensor (see scalar_tensor_of) as the last operand."""
+    if _scalar(value):
+        return operands, {"eps": float(value)}
+    t = scalar_tensor_of(value)
+    return (operands + (t,), {"eps": None, "eps_at": len(operands)}) if t is not None else None
 
 
 def _norm_args(shape: Any, m: tuple, affine: tuple, eps: Any) -> bool:
     """Normalized over exactly the last dim, affine params absent or float tensors [N]."""
-    if not isinstance(shape, (list, tuple)) or len(shape) != 1 or not _scalar(eps):
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1 or (
+            not _scalar(eps) and scalar_tensor_of(eps) is None):
         return False
     size = node_value(shape[0]) if isinstance(shape[0], fx.Node) else shape[0]  # a SymInt input
     if not isinstance(size, (int, torch.SymInt)) or sym(size) != m[0][-1]:
@@ -393,8 +417,9 @@ def classify(node: fx.Node) -> Op | None:
         return None
     for a in op.operands:
         if isinstance(a, fx.Node):
-            if not _float_tensor(a):
-                return None
+            if not _float_tensor(a) and not (meta(a) is not None and meta(a)[0] == ()
+                                             and meta(a)[1] == torch.float64):
+                return None  # (a 0-dim float64 tensor is a number from `.item()`)
         elif a is not None and not _scalar(a):
             return None
     return op

@@ -615,6 +615,32 @@ def test_dynamic_image_sizes_keep_their_kernels():
     assert {k.kind for k in g.kernels} >= {"row", "gemm"}
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_dynamic_true_norms_with_a_symbolic_eps_still_fuse(kind):
+    """Under dynamic=True Dynamo passes a module's float (a norm's eps) as a 0-dim tensor and
+    `.item()`: the kernels read that tensor, so LayerNorm and Llama's RMSNorm (`var + eps`)
+    stay row kernels. Nothing float but casts is left eager, and two lengths match eager."""
+    model, inputs = _model(kind)
+    ids = inputs["input_ids"]
+    keep = KeepLowered()
+    ref_fn = torch.compile(model, backend="effc", dynamic=True, options={"lowering": "eager"})
+    fn = _compile(model, {"instruments": [keep]}, dynamic=True)
+    with torch.inference_mode():
+        for length in (9, 5):
+            args = {**inputs, "input_ids": ids[:, :length]}
+            if "attention_mask" in inputs:
+                args["attention_mask"] = inputs["attention_mask"][:, :length]
+            out, ref = first_tensor(fn(**args)), first_tensor(ref_fn(**args))
+            assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    g = [g for g in effc.report().graphs if g.lowering == "triton"][-1]
+    assert g.inputs["symint"] > 0
+    items = [n for n in keep.gm.graph.nodes if n.target == "item"]
+    assert items  # the case under test: eps arrives through .item()
+    other = set(g.eager_ops.get("other", {}))
+    assert other <= {"float", "to", "cat"}, other  # (cat: the KV cache's, of symbolic size)
+    assert sum(k.kind == "row" for k in g.kernels) == 5  # every norm of the 2 layers, and one more
+
+
 def test_dynamic_shapes_fuse_a_cat_along_a_static_dim():
     def rope(q, cos, sin):
         return q * cos + _rotate_half(q) * sin

@@ -96,7 +96,7 @@ def _row_op(op: Op, a: list[str], v: str, n_size: str) -> tuple[list[Stat], str]
     if op.name == "softmax":
         return ([Stat(f"{v}_max", "max", x), Stat(f"{v}_sum", "expsum", x, of=f"{v}_max")],
                 f"tl.exp({x} - {v}_max) / {v}_sum")
-    eps = scalar(op.params["eps"])
+    eps = scalar(op.params["eps"]) if op.params["eps"] is not None else a[op.params["eps_at"]]
     if op.name == "layer_norm":
         stats = [Stat(f"{v}_mean", "sum", x, f" / {n_size}"),
                  Stat(f"{v}_var", "sum", f"({x} - {v}_mean) * ({x} - {v}_mean)", f" / {n_size}")]
@@ -106,9 +106,9 @@ def _row_op(op: Op, a: list[str], v: str, n_size: str) -> tuple[list[Stat], str]
         value = f"{x} * tl.rsqrt({v}_ms + {eps})"
     else:
         raise CodegenError(f"no row code for {op.name}")
-    if len(a) > 1 and op.operands[1] is not None:
+    if op.operands[1] is not None:  # the weight
         value = f"({value}) * {a[1]}"
-    if len(a) > 2 and op.operands[2] is not None:
+    if op.name == "layer_norm" and op.operands[2] is not None:  # the bias
         value = f"{value} + {a[2]}"
     return stats, value
 
