@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/lowering_coverage.py            # prints the table (~1 min, CPU)
     .venv/bin/python benchmarks/lowering_coverage.py --record   # and writes it to BENCHMARKS.md
+    .venv/bin/python benchmarks/lowering_coverage.py --dtype bfloat16 --record   # other dtypes
+    .venv/bin/python benchmarks/lowering_coverage.py --dynamic --record  # dynamic=True, 2 lengths
 
 Each architecture is built from a small config (random weights, nothing downloaded), compiled
 with `lowering="triton"` (kernels under the Triton interpreter on a CPU) with passes off and
@@ -101,18 +103,28 @@ def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def run(model, inputs, options: dict) -> tuple[torch.Tensor, list]:
+def _shorter(inputs: dict) -> dict:
+    """The same batch 4 tokens shorter (text models; images keep their size)."""
+    return {k: v[:, :-4] if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
+
+
+def run(model, inputs, options: dict, dynamic: bool = False) -> tuple[list, list]:
+    """Outputs (two lengths under `dynamic`) and the report's graphs."""
     torch._dynamo.reset()
     effc.reset()
+    compiled = torch.compile(model, backend="effc", options=options,
+                             **({"dynamic": True} if dynamic else {}))
+    outs = []
     with torch.inference_mode():
-        out = main_output(torch.compile(model, backend="effc", options=options)(**inputs))
-    return out.float(), effc.report().graphs
+        for batch in ([inputs, _shorter(inputs)] if dynamic else [inputs]):
+            outs.append(main_output(compiled(**batch)).float())
+    return outs, effc.report().graphs
 
 
-def row(name: str, model, inputs, passes: dict) -> list:
-    ref, _ = run(model, inputs, {**passes, "lowering": "eager"})
-    out, graphs = run(model, inputs, {**passes, "lowering": "triton"})
-    rel = ((out - ref).norm() / ref.norm()).item()
+def row(name: str, model, inputs, passes: dict, dynamic: bool = False) -> list:
+    refs, _ = run(model, inputs, {**passes, "lowering": "eager"}, dynamic)
+    outs, graphs = run(model, inputs, {**passes, "lowering": "triton"}, dynamic)
+    rel = max(((out - ref).norm() / ref.norm()).item() for out, ref in zip(outs, refs))
     eager: dict[str, int] = {}
     for g in graphs:
         for kind, ops in g.eager_ops.items():
@@ -129,23 +141,35 @@ def row(name: str, model, inputs, passes: dict) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="write the table to BENCHMARKS.md")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dynamic", action="store_true",
+                        help="compile with dynamic=True and run two lengths (the error is the "
+                             "larger of the two)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     rows = []
     for name, (model, inputs) in models().items():
+        model = model.to(dtype)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         for passes in ({}, {"low_rank": {"rank": 8}}):
-            rows.append(row(name, model, inputs, passes))
+            rows.append(row(name, model, inputs, passes, args.dynamic))
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["model", "passes", "graphs", "kernels", "FX nodes in kernels", "eager: library",
                "eager: views", "eager: non-float", "eager: float, no kernel",
                "in-place writes kept eager", "other fallbacks", "rel err vs same graph eager"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         "CPU, Triton interpreter"
-    text = (f"lowering coverage; {device}; {machine()}; fp32, batch 2 x 9 tokens\n\n"
-            + table(headers, rows))
+    how = f"{args.dtype}, batch 2 x 9 tokens" + (
+        ", dynamic=True, then 5 tokens (same graph)" if args.dynamic else "")
+    text = f"lowering coverage; {device}; {machine()}; {how}\n\n" + table(headers, rows)
     print("\n" + text)
     if args.record:
-        record("lowering_coverage", "## Triton lowering: coverage of Hugging Face architectures "
-               "(lowering_coverage.py)\n\n" + text)
+        key = "lowering_coverage" + ("" if args.dtype == "float32" else f"_{args.dtype}") + (
+            "_dynamic" if args.dynamic else "")
+        flags = " ".join(f for f in (f"--dtype {args.dtype}" if args.dtype != "float32" else "",
+                                     "--dynamic" if args.dynamic else "") if f)
+        record(key, "## Triton lowering: coverage of Hugging Face architectures "
+               f"(lowering_coverage.py{' ' + flags if flags else ''})\n\n" + text)
 
 
 if __name__ == "__main__":
