@@ -215,8 +215,11 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     orders = []  # per output: None (row-major), or eager's memory order, stored with strides
     for out in group.outputs:
         out_shape, st = meta(out)[0], strides_of(out)
-        orders.append(None if row_major(out_shape, st) else memory_order(out_shape, st))
-        if not row_major(out_shape, st) and orders[-1] is None:
+        if row_major(out_shape, st):
+            orders.append(None)
+            continue
+        orders.append(memory_order(out_shape, st))
+        if orders[-1] is None:
             raise CodegenError(f"output {out.name} has a non-dense layout in eager (strides {st})")
     extra = [n for n in group.inputs
              if any(n in group.ops[m].nodes for m in group.nodes if m is not gemm)]
