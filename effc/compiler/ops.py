@@ -11,6 +11,7 @@ is `None` and stays eager.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any
@@ -96,7 +97,12 @@ def sym(size: Any) -> sympy.Expr:
     when some size is 0, and then no element is read) and an exact floor division."""
     if not isinstance(size, torch.SymInt):
         return sympy.Integer(int(size))
-    e = sympy.sympify(size.node.expr)
+    return _normalized(sympy.sympify(size.node.expr))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(e: sympy.Expr) -> sympy.Expr:
+    """sym()'s rewrites, once per distinct expression (a graph repeats the same few sizes)."""
     e = e.replace(lambda x: type(x).__name__ == "Max" and len(x.args) == 2 and 1 in x.args,
                   lambda x: x.args[0] if x.args[1] == 1 else x.args[1])  # torch's own Max too
     return e.replace(lambda x: type(x).__name__ == "FloorDiv" and len(x.args) == 2,
