@@ -31,10 +31,12 @@ ragged edge of the test shapes inside a masked block.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           memory_order, module_text, next_pow2, operand, rounded,
@@ -120,6 +122,10 @@ class GemmPlan:
     two_step: str | None = None  # low_rank: the kernel taking t = x @ v.T from a library GEMM
 
 
+# whether this Triton's autotuner can keep its choice on disk (triton.autotune(cache_results=))
+_AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
 def _tuned(text: str, template: str, target: str) -> str:
     """A template's kernel text, wrapped in its autotuner for CUDA."""
     if target != "cuda":
@@ -131,15 +137,10 @@ def _tuned(text: str, template: str, target: str) -> str:
 def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
     """`@triton.autotune(...)` over `configs`, one readable line per config; the best config
     is kept in Triton's cache across processes where this Triton can (`cache_results`)."""
-    import inspect
-
-    import triton
-
     rows = [f"        triton.Config({{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'BLOCK_K': {bk}}}, "
             f"num_warps={w}, num_stages={st})," for bm, bn, bk, w, st in configs]
-    cache = "cache_results" in inspect.signature(triton.autotune).parameters
     return ("@triton.autotune(\n    configs=[\n" + "\n".join(rows) + "\n    ],\n"
-            f"    key={key!r},\n" + ("    cache_results=True,\n" if cache else "") + ")")
+            f"    key={key!r},\n" + ("    cache_results=True,\n" if _AUTOTUNE_CACHES else "") + ")")
 
 
 def _store_rows(j: int, lead: int) -> tuple[list[str], str]:
