@@ -253,10 +253,7 @@ def generate(group: Group) -> Source:
         masked = f", mask={mask}, other=0.0" if mask else ""
         loads[inp] = f"a{i} = tl.load(in{i} + {offset}{masked}).to(tl.float32)  # {inp.name}"
 
-    head = ["rindex = tl.program_id(0).to(tl.int64) * RBLOCK + tl.arange(0, RBLOCK)[:, None]",
-            f"rmask = rindex < {'rnumel' if rnumel_arg else texpr(rnumel)}"]
-    head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used)]
-    in_used = set(used)
+    head: list[str] = []  # filled once the outputs have said which row indices they use too
     body = _Body(head, loads, is_full, {}, {}, {}, list(group.nodes), {}, n_size)
     needs_bf16 = False
     for j, n in enumerate(group.nodes):
@@ -299,7 +296,9 @@ def generate(group: Group) -> Source:
             where = ("rindex", "rmask") if is_reduced else (f"rindex * {n_size} + cindex", "mask")
         body.stores[out] = (f"tl.store(out{j} + {where[0]}, {value}.to({TL_DTYPE[dtype]}), "
                             f"mask={where[1]})  # {out.name}")
-    head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used - in_used)]  # outputs' only
+    head += ["rindex = tl.program_id(0).to(tl.int64) * RBLOCK + tl.arange(0, RBLOCK)[:, None]",
+             f"rmask = rindex < {'rnumel' if rnumel_arg else texpr(rnumel)}"]
+    head += [f"r{k} = {texpr(row_index[k])}" for k in sorted(used)]
     params += (["rnumel"] if rnumel_arg else []) + [f"ks{k}" for k in dynamic] + strides
     params += out_strides + ["RBLOCK: tl.constexpr", "BLOCK_N: tl.constexpr"]
     if last in dynamic:
