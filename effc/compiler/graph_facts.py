@@ -151,6 +151,13 @@ def node_value(node: fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def copy_node_meta(dst: fx.Node, src: fx.Node) -> None:
+    """Give a node that replaces `src` (same value) src's fake value and provenance."""
+    for key in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
 def node_shape(node: fx.Node) -> tuple[Any, ...] | None:
     """Shape of a tensor-valued node; entries may be SymInts under dynamic shapes."""
     val = node_value(node)

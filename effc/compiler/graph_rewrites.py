@@ -34,6 +34,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.ops import classify, meta
 
 LOW_RANK = "low_rank_linear"
@@ -71,12 +72,6 @@ def _gemm_of(y: fx.Node) -> tuple[str, fx.Node] | None:
     return None
 
 
-def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
-    for key in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
-
-
 def unflatten_gemms(graph: fx.Graph) -> list[str]:
     """Rewrite every `view(gemm(x.view(-1, K)), x.shape[:-1] + (N,))` in `graph` as a GEMM on
     `x` (see the module docstring); the names of the views rewritten."""
@@ -101,11 +96,11 @@ def unflatten_gemms(graph: fx.Graph) -> list[str]:
             with graph.inserting_before(z):
                 mm = graph.call_function(torch.matmul, (x, w))
                 new = graph.call_function(operator.add, (mm, b))
-            _copy_meta(mm, z)
+            copy_node_meta(mm, z)
         else:
             with graph.inserting_before(z):
                 new = graph.call_function(y.target, (x, *y.args[1:]), dict(y.kwargs))
-        _copy_meta(new, z)
+        copy_node_meta(new, z)
         z.replace_all_uses_with(new)
         graph.erase_node(z)
         graph.erase_node(y)

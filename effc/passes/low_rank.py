@@ -23,7 +23,7 @@ import torch.fx as fx
 import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_linear)
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import is_transpose, node_shape
+from effc.compiler.graph_facts import copy_node_meta, is_transpose, node_shape
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.low_rank_math import (BudgetSite, Factorization, allocate, factorize,
@@ -350,8 +350,7 @@ class LowRankPass(Pass):
             else:
                 new = gm.graph.call_function(torch.ops.effc.low_rank_linear.default,
                                              (x, v_node, u_node, bias))
-        new.meta.update({k: site.node.meta[k] for k in ("val", "example_value", "stack_trace",
-                                                          "nn_module_stack") if k in site.node.meta})
+        copy_node_meta(new, site.node)
         site.node.replace_all_uses_with(new)
         gm.graph.erase_node(site.node)
         if site.view is not None and not site.view.users:
