@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
 import effc.kernels.low_rank  # noqa: E402,F401  (torch.ops.effc.low_rank_linear)
-from benchmarks.common import machine, record, table  # noqa: E402
+from benchmarks.common import machine, main_output, record, table  # noqa: E402
 from effc.compiler.metrics import error_stats  # noqa: E402
 
 LOW_RANK = {"rank_ratio": 0.25}
@@ -116,14 +116,6 @@ def build(kind: str, smoke: bool, device: str, dtype: torch.dtype):
     inputs = {k: v.to(device) if v.dtype == torch.long else v.to(device, dtype)
               for k, v in inputs.items()}
     return model, inputs
-
-
-def main_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]
 
 
 # --- timing ----------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int =
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
+def main_output(out) -> torch.Tensor:
+    """A model call's main tensor: itself, a Hugging Face output's logits, or its first item."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0]
+
+
 def machine() -> str:
     """CPU model, cores and threads used, torch version and date: what a number was taken on."""
     cpu = platform.processor() or "unknown CPU"

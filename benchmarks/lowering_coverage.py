@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, record, table  # noqa: E402
+from benchmarks.common import machine, main_output, record, table  # noqa: E402
 
 
 def models() -> dict:
@@ -95,12 +95,6 @@ def models() -> dict:
                      {"pixel_values": torch.randn(2, 3, 32, 32)}),
     }
     return {name: (model.eval(), inputs) for name, (model, inputs) in made.items()}
-
-
-def main_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def _shorter(inputs: dict) -> dict:
