@@ -302,7 +302,7 @@ def part_c(smoke: bool, device: str, dtype: torch.dtype) -> str:
     (Triton's launcher included); on the CPU effc's launcher alone, the Triton call stubbed.
     Next to it, the same FX nodes run as eager ops on the same tensors (the fallback path)."""
     from benchmarks.common import time_interleaved
-    from effc.compiler.codegen.launch import Launcher
+    from effc.compiler.lowering.codegen.launch import Launcher
 
     model, inputs = build("llama", True, device, dtype)
     compiled = torch.compile(model, backend="effc",
@@ -357,9 +357,9 @@ def part_d(smoke: bool, device: str, dtype: torch.dtype) -> str:
     import transformers as tf
 
     from effc.compiler.config import Config
-    from effc.compiler.partition import partition
+    from effc.compiler.lowering.partition import partition
     from effc.compiler.report import GraphReport
-    from effc.compiler.triton_lowering import lower_triton
+    from effc.compiler.lowering.triton_lowering import lower_triton
 
     rows = []
     for layers in ((2, 4) if smoke else (8, 16, 32)):

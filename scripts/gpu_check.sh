@@ -14,8 +14,8 @@ export EFFC_TEST_DEVICE=cuda PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0  # a failing test must not cost the benchmark numbers: run both, report both
-"$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/compiler/test_codegen.py \
-    tests/compiler/test_triton_lowering.py tests/compiler/test_graph_rewrites.py \
+"$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/compiler/lowering/test_codegen.py \
+    tests/compiler/lowering/test_triton_lowering.py tests/compiler/lowering/test_graph_rewrites.py \
     tests/compiler/test_generate.py tests/test_examples.py "$@" || status=$?
 "$PY" benchmarks/bench_lowering.py --record || status=$?
 "$PY" benchmarks/lowering_coverage.py || status=$?

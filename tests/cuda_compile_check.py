@@ -8,7 +8,7 @@ it compiles every distinct recorded kernel (every autotune config of the GEMM te
 `--arch` and prints one JSON line per compile: name, options, shared memory, or the error.
 
 It must run without TRITON_INTERPRET (the interpreter would replace the compiler), so the
-tests start it in a subprocess (tests/compiler/test_cuda_compile.py).
+tests start it in a subprocess (tests/compiler/lowering/test_cuda_compile.py).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import effc  # noqa: E402
-import effc.compiler.triton_lowering as triton_lowering  # noqa: E402
-from effc.compiler.codegen import templates  # noqa: E402
+import effc.compiler.lowering.triton_lowering as triton_lowering  # noqa: E402
+from effc.compiler.lowering.codegen import templates  # noqa: E402
 import effc.kernels.low_rank  # noqa: E402,F401
 
 LOW_RANK = torch.ops.effc.low_rank_linear

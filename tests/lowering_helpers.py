@@ -11,10 +11,10 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 import effc.kernels.low_rank  # noqa: F401  (torch.ops.effc.low_rank_linear)
-from effc.compiler.codegen import launch
+from effc.compiler.lowering.codegen import launch
 from effc.compiler.config import Config
 from effc.compiler.report import GraphReport
-from effc.compiler.triton_lowering import lower_triton
+from effc.compiler.lowering.triton_lowering import lower_triton
 
 LOW_RANK = torch.ops.effc.low_rank_linear
 # where test tensors live: "cpu" (kernels under the Triton interpreter), or "cuda" to run the

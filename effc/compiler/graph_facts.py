@@ -26,26 +26,51 @@ _TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]"  # nn.Modu
                     r"|\[(?:'([^']*)'|(\d+))\]")                       # key or index
 
 
-def fqn_from_source(source_name: str) -> str:
-    """`L['self']._modules['model']._parameters['weight']` -> `model.weight`.
+def split_source(source_name: str) -> tuple[str, str] | None:
+    """`L['args'][0]._modules['model']._parameters['weight']` -> (`L['args'][0]`, `model.weight`).
 
-    A local root (`L['self']`, `L['fn']`: the compiled module, whatever its forward calls its
-    first argument) is dropped so names equal `model.named_parameters()`; a global root
-    (`G['encoder']`, a module a compiled function closes over) is kept.
-    Unparsable text (a source kind this does not know) is returned unchanged.
+    The root is the object the path starts from: a local (`L['self']`, `L['args'][0]` when a
+    decorator wraps forward as `wrapper(*args, **kwargs)`, `L['kwargs']['model']`, a closure
+    variable `L['enc']`) or a global (`G['encoder']`), with the `[...]` selectors that follow
+    it. The path is what `root.named_parameters()` calls the tensor. None if unparsable.
     """
     m = _ROOT.match(source_name)
     if not m:
-        return source_name
-    parts = [] if m.group(1) == "L" else [m.group(2)]
-    pos = m.end()
+        return None
+    pos, root_end, parts = m.end(), m.end(), []
     while pos < len(source_name):
         t = _TOKEN.match(source_name, pos)
         if not t:
-            return source_name
-        parts.append(next(g for g in t.groups() if g is not None))
+            return None
+        if not parts and (t.group(3) is not None or t.group(4) is not None):
+            root_end = t.end()  # L['args'][0], L['kwargs']['model']: still naming the root
+        else:
+            parts.append(next(g for g in t.groups() if g is not None))
         pos = t.end()
-    return ".".join(parts)
+    return source_name[:root_end], ".".join(parts)
+
+
+def root_label(root: str) -> str:
+    """A readable prefix for a root: its last key (`L['args'][0]` -> `0`, `G['enc']` -> `enc`)."""
+    keys = re.findall(r"\[(?:'([^']*)'|(\d+))\]", root)
+    return next(g for g in keys[-1] if g) if keys else root
+
+
+def fqn_from_source(source_name: str) -> str:
+    """`L['self']._modules['model']._parameters['weight']` -> `model.weight`.
+
+    A local root is dropped whatever Dynamo calls it (`L['self']`, `L['args'][0]`, a keyword,
+    a closure variable), so names equal `model.named_parameters()`; a global root
+    (`G['encoder']`, a module a compiled function reads from module scope) is kept as a prefix.
+    Unparsable text (a source kind this does not know) is returned unchanged.
+    """
+    split = split_source(source_name)
+    if split is None:
+        return source_name
+    root, path = split
+    if root.startswith("G"):
+        return f"{root_label(root)}.{path}" if path else root_label(root)
+    return path or root_label(root)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +94,25 @@ def _kind(source_name: str, value: Any) -> InputKind:
     return "input"
 
 
+def _weight_names(sources: list[str]) -> dict[str, str]:
+    """source -> name for a graph's weights: `fqn_from_source`, unless two roots collide.
+
+    A function that calls two modules (`dec(enc(x))`) reads weights from two local roots
+    whose paths can be equal (`fc.weight` in both); those are then prefixed with their root
+    (`enc.fc.weight`, `dec.fc.weight`) so that every weight keeps a name of its own.
+    """
+    names = {s: fqn_from_source(s) for s in sources}
+    roots: dict[str, set[str]] = {}
+    for s, name in names.items():
+        split = split_source(s)
+        roots.setdefault(name, set()).add(split[0] if split else s)
+    for s, name in names.items():
+        split = split_source(s)
+        if split is not None and len(roots[name]) > 1 and not split[0].startswith("G"):
+            names[s] = f"{root_label(split[0])}.{name}"
+    return names
+
+
 class GraphFacts:
     """Placeholders of a Dynamo graph, classified and named; stable across graph copies."""
 
@@ -77,12 +121,16 @@ class GraphFacts:
         if len(placeholders) != len(example_inputs):
             raise ValueError(f"graph has {len(placeholders)} placeholders but "
                              f"{len(example_inputs)} example inputs were given")
-        self.inputs: list[GraphInput] = []
-        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        sources = []
+        for node, value in zip(placeholders, example_inputs):
             grapharg = node.meta.get("grapharg")
             source = grapharg.source.name if grapharg is not None else node.name
-            kind = _kind(source, value)
-            name = fqn_from_source(source) if kind in ("parameter", "buffer") else source
+            sources.append((source, _kind(source, value)))
+        names = _weight_names([s for s, k in sources if k in ("parameter", "buffer")])
+        self.inputs: list[GraphInput] = []
+        for i, (node, value, (source, kind)) in enumerate(zip(placeholders, example_inputs,
+                                                               sources)):
+            name = names[source] if kind in ("parameter", "buffer") else source
             self.inputs.append(GraphInput(i, node.name, kind, name, value))
         self._by_node = {gi.node_name: gi for gi in self.inputs}
         self.weights = {gi.name: gi for gi in self.inputs if gi.kind in ("parameter", "buffer")}

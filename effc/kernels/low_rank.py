@@ -8,7 +8,7 @@ in registers and fuses bias and activation into the store.
 
 The kernel is written once, as the text TEMPLATE with an epilogue slot: this module fills the
 slot with the op's epilogue (bias, activation, one store), and the Triton lowering
-(effc/compiler/codegen/templates.py) fills it with the fused pointwise nodes that follow the op
+(effc/compiler/lowering/codegen/templates.py) fills it with the fused pointwise nodes that follow the op
 in a graph. So a fix to the algorithm reaches both; the launch rules (rank padding, column
 splits, dot options) are shared the same way.
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 from helpers import hf_model
 
+import effc
+
 from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, fqn_from_source,
                                        is_static, matches, node_shape)
 
@@ -16,6 +18,11 @@ from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_modu
     ("G['encoder']._modules['fc']._parameters['bias']", "encoder.fc.bias"),
     ("L['self'].blocks[2].weight", "blocks.2.weight"),
     ("L['s']._modules['fc1']._parameters['weight']", "fc1.weight"),  # forward(s, x)
+    # transformers 5 wraps forward as wrapper(*args, **kwargs): self is args[0]
+    ("L['args'][0]._modules['model']._modules['norm']._parameters['weight']", "model.norm.weight"),
+    ("L['kwargs']['model']._modules['fc']._parameters['weight']", "fc.weight"),  # f(**kw)
+    ("L['enc']._modules['0']._parameters['bias']", "0.bias"),  # a closure variable
+    ("L['model']._parameters['weight']", "weight"),  # f(x, model=lin)
     ("something odd", "something odd"),
 ])
 def test_fqn_from_source(source, expected):
@@ -34,6 +41,59 @@ def _capture(model, *args, dynamic=None, **kwargs):
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     return seen
+
+
+ARCHITECTURES = ["bert", "gpt2", "llama", "vit", "t5", "whisper", "mixtral", "falcon"]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_every_architecture_names_weights_like_named_parameters(kind):
+    """Whatever root Dynamo's sources start from (transformers 5 wraps some forwards, so
+    theirs start at L['args'][0]), every lifted weight is named as named_parameters() names
+    it, and effc's report names its sites the same way."""
+    model, inputs = hf_model(kind)
+    model.eval()
+    seen = _capture(model, **inputs)
+    # tied weights (T5's shared embedding) have several names; named_parameters() lists the
+    # first only, remove_duplicate=False lists each
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for gi in seen["facts"].inputs:
+        if gi.kind == "parameter":
+            assert params.get(gi.name) is gi.value, gi.name
+        elif gi.kind == "buffer":
+            assert gi.name in buffers, gi.name
+    assert sum(gi.kind == "parameter" for gi in seen["facts"].inputs) > 4
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="effc", options={"low_rank": {"rank": 8,
+                                                                          "min_saving": 0.0}})
+    with torch.no_grad():
+        compiled(**inputs)
+    names = [row.site for row in effc.report().sites]
+    assert names and set(names) <= set(params), set(names) - set(params)
+
+
+def test_two_modules_with_equal_paths_keep_names_of_their_own():
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    dec = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    def f(x):
+        return dec(enc(x))
+
+    seen = _capture(f, torch.randn(2, 4))
+    names = {gi.name for gi in seen["facts"].inputs if gi.kind == "parameter"}
+    assert names == {"enc.0.weight", "enc.0.bias", "dec.0.weight", "dec.0.bias"}
+
+
+def test_a_model_passed_as_keyword_is_named_from_its_own_root():
+    lin = torch.nn.Linear(4, 3)
+
+    def f(*args, **kwargs):
+        return kwargs["net"](args[0])
+
+    seen = _capture(f, torch.randn(2, 4), net=lin)
+    assert {gi.name for gi in seen["facts"].inputs if gi.kind == "parameter"} == {"weight", "bias"}
 
 
 def test_llama_weights_named_like_named_parameters():

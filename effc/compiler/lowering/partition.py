@@ -55,7 +55,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from effc.compiler.graph_facts import node_value
-from effc.compiler.ops import (FLOAT_DTYPES, LIBRARY_GEMMS, Op, classify, meta, mutates,
+from effc.compiler.lowering.ops import (FLOAT_DTYPES, LIBRARY_GEMMS, Op, classify, meta, mutates,
                                out_of_place, returns_fresh)
 
 _ids = itertools.count()

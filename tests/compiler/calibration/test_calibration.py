@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import LINEAR, MLP, BrokenMLP, SmallCNN, first_tensor, hf_model
 
 import effc
-from effc.compiler import observer
+from effc.compiler.calibration import observer
 from effc.compiler.calibration import CALIBRATION_VERSION, Calibration
 from effc.compiler.graph_facts import GraphFacts
 

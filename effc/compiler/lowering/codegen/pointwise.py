@@ -26,13 +26,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from effc.compiler.codegen.common import (TL_DTYPE, CodegenError, assign, Source,
+from effc.compiler.lowering.codegen.common import (TL_DTYPE, CodegenError, assign, Source,
                                           broadcast_dims, describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, output_order,
                                           size_symbols, strides_of, texpr)
-from effc.compiler.codegen.launch import Launcher, Unfit, alloc, cdiv, single_or_tuple
-from effc.compiler.ops import meta
-from effc.compiler.partition import Group
+from effc.compiler.lowering.codegen.launch import Launcher, Unfit, alloc, cdiv, single_or_tuple
+from effc.compiler.lowering.ops import meta
+from effc.compiler.lowering.partition import Group
 
 XBLOCK = 1024
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from lowering_helpers import DEVICE, LOW_RANK, as_tuple, lower, traced
 
-from effc.compiler.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
+from effc.compiler.lowering.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
 
 
 def rand(*shape, seed=0):

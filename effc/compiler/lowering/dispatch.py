@@ -2,7 +2,7 @@
 
 `eager` runs the graph as FX code (effc ops through their torch references); `inductor`
 hands it to inductor's compile_fx; `triton` replaces fusable groups by generated Triton
-kernels (effc/compiler/triton_lowering.py; on CPU under the Triton interpreter); `auto` is
+kernels (effc/compiler/lowering/triton_lowering.py; on CPU under the Triton interpreter); `auto` is
 `eager` on every device for now. DESIGN.md's picture is Triton on CUDA; that waits until the
 generated kernels have been run on a GPU (so far only the interpreter has run them), and it
 must keep "no options = eager's numbers, bit for bit", which fused kernels do not promise.
@@ -45,7 +45,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report
 
         return Lowered(compile_fx(gm, list(example_inputs)))
     if kind == "triton":
-        from effc.compiler.triton_lowering import lower_triton
+        from effc.compiler.lowering.triton_lowering import lower_triton
 
         lowered, sources = lower_triton(gm, example_inputs, config, report, grad_enabled)
         return Lowered(lowered.forward, lowered, sources)

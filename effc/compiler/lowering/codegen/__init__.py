@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from effc.compiler.codegen import pointwise, reduction, templates
-from effc.compiler.codegen.cache import load
-from effc.compiler.codegen.common import CodegenError, Source
-from effc.compiler.codegen.launch import Launcher, eager_subgraph
-from effc.compiler.partition import Group
+from effc.compiler.lowering.codegen import pointwise, reduction, templates
+from effc.compiler.lowering.codegen.cache import load
+from effc.compiler.lowering.codegen.common import CodegenError, Source
+from effc.compiler.lowering.codegen.launch import Launcher, eager_subgraph
+from effc.compiler.lowering.partition import Group
 
 _GENERATORS = {"pointwise": (pointwise.generate, pointwise.PointwiseLauncher),
                "row": (reduction.generate, reduction.RowLauncher),

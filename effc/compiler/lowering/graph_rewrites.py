@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from effc.compiler.graph_facts import copy_node_meta
-from effc.compiler.ops import classify, meta
+from effc.compiler.lowering.ops import classify, meta
 
 LOW_RANK = "low_rank_linear"
 _VIEW_METHODS = ("view", "reshape")

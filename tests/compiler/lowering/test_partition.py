@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from lowering_helpers import DEVICE, LOW_RANK, poisoned_outputs, traced
 
 from effc.compiler.config import Config
-from effc.compiler.ops import classify
-from effc.compiler.partition import partition
+from effc.compiler.lowering.ops import classify
+from effc.compiler.lowering.partition import partition
 from effc.compiler.report import GraphReport
-from effc.compiler.triton_lowering import lower_triton
+from effc.compiler.lowering.triton_lowering import lower_triton
 
 
 def _node(gm, name):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "cuda_compile_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "cuda_compile_check.py"
 SM90_SHARED_BYTES = 232448  # largest shared memory one block may use on sm_90 (227 KiB)
 
 
@@ -44,7 +44,7 @@ def test_every_generated_kernel_compiles_for_sm90(tmp_path):
     assert any(n.startswith("row_") and not n.endswith("_looped") for n in names)
     assert any(n.startswith("fused_") for n in names)
     assert {"*fp32", "*fp16", "*bf16"} <= {d for r in compiles for d in r["dtypes"]}
-    from effc.compiler.codegen.templates import DENSE_CONFIGS, LOW_RANK_CONFIGS
+    from effc.compiler.lowering.codegen.templates import DENSE_CONFIGS, LOW_RANK_CONFIGS
 
     swiglu = {tuple(r["consts"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
               for r in compiles if r["kernel"] == "linear_silu_mul"}

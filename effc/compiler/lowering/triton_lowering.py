@@ -19,13 +19,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from effc.compiler.codegen import build, generate
-from effc.compiler.codegen.cache import source_hash
-from effc.compiler.codegen.launch import Launcher
+from effc.compiler.lowering.codegen import build, generate
+from effc.compiler.lowering.codegen.cache import source_hash
+from effc.compiler.lowering.codegen.launch import Launcher
 from effc.compiler.config import Config
 from effc.compiler.graph_facts import copy_graph_module, node_value
-from effc.compiler.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
-from effc.compiler.partition import Group, partition
+from effc.compiler.lowering.graph_rewrites import drop_empty_cat_operands, unflatten_gemms
+from effc.compiler.lowering.partition import Group, partition
 from effc.compiler.report import FallbackRecord, GraphReport, KernelRecord
 
 

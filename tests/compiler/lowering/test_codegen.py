@@ -30,9 +30,9 @@ import torch.nn.functional as F
 import triton
 from lowering_helpers import DEVICE, LOW_RANK, as_tuple, lower
 
-from effc.compiler.codegen import cache, launch, reduction
-from effc.compiler.codegen.common import FloorDiv, Rem, dim_indices, memory_order, texpr
-from effc.compiler.ops import classify
+from effc.compiler.lowering.codegen import cache, launch, reduction
+from effc.compiler.lowering.codegen.common import FloorDiv, Rem, dim_indices, memory_order, texpr
+from effc.compiler.lowering.ops import classify
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -363,7 +363,7 @@ def test_low_rank_linear_with_fused_epilogue(name, shape, dtype, variant, monkey
     """Both kernels of a low-rank group: `fused` keeps x @ v.T in registers (rows that fill a
     GPU); `two_step` takes it from a library GEMM and runs the dense template over u (fewer
     rows, e.g. decoding: the fused kernel would re-read v once per column split)."""
-    from effc.compiler.codegen import templates
+    from effc.compiler.lowering.codegen import templates
 
     monkeypatch.setattr(templates, "fused_fills_gpu", lambda *args: variant == "fused")
     fn = EPILOGUES[name]
@@ -525,7 +525,7 @@ def test_dense_linear_with_fused_epilogue(name, shape, dtype):
 def test_dense_template_visits_every_tile_in_its_grouped_order():
     """Tiles go in groups of 8 row blocks: 10 row blocks (32 rows each under the interpreter)
     make a full group and a ragged one of 2, over 3 column blocks (the last ragged too)."""
-    from effc.compiler.codegen.templates import INTERPRETER_CONFIG
+    from effc.compiler.lowering.codegen.templates import INTERPRETER_CONFIG
 
     rows = 9 * INTERPRETER_CONFIG["BLOCK_M"] + 5
     x, w, b = _dense_inputs((rows, 45), n=70)
@@ -599,7 +599,7 @@ def test_a_bare_dense_linear_stays_a_library_call():
 
 
 def _gemm_launcher(gm):
-    from effc.compiler.codegen.templates import GemmLauncher
+    from effc.compiler.lowering.codegen.templates import GemmLauncher
 
     return next(n.target for n in gm.graph.nodes if isinstance(n.target, GemmLauncher))
 
@@ -607,7 +607,7 @@ def _gemm_launcher(gm):
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="about the interpreter's tiling; CUDA autotunes")
 @pytest.mark.parametrize("template", ["dense", "low_rank"])
 def test_interpreter_runs_one_fixed_tile_config(template):
-    from effc.compiler.codegen.templates import INTERPRETER_CONFIG
+    from effc.compiler.lowering.codegen.templates import INTERPRETER_CONFIG
 
     if template == "dense":
         fn, inputs = DENSE_EPILOGUES["bias_relu"], _dense_inputs((37, 45))
@@ -634,7 +634,7 @@ def _autotune_call(tree, kernel):
 
 
 def test_autotuning_buckets_row_counts_by_powers_of_two():
-    from effc.compiler.codegen.templates import m_bucket
+    from effc.compiler.lowering.codegen.templates import m_bucket
 
     assert [m_bucket(m) for m in (0, 1, 2, 3, 5, 8, 9, 300, 4096, 4097, 10 ** 6)] == [
         1, 1, 2, 4, 8, 8, 16, 512, 4096, 4096, 4096]
@@ -646,9 +646,9 @@ def test_cuda_source_is_autotuned_over_a_config_list(template, tmp_path):
     that set BLOCK_M/N/K, num_warps and num_stages, keyed on the problem sizes."""
     import ast
 
-    from effc.compiler.codegen import generate
-    from effc.compiler.codegen.templates import DENSE_CONFIGS, LOW_RANK_CONFIGS
-    from effc.compiler.partition import partition
+    from effc.compiler.lowering.codegen import generate
+    from effc.compiler.lowering.codegen.templates import DENSE_CONFIGS, LOW_RANK_CONFIGS
+    from effc.compiler.lowering.partition import partition
     from lowering_helpers import traced
 
     if template == "dense":

@@ -26,14 +26,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, broadcast_dims,
+from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenError, Source, broadcast_dims,
                                           describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, next_pow2, operand,
                                           row_major, scalar, size_symbols, strides_of, texpr)
-from effc.compiler.codegen.launch import (Launcher, alloc, broadcast, cdiv, check_static, dense,
+from effc.compiler.lowering.codegen.launch import (Launcher, alloc, broadcast, cdiv, check_static, dense,
                                           sibling, single_or_tuple)
-from effc.compiler.ops import Op, meta
-from effc.compiler.partition import Group
+from effc.compiler.lowering.ops import Op, meta
+from effc.compiler.lowering.partition import Group
 
 MAX_BLOCK_N = 16384   # longest row a persistent kernel holds in registers
 LOOP_BLOCK_N = 4096   # chunk of a looped kernel's passes

@@ -19,7 +19,7 @@ import torch.fx as fx
 from sympy.printing.str import StrPrinter
 
 from effc.compiler.graph_facts import node_value
-from effc.compiler.ops import Op, meta, sym
+from effc.compiler.lowering.ops import Op, meta, sym
 
 TL_DTYPE = {torch.float32: "tl.float32", torch.float16: "tl.float16",
             torch.bfloat16: "tl.bfloat16"}

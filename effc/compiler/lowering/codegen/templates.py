@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from effc.compiler.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
+from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           memory_order, module_text, next_pow2, operand, rounded,
                                           row_major, strides_of)
-from effc.compiler.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
+from effc.compiler.lowering.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
                                           single_or_tuple)
-from effc.compiler.ops import Op, meta
-from effc.compiler.partition import Group
+from effc.compiler.lowering.ops import Op, meta
+from effc.compiler.lowering.partition import Group
 from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, fused_fills_gpu,
                                    kernel_source, rank_block, x_times_wt)
 

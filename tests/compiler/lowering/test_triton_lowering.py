@@ -16,9 +16,9 @@ from helpers import MLP, first_tensor, hf_model
 from lowering_helpers import DEVICE, poisoned_outputs
 
 import effc
-import effc.compiler.triton_lowering as triton_lowering
-from effc.compiler.codegen import CodegenError, pointwise
-from effc.compiler.ops import classify
+import effc.compiler.lowering.triton_lowering as triton_lowering
+from effc.compiler.lowering.codegen import CodegenError, pointwise
+from effc.compiler.lowering.ops import classify
 
 
 @pytest.fixture(autouse=True)
@@ -426,7 +426,7 @@ def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind, 
 def test_llama_low_rank_two_step_kernels_match_eager(monkeypatch):
     """Decode-sized calls on a GPU take x @ v.T from a library GEMM and run the dense template
     over u with the fused epilogue; forced here, every low-rank kernel takes that path."""
-    from effc.compiler.codegen import launch, templates
+    from effc.compiler.lowering.codegen import launch, templates
 
     monkeypatch.setattr(templates, "fused_fills_gpu", lambda *args: False)
     model, inputs = _model("llama")
@@ -538,7 +538,7 @@ def test_verify_measures_the_lowered_callable():
 def test_a_symbolic_row_length_gets_both_row_kernels_and_picks_by_length(monkeypatch):
     """With dynamic shapes the row length is only known at run time: the module holds the
     persistent kernel and its looped sibling, and each call runs the one its length needs."""
-    from effc.compiler.codegen import reduction
+    from effc.compiler.lowering.codegen import reduction
 
     monkeypatch.setattr(reduction, "MAX_BLOCK_N", 32)
     keep = KeepLowered()
