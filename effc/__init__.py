@@ -11,6 +11,8 @@ from effc.compiler.calibration import Calibration, calibrate
 from effc.compiler.config import Config
 from effc.compiler.explain import explain
 from effc.compiler.report import Report
+from effc.passes.low_rank import LowRankConfig
 
 __version__ = "0.1.0"
-__all__ = ["Calibration", "Config", "Report", "calibrate", "explain", "report", "reset"]
+__all__ = ["Calibration", "Config", "LowRankConfig", "Report", "calibrate", "explain", "report",
+           "reset"]

@@ -8,14 +8,16 @@ keys, types and ranges from the dataclass fields, so adding a knob is adding a f
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 LOWERINGS = ("auto", "eager", "inductor", "triton")
+_PARSING_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("effc_option_key", default="")
 
 
 def knob(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -29,10 +31,22 @@ def knob(default: Any, doc: str, *, min: float | None = None, max: float | None 
 
 @dataclasses.dataclass(frozen=True)
 class PassConfig:
-    """Knobs every pass has. A pass subclasses this and adds its own fields with `knob`."""
+    """Knobs every pass has. A pass subclasses this and adds its own fields with `knob`.
+
+    A config object is validated when constructed (`effc.LowRankConfig(rank=-3)` raises
+    ValueError naming `low_rank.rank`) and is accepted as an option value in place of a dict.
+    """
+
+    option_key: ClassVar[str] = ""  # the option this config is the value of ("low_rank")
 
     include: tuple[str, ...] = knob((), "glob patterns on parameter/module names the pass may act on")
     exclude: tuple[str, ...] = knob((), "glob patterns on names the pass must leave alone")
+
+    def __post_init__(self) -> None:
+        key = _PARSING_KEY.get() or self.option_key
+        for name, value in check_fields(type(self), self.__dict__, f"{key}." if key else "").items():
+            object.__setattr__(self, name, value)  # lists become tuples, ints floats
+        self.validate(key)
 
     def validate(self, key: str) -> None:
         """Cross-field checks; raise ValueError naming `key`. Ranges are checked before this."""
@@ -98,14 +112,14 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise ValueError(f"effc option {key!r}: expected a value <= {hi}, got {value!r}")
 
 
-def parse_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `values`, raising ValueError that names the bad key."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"effc option {prefix.rstrip('.') or 'options'!r}: expected a dict, "
-                         f"got {type(values).__name__}")
+def check_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Type- and range-check `values` against dataclass `cls`'s fields; the converted values.
+
+    Raises ValueError naming the bad key (`prefix` + field name) and what it accepts.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    out = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in fields:
@@ -116,7 +130,22 @@ def parse_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
             raise ValueError(f"effc option {full!r}: expected {_describe(hints[key])}, "
                              f"got {value!r} ({type(value).__name__})")
         _check_range(full, converted, fields[key].metadata)
-        kwargs[key] = converted
+        out[key] = converted
+    return out
+
+
+def parse_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `values`, raising ValueError that names the bad key."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"effc option {prefix.rstrip('.') or 'options'!r}: expected a dict, "
+                         f"got {type(values).__name__}")
+    kwargs = check_fields(cls, values, prefix)
+    if issubclass(cls, PassConfig):  # its __post_init__ validates, under the key being parsed
+        token = _PARSING_KEY.set(prefix.rstrip("."))
+        try:
+            return cls(**kwargs)
+        finally:
+            _PARSING_KEY.reset(token)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(prefix.rstrip("."))
@@ -206,8 +235,16 @@ class Config:
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None,
                      env: Mapping[str, str] | None = None) -> Config:
-        """Parse `options` (torch.compile's dict); `env` (default os.environ) fills the rest."""
+        """Parse `options` (torch.compile's dict); `env` (default os.environ) fills the rest.
+
+        This is what the backend calls on every compile; call it yourself to check options
+        before compiling: a bad key or value raises ValueError naming it and what it accepts.
+        """
         env = os.environ if env is None else env
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"effc options: expected a dict of option names to values, e.g. "
+                             f"options={{'low_rank': True}}, got {type(options).__name__} "
+                             f"{options!r}"[:300])
         options = dict(options or {})
         if not all(isinstance(k, str) for k in options):
             raise ValueError("effc options: keys must be strings, got "
@@ -255,10 +292,13 @@ class Config:
                 continue
             if value is True:
                 value = {}
+            if isinstance(value, klass.config_cls):
+                passes[name] = value  # validated when it was constructed
+                continue
             if not isinstance(value, Mapping):
-                raise ValueError(f"effc option {name!r}: expected True, False or a dict of "
-                                 f"{name}'s knobs ({', '.join(field_docs(klass.config_cls))}), "
-                                 f"got {value!r}")
+                raise ValueError(f"effc option {name!r}: expected True, False, a dict of "
+                                 f"{name}'s knobs ({', '.join(field_docs(klass.config_cls))}) "
+                                 f"or a {klass.config_cls.__name__}, got {value!r}")
             passes[name] = parse_fields(klass.config_cls, value, prefix=f"{name}.")
         return cls(passes=passes, options=glob)
 

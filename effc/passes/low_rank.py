@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -36,6 +36,10 @@ DEFAULT_RANK_RATIO = 0.25
 
 @dataclasses.dataclass(frozen=True)
 class LowRankConfig(PassConfig):
+    """low_rank's knobs: `options={"low_rank": effc.LowRankConfig(param_budget=0.7)}`."""
+
+    option_key: ClassVar[str] = "low_rank"
+
     rank: int | None = knob(None, "fixed rank for every site", min=1)
     rank_ratio: float | None = knob(None, "rank as a fraction of min(m, n) (default 0.25 when "
                                     "no rule is given)", min=0.0, max=1.0, min_exclusive=True)

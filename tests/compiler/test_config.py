@@ -133,3 +133,30 @@ def test_to_dict_is_plain_data(toy):
 def test_parse_fields_rejects_non_dict():
     with pytest.raises(ValueError, match="expected a dict"):
         parse_fields(KnobsConfig, ["rank", 3], prefix="toy_knobs.")
+
+
+def test_pass_configs_are_exported_validated_when_built_and_accepted_as_values():
+    import effc
+
+    with pytest.raises(ValueError, match="'low_rank.rank': expected a value >= 1, got -3"):
+        effc.LowRankConfig(rank=-3)
+    with pytest.raises(ValueError, match="'low_rank.svd'"):
+        effc.LowRankConfig(svd="qr")
+    with pytest.raises(ValueError, match="give one rank rule"):
+        effc.LowRankConfig(rank=8, energy=0.9)
+    cfg = effc.LowRankConfig(param_budget=0.7, include=["model.*"])
+    assert cfg.include == ("model.*",)  # a list becomes the tuple the field declares
+    assert Config.from_options({"low_rank": cfg}, env={}).passes["low_rank"] is cfg
+
+
+def test_a_config_object_of_another_pass_is_rejected_naming_the_key(toy):
+    import effc
+
+    with pytest.raises(ValueError, match="'toy_knobs': expected True, False, a dict"):
+        Config.from_options({"toy_knobs": effc.LowRankConfig()}, env={})
+
+
+@pytest.mark.parametrize("options", [["low_rank"], "low_rank", ("low_rank", True)])
+def test_options_that_are_not_a_dict_say_what_is_expected(options):
+    with pytest.raises(ValueError, match="effc options: expected a dict of option names"):
+        Config.from_options(options, env={})
