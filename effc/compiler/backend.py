@@ -19,6 +19,7 @@ import torch.fx as fx
 from effc.compiler.config import Config
 from effc.compiler.dumper import Dumper, new_graph_name
 from effc.compiler.graph_facts import copy_graph_module, graph_device
+from effc.compiler.log import configure_from_env, logger
 from effc.compiler.lowering import lower, resolve
 from effc.compiler.pass_manager import PassContext, PassManager
 from effc.compiler.report import GraphReport, Report
@@ -49,6 +50,7 @@ class CompiledGraph:
                                   lowering=resolve(config.lowering, graph_device(example_inputs))
                                   if lower_result else "none")
         self._derivations: OrderedDict[tuple, tuple] = OrderedDict()
+        self._logged: set[str] = set()
         self._build(example_inputs)
 
     def _build(self, example_inputs: Sequence[Any]) -> None:
@@ -65,6 +67,11 @@ class CompiledGraph:
         passes = [registered()[name](cfg) for name, cfg in config.passes.items()]
         manager = PassManager(passes, instruments, strict=config.strict, disabled=config.disable)
         gm = manager.run(gm, ctx, report)
+        report.warnings = list(ctx.warnings)
+        for text in report.warnings:  # once per compiled graph, not again on re-derivation
+            if text not in self._logged:
+                self._logged.add(text)
+                logger.warning("%s: %s", report.graph, text)
         report.nodes_after = len(gm.graph.nodes)
         self.gm = gm
         self.fn = gm.forward
@@ -74,7 +81,7 @@ class CompiledGraph:
             for inst in instruments:
                 inst.after_lowering(lowered, ctx, report)
         if config.verify:  # what will run (passes and lowering) against the graph as traced
-            report.verify = verify_outputs(self.original.forward, self.fn, ctx.facts)
+            report.verify = verify_outputs(self.original, self.fn, ctx.facts)
         self.stamps = stamp(ctx.facts, ctx.ledger.derived_from)
         self._derivations[tuple(self.stamps)] = (self.fn, self.gm)
         while len(self._derivations) > KEEP_DERIVATIONS:
@@ -106,6 +113,7 @@ def effc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if mode is not None:
         raise ValueError(f"effc: torch.compile(mode={mode!r}) has no meaning for effc; "
                          "accepted: mode=None or 'default'. Pass effc's settings in options=")
+    configure_from_env()
     config = Config.from_options(options)
     compiled = CompiledGraph(gm, example_inputs, config, torch.is_grad_enabled())
     SESSION.graphs.append(compiled.report)

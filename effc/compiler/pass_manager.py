@@ -8,6 +8,7 @@ from (or re-raised under `strict`). `PassContext` is what a pass sees of the wor
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import torch.fx as fx
 from effc.compiler.config import Config, PassConfig
 from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, graph_device,
                                        matches)
+from effc.compiler.log import logger
 from effc.compiler.report import GraphReport, PassRecord, SiteRow
 from effc.passes.base import Pass
 
@@ -69,6 +71,13 @@ class PassContext:
         self.ledger = _Ledger()
         self.current_pass: str = ""
         self.current_config: PassConfig | None = None
+        self.warnings: list[str] = []  # what silently does less than asked; logged per graph
+
+    def warn(self, text: str) -> None:
+        """Record a warning for this graph (the backend logs it once, on effc's logger)."""
+        text = f"{self.current_pass}: {text}" if self.current_pass else text
+        if text not in self.warnings:
+            self.warnings.append(text)
 
     # --- where a pass may act -------------------------------------------------------------
     def selected(self, name: str) -> bool:
@@ -124,9 +133,11 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext, report: GraphReport) -> fx.GraphModule:
         for inst in self.instruments:
             inst.on_graph_start(gm, ctx)
+        _check_filters(ctx, "", ctx.config.include, ctx.config.exclude)
         for p in self.passes:
             gm, record = self._run_one(p, gm, ctx)
             report.passes.append(record)
+            _account(p, record, ctx, report.graph)
             for inst in self.instruments:
                 inst.after_pass(p.name, gm, ctx, record)
         return gm
@@ -167,3 +178,43 @@ class PassManager:
         finally:
             ctx.current_pass, ctx.current_config = "", None
         return gm, PassRecord(p.name, seconds=time.perf_counter() - start, sites=list(result.sites))
+
+
+def _check_filters(ctx: PassContext, owner: str, include: Sequence[str],
+                   exclude: Sequence[str]) -> None:
+    """Warn about include/exclude patterns that match no weight of the graph."""
+    names = list(ctx.facts.weights)
+    if not names:
+        return
+    key = f"{owner}." if owner else ""
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(matches(n, [pattern]) for n in names):
+                ctx.warnings.append(
+                    f"option '{key}{option}': pattern {pattern!r} matches no weight of this "
+                    f"graph (names look like {names[0]!r}; see model.named_parameters())")
+
+
+def _account(p: Pass, record: PassRecord, ctx: PassContext, graph: str) -> None:
+    """Warnings for a pass that did less than asked, and an info line of what it did."""
+    if record.status == "skipped" and not record.reason.startswith("disabled"):
+        ctx.warnings.append(f"{p.name} did not run: {record.reason}")
+        return
+    if record.status == "rolled back":
+        ctx.warnings.append(f"{p.name} raised and was rolled back: {record.reason}")
+        return
+    if record.status != "ran":
+        return
+    _check_filters(ctx, p.name, p.config.include, p.config.exclude)
+    counts = record.counters
+    if p.rewrites_weights and counts["seen"] and not counts["rewritten"]:
+        reasons = collections.Counter(s.reason for s in record.sites)
+        top = "; ".join(f"{n}x {why}" for why, n in reasons.most_common(3))
+        ctx.warnings.append(f"{p.name} rewrote none of the {counts['seen']} sites it found "
+                            f"({top})")
+    elif p.rewrites_weights and not counts["seen"]:
+        ctx.warnings.append(f"{p.name} found no site in this graph")
+    before = sum(s.params_before for s in record.sites if s.decision == "rewritten")
+    after = sum(s.params_after for s in record.sites if s.decision == "rewritten")
+    logger.info("%s: %s rewrote %d of %d sites (parameters of those %d -> %d) in %.2fs", graph,
+                p.name, counts["rewritten"], counts["seen"], before, after, record.seconds)

@@ -85,6 +85,7 @@ class GraphReport:
     compile_seconds: float = 0.0
     rederivations: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # also logged on "effc"
     kernels: list[KernelRecord] = dataclasses.field(default_factory=list)
     fallbacks: list[FallbackRecord] = dataclasses.field(default_factory=list)
     # lowering="triton": the calls left to eager, by kind ("library", "views", "non-float",
@@ -152,6 +153,10 @@ def _table(headers: list[str], rows: list[list[Any]], markdown: bool) -> str:
     return "\n".join(out)
 
 
+NO_GRAPH = ("effc compiled no graph. torch.compile compiles a module's forward when the module is "
+            "called: compiled.generate(...) runs the original model's generate, which calls "
+            "the uncompiled forward. For generate(), compile forward: "
+            "model.forward = torch.compile(model.forward, backend='effc', options=...)\n")
 _SITE_HEADERS = ["pass", "site", "decision", "params", "flops", "error"]
 _PASS_HEADERS = ["pass", "status", "seen", "rewritten", "skipped", "seconds", "reason"]
 
@@ -185,7 +190,7 @@ def render_graph(g: GraphReport, markdown: bool = False) -> str:
                   f"total over sites: params {t['params_before']} -> {t['params_after']}, "
                   f"FLOPs {t['flops_before']} -> {t['flops_after']}", ""]
     if g.verify:
-        keys = ["output", "max_abs", "rel_fro", "cosine", "sqnr_db"]
+        keys = ["output", "max_abs", "rel_fro", "cosine", "sqnr_db", "agreement"]
         lines += ["verify (rewritten vs original on the example inputs):", "",
                   _table(keys, [[v.get(k, "") for k in keys] for v in g.verify], markdown), ""]
     if g.kernels or g.fallbacks:
@@ -204,6 +209,7 @@ def render_graph(g: GraphReport, markdown: bool = False) -> str:
         lines += ["ops run eagerly between kernels:"] + [
             f"  {what[k]}: " + ", ".join(f"{name} x{c}" for name, c in ops.items())
             for k, ops in g.eager_ops.items()] + [""]
+    lines += [f"warning: {w}" for w in g.warnings]
     lines += [f"note: {n}" for n in g.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -231,12 +237,12 @@ class Report:
 
     def to_markdown(self) -> str:
         if not self.graphs:
-            return "effc compiled no graph.\n"
+            return NO_GRAPH
         return "\n".join(render_graph(g, markdown=True) for g in self.graphs)
 
     def __str__(self) -> str:
         if not self.graphs:
-            return "effc compiled no graph.\n"
+            return NO_GRAPH
         return "\n".join(render_graph(g) for g in self.graphs)
 
 

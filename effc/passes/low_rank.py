@@ -204,6 +204,7 @@ class LowRankPass(Pass):
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         rows: list[SiteRow] = []
         candidates: list[tuple[Site, Factorization, torch.Tensor | None, str]] = []
+        misses: list[str] = []  # calibration given but unusable at these sites
         for node in list(gm.graph.nodes):
             site = find_site(node, ctx)
             if site is None:
@@ -217,6 +218,8 @@ class LowRankPass(Pass):
                 rows.append(self._skip(site, why))
                 continue
             moment, use, note = self._moment(site, ctx)
+            if ctx.calibration is not None and moment is None:
+                misses.append(note.removeprefix("plain SVD: "))
             fixed = self.config.rule in FIXED_RULES
             fixed_rank = self._fixed_rank(site)[0] if fixed else None
             if fixed and fixed_rank is None:
@@ -244,6 +247,10 @@ class LowRankPass(Pass):
                 rows.append(self._skip(site, denied))
                 continue
             rows.append(self._rewrite(gm, ctx, site, fac, moment, rank, note))
+        if misses:
+            served = len(candidates) - len(misses)
+            ctx.warn(f"the calibration serves {served} of {len(candidates)} sites (the rest "
+                     f"fall back to a plain SVD), e.g. {misses[0]}")
         return PassResult(rows)
 
     # --- decisions -------------------------------------------------------------------------

@@ -82,6 +82,28 @@ class Calibration:
     batches: int = 0
     source: str = ""  # class name of the calibrated model, for messages
 
+    def __repr__(self) -> str:
+        """One screen: what was recorded and how much, never the tensors themselves."""
+        rows = sorted({m.rows for m in self.inputs.values()})
+        lines = [f"Calibration(source={self.source or '?'}, batches={self.batches}, "
+                 f"version={self.version})"]
+        if self.inputs:
+            span = f"{rows[0]}" if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
+            names = list(self.inputs)
+            shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  inputs: {len(names)} sites ({span} rows each): {shown}")
+        for label, table in (("keys", self.keys), ("values", self.values)):
+            if table:
+                lines.append(f"  {label}: {len(table)} attention sites")
+        if self.residuals:
+            lines.append(f"  residuals: {len(self.residuals)} sites")
+        if self.attention:
+            lines.append(f"  attention maps: {sum(map(len, self.attention.values()))} over "
+                         f"{len(self.attention)} sites")
+        if self.notes:
+            lines.append(f"  notes: {len(self.notes)} (see .notes)")
+        return "\n".join(lines)
+
     @classmethod
     def from_moments(cls, moments: dict[str, torch.Tensor], rows: int = 1,
                      weight_shapes: dict[str, tuple[int, ...]] | None = None) -> Calibration:

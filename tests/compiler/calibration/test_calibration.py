@@ -306,6 +306,16 @@ def test_hf_outputs_bit_identical_after_calibrating_and_under_effc():
         assert torch.equal(first_tensor(compiled(**inputs)), ref)
 
 
+def test_repr_is_a_one_screen_summary():
+    model, inputs = hf_model("llama")
+    calib = effc.calibrate(model, [inputs, inputs], what=("inputs", "kv", "residuals",
+                                                          "attention"), progress=False)
+    text = repr(calib)
+    assert len(text.splitlines()) <= 8 and len(text) < 600, text
+    assert "source=LlamaForCausalLM, batches=2" in text and "tensor(" not in text
+    assert f"inputs: {len(calib.inputs)} sites" in text and "keys: 2 attention sites" in text
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     model, inputs = hf_model("llama")
     calib = effc.calibrate(model, [inputs], what=("inputs", "kv", "residuals", "attention"),
