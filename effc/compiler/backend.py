@@ -68,6 +68,7 @@ class CompiledGraph:
         manager = PassManager(passes, instruments, strict=config.strict, disabled=config.disable)
         gm = manager.run(gm, ctx, report)
         report.warnings = list(ctx.warnings)
+        report.notes.extend(ctx.notes)
         for text in report.warnings:  # once per compiled graph, not again on re-derivation
             if text not in self._logged:
                 self._logged.add(text)

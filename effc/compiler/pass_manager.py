@@ -72,6 +72,12 @@ class PassContext:
         self.current_pass: str = ""
         self.current_config: PassConfig | None = None
         self.warnings: list[str] = []  # what silently does less than asked; logged per graph
+        self.notes: list[str] = []     # what a pass wants the report to say about the graph
+
+    def note(self, text: str) -> None:
+        """Add a line to this graph's report (a pass's summary: bound met, forwards spent)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def warn(self, text: str) -> None:
         """Record a warning for this graph (the backend logs it once, on effc's logger)."""

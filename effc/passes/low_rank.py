@@ -1,11 +1,13 @@
 """low_rank: factorize Linear/Conv weights W ~= u @ v (activation-aware when calibrated).
 
-Sites: `linear(x, W, b)`; `addmm(b, x, W)` and `matmul(x, W)` with a 2-D parameter W stored
-[in, out] (Hugging Face GPT-2's Conv1D); `x @ W.T` (Falcon's FalconLinear); `conv1d`/`conv2d` with a parameter weight and
-groups == 1. A rewritten linear calls `effc.low_rank_linear(x, v, u, b)`, a conv
-`effc.low_rank_conv` (k x k conv to r channels, then 1 x 1). Rank rules: a fixed `rank`,
-`rank_ratio`, `energy`, per-site `max_error`, or a global `param_budget` allocated across
-layers by sensitivity. Papers: Maestro (ordered factors), SVD-LLM whitening; see PAPERS.md.
+Sites come from the shared finder (weight_sites.py: linear, GPT-2's Conv1D, `x @ W.T`,
+convs with groups == 1, BatchNorm folded on inference graphs). A rewritten linear calls
+`effc.low_rank_linear(x, v, u, b)`, a conv `effc.low_rank_conv` (k x k conv to r channels,
+then 1 x 1). Rank rules: a fixed `rank` or `rank_ratio`, per-site `energy` or `max_error`, a
+global `param_budget`, or an end-to-end bound `min_sqnr_db`; the last two choose ranks with
+the shared allocator (budget.py), end to end when the calibration holds sample inputs. With
+no rule the default is quality-bounded: `min_sqnr_db=25` with samples, else a per-site
+`max_error` of 0.05. Papers: Maestro (ordered factors), SVD-LLM whitening.
 `rank` and `rank_ratio` fix the rank before the spectrum is known, so large weights get only
 their top factors from a randomized SVD (knob `svd`); the other rules read the full spectrum.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -22,16 +23,24 @@ import torch.fx as fx
 
 import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_linear)
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
+from effc.compiler.calibration.observer import graph_key
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import copy_node_meta, is_transpose, node_shape
+from effc.compiler.graph_facts import copy_graph_module, copy_node_meta
+from effc.compiler.log import logger
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
-from effc.passes.low_rank_math import (BudgetSite, Factorization, allocate, factorize,
-                                       max_profitable_rank, output_error, round_rank, weight_error)
+from effc.passes.budget import (Candidate, EndToEnd, SiteOptions, allocate,
+                                measure_sensitivities, predicted)
+from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
+                                       output_error, round_rank, weight_error)
+from effc.passes.weight_sites import Site, find_sites, replace_site, site_rows, weight_node
 
-RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget")
+RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget", "min_sqnr_db")
 FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
-DEFAULT_RANK_RATIO = 0.25
+ALLOCATED_RULES = ("param_budget", "min_sqnr_db")  # chosen by the shared allocator
+DEFAULT_MIN_SQNR_DB = 25.0   # default with calibration samples: outputs within ~5.6 %
+DEFAULT_MAX_ERROR = 0.05     # default without: each site's own relative error
+MAX_CHECKS = 3               # re-allocations when the measured output error misses the bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +50,28 @@ class LowRankConfig(PassConfig):
     option_key: ClassVar[str] = "low_rank"
 
     rank: int | None = knob(None, "fixed rank for every site", min=1)
-    rank_ratio: float | None = knob(None, "rank as a fraction of min(m, n) (default 0.25 when "
-                                    "no rule is given)", min=0.0, max=1.0, min_exclusive=True)
+    rank_ratio: float | None = knob(None, "rank as a fraction of min(m, n)", min=0.0, max=1.0,
+                                    min_exclusive=True)
     energy: float | None = knob(None, "smallest rank keeping this fraction of the squared "
                                 "spectrum", min=0.0, max=1.0, min_exclusive=True)
     max_error: float | None = knob(None, "smallest rank whose relative output error (weight "
                                    "error without calibration) is at most this", min=0.0,
                                    max=1.0, min_exclusive=True)
     param_budget: float | None = knob(None, "fraction of the eligible weights' parameters to "
-                                      "keep, allocated across layers by sensitivity", min=0.0,
-                                      max=1.0, min_exclusive=True)
+                                      "keep, allocated across sites by end-to-end sensitivity",
+                                      min=0.0, max=1.0, min_exclusive=True)
+    min_sqnr_db: float | None = knob(None, "compress as far as the graph's outputs keep this "
+                                     "SQNR (dB) on the calibration's sample inputs (default 25 "
+                                     "when no rule is given and samples exist)", min=0.0)
     rank_multiple: int = knob(8, "round ranks up to a multiple of this", min=1)
     min_saving: float = knob(0.1, "rewrite only if r(m+n) <= (1 - min_saving) m n", min=0.0, max=0.99)
     whiten: bool = knob(True, "use calibration statistics (activation-aware SVD) when present")
     conv: bool = knob(True, "also factorize conv1d/conv2d weights")
+    fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the conv/linear before it")
+    output_layers: Literal["auto"] | bool = knob(
+        "auto", "the sites that feed the main output directly (a classifier, an LM head): "
+                "auto: the default rule takes them only when measured end to end, every "
+                "explicit rule takes them; True: always; False: never")
     error_ranks: int = knob(4, "how many other ranks to report the error of", min=0, max=16)
     svd: Literal["auto", "full", "randomized"] = knob(
         "auto", "auto: randomized SVD of only the top factors when the rank is fixed (rank, "
@@ -72,126 +89,19 @@ class LowRankConfig(PassConfig):
 
     @property
     def rule(self) -> str:
-        return next((r for r in RULES if getattr(self, r) is not None), "rank_ratio")
+        """The rank rule given, or "default" (quality-bounded) when none is."""
+        return next((r for r in RULES if getattr(self, r) is not None), "default")
 
 
 @dataclasses.dataclass
-class Site:
-    """A factorizable call: the node, its weight as an [m, n] (out x in) matrix, and how to rebuild."""
+class _Work:
+    """One eligible site on its way through the pass."""
 
-    node: fx.Node
-    kind: str                  # "linear" | "addmm" | "matmul" | "matmul_t" | "conv"
-    weight_name: str
-    weight: torch.Tensor       # the parameter as stored
-    matrix: torch.Tensor       # [m, n] out x in view
-    conv_args: tuple = ()      # stride, padding, dilation
-    view: fx.Node | None = None  # matmul_t: the `W.T` node between the weight and the matmul
-
-    def operands(self) -> tuple[fx.Node, Any]:
-        """(x, bias) read from the node now: earlier rewrites may have replaced x's producer."""
-        args, kw = self.node.args, self.node.kwargs
-        if self.kind == "addmm":
-            return args[1], args[0]
-        if self.kind in ("matmul", "matmul_t"):
-            return args[0], None
-        return args[0], args[2] if len(args) > 2 else kw.get("bias")
-
-    @property
-    def m(self) -> int:
-        return self.matrix.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.matrix.shape[1]
-
-
-def _ints(value: Any, dims: int) -> list[int] | None:
-    if isinstance(value, int):
-        return [value] * dims
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return None
-
-
-def _conv_site(node: fx.Node, name: str, w: torch.Tensor) -> Site | str:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    stride, padding, dilation, groups = args[3:7]
-    kw = node.kwargs
-    stride = kw.get("stride", stride if stride is not None else 1)
-    padding = kw.get("padding", padding if padding is not None else 0)
-    dilation = kw.get("dilation", dilation if dilation is not None else 1)
-    groups = kw.get("groups", groups if groups is not None else 1)
-    dims = w.dim() - 2
-    if groups != 1:
-        return f"grouped conv (groups={groups})"
-    if padding == "valid":
-        padding = 0
-    stride, dilation = _ints(stride, dims), _ints(dilation, dims)
-    if padding == "same" and stride is not None and dilation is not None and all(
-            s == 1 for s in stride) and all(k % 2 for k in w.shape[2:]):
-        padding = [d * (k - 1) // 2 for d, k in zip(dilation, w.shape[2:])]
-    padding = _ints(padding, dims)
-    if None in (stride, padding, dilation):
-        return "conv arguments are not constant ints (or asymmetric 'same' padding)"
-    return Site(node, "conv", name, w, w.reshape(w.shape[0], -1), (stride, padding, dilation))
-
-
-def find_site(node: fx.Node, ctx) -> Site | str | None:
-    """The Site at `node`, a reason string if it is a site we cannot take, or None."""
-    if node.op != "call_function":
-        return None
-    t = node.target
-    if t in (torch._C._nn.linear, torch.nn.functional.linear):
-        w_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        name = ctx.facts.weight_name(w_node)
-        if name is None:
-            return None
-        w = ctx.facts.weight_value(w_node)
-        return Site(node, "linear", name, w, w) if w.dim() == 2 else None
-    if t is torch.addmm and len(node.args) == 3:
-        name = ctx.facts.weight_name(node.args[2])
-        if name is None:
-            return None
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return f"{name}: addmm with alpha/beta != 1"
-        w = ctx.facts.weight_value(node.args[2])
-        return Site(node, "addmm", name, w, w.T)
-    if t in (torch.matmul, operator.matmul) and len(node.args) == 2:
-        view = node.args[1] if is_transpose(node.args[1]) else None
-        w_node = view.args[0] if view is not None else node.args[1]
-        name = ctx.facts.weight_name(w_node)
-        w = ctx.facts.weight_value(w_node)
-        if name is None or w.dim() != 2:
-            return None
-        if view is not None:  # x @ W.T is linear(x, W)
-            return Site(node, "matmul_t", name, w, w, view=view)
-        return Site(node, "matmul", name, w, w.T)
-    if t in (torch.conv2d, torch.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv1d):
-        name = ctx.facts.weight_name(node.args[1])
-        if name is None:
-            return None
-        site = _conv_site(node, name, ctx.facts.weight_value(node.args[1]))
-        return site if isinstance(site, Site) else f"{name}: {site}"
-    return None
-
-
-def _rows(site: Site) -> int:
-    """Rows the example input pushes through the site (output positions), hints for SymInts."""
-    shape = node_shape(site.node) or ()
-    sizes = [int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.hint is not None
-             else (s if isinstance(s, int) else 1) for s in shape]
-    if site.kind == "conv":
-        return math.prod(sizes) // max(sizes[-site.weight.dim() + 1], 1) if sizes else 1
-    return math.prod(sizes[:-1]) if sizes else 1
-
-
-def _flops(site: Site, rank: int | None) -> int:
-    rows, m, n = _rows(site), site.m, site.n
-    if rank is None:
-        return 2 * rows * m * n
-    if site.kind == "conv":  # first conv runs at output positions too; 1x1 conv m*r per position
-        return 2 * rows * rank * (n + m)
-    return 2 * rows * rank * (m + n)
+    site: Site
+    fac: Factorization | None
+    moment: torch.Tensor | None
+    note: str
+    options: SiteOptions | None = None
 
 
 class LowRankPass(Pass):
@@ -202,70 +112,99 @@ class LowRankPass(Pass):
     rewrites_weights = True
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        cfg: LowRankConfig = self.config
         rows: list[SiteRow] = []
-        candidates: list[tuple[Site, Factorization, torch.Tensor | None, str]] = []
+        work: list[_Work] = []
         misses: list[str] = []  # calibration given but unusable at these sites
-        for node in list(gm.graph.nodes):
-            site = find_site(node, ctx)
-            if site is None:
-                continue
+        e2e = self._end_to_end(gm, ctx)
+        rule = self._rule(e2e)
+        heads = _output_sites(gm, ctx)
+        for site in find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn):
             if isinstance(site, str):
                 name, _, why = site.partition(": ")
                 rows.append(SiteRow(self.name, name, "skipped", why))
                 continue
-            why = self._ineligible(site, ctx)
+            why = self._ineligible(site, ctx, site.node in heads, e2e)
             if why:
                 rows.append(self._skip(site, why))
                 continue
             moment, use, note = self._moment(site, ctx)
             if ctx.calibration is not None and moment is None:
                 misses.append(note.removeprefix("plain SVD: "))
-            fixed = self.config.rule in FIXED_RULES
-            fixed_rank = self._fixed_rank(site)[0] if fixed else None
-            if fixed and fixed_rank is None:
-                candidates.append((site, None, moment, note))  # not profitable: no SVD needed
+            if site.bn is not None:
+                note += "; BatchNorm folded"
+            fixed_rank = self._fixed_rank(site)[0] if rule in FIXED_RULES else None
+            if rule in FIXED_RULES and fixed_rank is None:
+                work.append(_Work(site, None, moment, note))  # not profitable: no SVD needed
                 continue
             try:
                 fac = factorize(site.matrix, moment if use else None, rank=fixed_rank,
-                                method=self.config.svd)
+                                method=cfg.svd)
             except (RuntimeError, ValueError) as exc:  # e.g. an SVD that does not converge
                 if ctx.config.strict:
                     raise
                 rows.append(self._skip(site, f"factorization failed: {exc}"))
                 continue
-            candidates.append((site, fac, moment, note))
-        ranks = self._choose_ranks(candidates)
-        for site, fac, moment, note in candidates:
-            rank, why = ranks[site.weight_name]
+            work.append(_Work(site, fac, moment, note))
+        ranks = self._choose_ranks(work, rule, e2e, ctx)
+        for w in work:
+            rank, why = ranks[w.site.weight_name]
             if rank is None:
-                rows.append(self._skip(site, why))
+                rows.append(self._skip(w.site, why, w.options))
                 continue
-            if not fac.complete:
-                note += f"; randomized SVD (top {fac.known_rank} factors only)"
-            denied = ctx.claim(site.weight_name, [site.weight_name])
+            if not w.fac.complete:
+                w.note += f"; randomized SVD (top {w.fac.known_rank} factors only)"
+            denied = ctx.claim(w.site.weight_name, w.site.sources)
             if denied:
-                rows.append(self._skip(site, denied))
+                rows.append(self._skip(w.site, denied, w.options))
                 continue
-            rows.append(self._rewrite(gm, ctx, site, fac, moment, rank, note))
+            rows.append(self._rewrite(gm, ctx, w, rank))
         if misses:
-            served = len(candidates) - len(misses)
-            ctx.warn(f"the calibration serves {served} of {len(candidates)} sites (the rest "
+            served = len(work) - len(misses)
+            ctx.warn(f"the calibration serves {served} of {len(work)} sites (the rest "
                      f"fall back to a plain SVD), e.g. {misses[0]}")
         return PassResult(rows)
 
     # --- decisions -------------------------------------------------------------------------
-    def _ineligible(self, site: Site, ctx) -> str:
+    def _end_to_end(self, gm: fx.GraphModule, ctx) -> EndToEnd | None:
+        """The graph and the calibration's sample inputs of it, when both exist."""
+        calib = ctx.calibration
+        if calib is None or self.config.rule in FIXED_RULES + ("energy", "max_error"):
+            return None
+        names = [gi.name for gi in ctx.facts.inputs if gi.kind in ("parameter", "buffer")]
+        samples = calib.sample_inputs(graph_key(names))
+        if not samples:
+            return None
+        device = ctx.device
+        moved = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in call)
+                 for call in samples]
+        e2e = EndToEnd(copy_graph_module(gm), ctx.facts, moved)
+        return e2e or None
+
+    def _rule(self, e2e: EndToEnd | None) -> str:
+        rule = self.config.rule
+        if rule == "default":
+            return "min_sqnr_db" if e2e is not None else "max_error"
+        if rule == "min_sqnr_db" and e2e is None:
+            return "max_error"
+        return rule
+
+    def _ineligible(self, site: Site, ctx, head: bool, e2e) -> str:
+        cfg: LowRankConfig = self.config
         if not ctx.selected(site.weight_name):
             return "excluded by include/exclude filters"
-        if site.kind == "conv" and not self.config.conv:
+        if site.kind == "conv" and not cfg.conv:
             return "conv sites are off (conv=False)"
-        w_node = site.view.args[0] if site.view is not None else next(
-            a for a in site.node.all_input_nodes if ctx.facts.weight_name(a) == site.weight_name)
-        for n in (w_node, site.view):
+        for n in (weight_node(site, ctx.facts), site.view):
             if n is not None and len(n.users) > 1:
                 return f"weight is used by {len(n.users)} calls (tied weights)"
-        if max_profitable_rank(site.m, site.n, self.config.min_saving) < 1:
+        if max_profitable_rank(site.m, site.n, cfg.min_saving) < 1:
             return f"too small to save parameters ({site.m}x{site.n})"
+        if head and (cfg.output_layers is False or (
+                cfg.output_layers == "auto" and cfg.rule == "default" and e2e is None)):
+            return ("output layer (feeds the main output directly): the default keeps it "
+                    "dense without end-to-end measurements (calibrate with sample inputs, ask "
+                    "for a rank rule, or set output_layers=True)")
         return ""
 
     def _moment(self, site: Site, ctx) -> tuple[torch.Tensor | None, bool, str]:
@@ -286,61 +225,134 @@ class LowRankPass(Pass):
         """The rank of rule `rank`/`rank_ratio`, from the shape alone, or (None, why not)."""
         cfg: LowRankConfig = self.config
         full = min(site.m, site.n)
-        r = min(cfg.rank, full) if cfg.rule == "rank" else math.ceil(
-            (cfg.rank_ratio or DEFAULT_RANK_RATIO) * full)
+        r = min(cfg.rank, full) if cfg.rule == "rank" else math.ceil(cfg.rank_ratio * full)
         return self._profitable(site, r)
 
-    def _profitable(self, site: Site, r: int) -> tuple[int | None, str]:
+    def _profitable(self, site: Site, r: int, rule: str | None = None) -> tuple[int | None, str]:
         cfg: LowRankConfig = self.config
         r = round_rank(max(r, 1), cfg.rank_multiple, min(site.m, site.n))
         limit = max_profitable_rank(site.m, site.n, cfg.min_saving)
         if r > limit:
-            return None, (f"not profitable: {cfg.rule} asks rank {r}, above {limit} where "
-                          f"r(m+n) <= {1 - cfg.min_saving:g} mn")
+            return None, (f"not profitable: {rule or cfg.rule} asks rank {r}, above {limit} "
+                          f"where r(m+n) <= {1 - cfg.min_saving:g} mn")
         return r, ""
 
-    def _choose_ranks(self, candidates) -> dict[str, tuple[int | None, str]]:
+    def _choose_ranks(self, work: list[_Work], rule: str, e2e, ctx
+                      ) -> dict[str, tuple[int | None, str]]:
         cfg: LowRankConfig = self.config
-        if cfg.rule == "param_budget":
-            return self._allocate(candidates)
-        if cfg.rule in FIXED_RULES:
-            return {site.weight_name: self._fixed_rank(site) for site, *_ in candidates}
+        if rule in ALLOCATED_RULES:
+            return self._allocate(work, rule, e2e, ctx)
+        if rule in FIXED_RULES:
+            return {w.site.weight_name: self._fixed_rank(w.site) for w in work}
         out: dict[str, tuple[int | None, str]] = {}
-        for site, fac, _, _ in candidates:
-            err = _full_curve(fac)
-            if cfg.rule == "energy":
+        bound = cfg.max_error if cfg.max_error is not None else DEFAULT_MAX_ERROR
+        for w in work:
+            err = _full_curve(w.fac)
+            if rule == "energy":
                 r = int(((1 - err.pow(2)) >= cfg.energy - 1e-12).nonzero()[0].item())
             else:
-                r = int((err <= cfg.max_error).nonzero()[0].item())
-            out[site.weight_name] = self._profitable(site, r)
+                r = int((err <= bound).nonzero()[0].item())
+            label = rule if cfg.rule != "default" else f"the default bound max_error={bound:g}"
+            out[w.site.weight_name] = self._profitable(w.site, r, label)
+        if cfg.rule in ("default", "min_sqnr_db"):
+            why = ("no calibration" if ctx.calibration is None
+                   else "the calibration holds no sample inputs of this graph")
+            ctx.note(f"low_rank: {why}, so ranks meet a per-site error bound of {bound:g} "
+                     f"(data-free proxy: each site's own relative "
+                     f"{'output' if ctx.calibration is not None else 'weight'} error) instead "
+                     f"of an end-to-end bound; effc.calibrate(model, batches) enables the "
+                     f"end-to-end default, param_budget asks for a size")
         return out
 
-    def _allocate(self, candidates) -> dict[str, tuple[int | None, str]]:
+    def _candidates(self, w: _Work) -> SiteOptions:
+        """Ranks in steps of rank_multiple up to the largest profitable one, and dense."""
+        site, cfg = w.site, self.config
+        mult, err = cfg.rank_multiple, _full_curve(w.fac)
+        limit = max_profitable_rank(site.m, site.n, cfg.min_saving) // mult * mult
+        dense = Candidate(None, site.m * site.n, 0.0, flops=_flops(site, None))
+        cands = [Candidate(r, r * (site.m + site.n), err[r].item(), flops=_flops(site, r))
+                 for r in range(mult, limit + 1, mult) if r <= w.fac.known_rank]
+        return SiteOptions(site.weight_name, cands + [dense])
+
+    def _allocate(self, work: list[_Work], rule: str, e2e, ctx
+                  ) -> dict[str, tuple[int | None, str]]:
         cfg: LowRankConfig = self.config
-        mult = cfg.rank_multiple
-        total = sum(s.m * s.n for s, *_ in candidates)
-        budget = cfg.param_budget * total
-        sites, out = [], {}
-        for site, fac, _, _ in candidates:
-            limit = max_profitable_rank(site.m, site.n, cfg.min_saving) // mult * mult
-            if limit < mult:
-                out[site.weight_name] = (None, f"not profitable at rank_multiple {mult}")
-                budget -= site.m * site.n
+        out: dict[str, tuple[int | None, str]] = {}
+        options = []
+        for w in work:
+            w.options = self._candidates(w)
+            if len(w.options.candidates) == 1:
+                out[w.site.weight_name] = (None, f"not profitable at rank_multiple "
+                                                 f"{cfg.rank_multiple}")
             else:
-                sites.append(BudgetSite(site.weight_name, site.m, site.n,
-                                        _full_curve(fac), limit))
-        for key, r in allocate(sites, budget, mult).items():
-            out[key] = (r, "") if r is not None else (None, "kept dense by the param_budget allocator")
+                options.append(w.options)
+        if not options:
+            return out
+        by_key = {w.site.weight_name: w for w in work}
+
+        def realize(choice: dict[str, Candidate]) -> dict[str, torch.Tensor]:
+            return {k: _approx_weight(by_key[k], c.choice) for k, c in choice.items()
+                    if c.choice is not None}
+
+        if e2e is not None:
+            measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}))
+        total = sum(s.candidates[-1].params for s in options)
+        if rule == "param_budget":
+            budget = cfg.param_budget * sum(w.site.m * w.site.n for w in work)
+            budget -= sum(w.site.m * w.site.n for w in work if w.site.weight_name in out)
+            choice = allocate(options, max_params=budget)
+        else:
+            bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
+            target = 10 ** (-bound / 10)
+            scale = 1.0
+            for _ in range(MAX_CHECKS):
+                choice = allocate(options, max_error2=target * scale)
+                measured = e2e.error2(realize(choice))
+                guess = predicted(options, choice)
+                if measured <= target or guess <= 0:
+                    break
+                scale *= min(0.5, 0.9 * guess / measured)  # the sum under-predicted: tighten
+        measured = None
+        if e2e is not None:
+            measured = e2e.error2(realize(choice))
+        kept = sum(c.params for c in choice.values())
+        summary = self._summary(rule, e2e, len(options), total, kept, measured)
+        ctx.note(summary)
+        logger.info("%s", summary)
+        for s in options:
+            c = choice[s.key]
+            out[s.key] = ((c.choice, "") if c.choice is not None else
+                          (None, f"kept dense by the {rule} allocator"))
         return out
+
+    def _summary(self, rule: str, e2e, sites: int, total: int, kept: int,
+                 measured: float | None) -> str:
+        cfg: LowRankConfig = self.config
+        head = f"low_rank {rule}: kept {kept} of {total} parameters over {sites} sites"
+        if e2e is None:
+            return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
+                    f"error, summed), as the calibration holds no sample inputs of this graph")
+        sqnr = -10 * math.log10(measured) if measured > 0 else math.inf
+        text = (f"{head}; end-to-end sensitivity measured on {len(e2e.calls)} calibration "
+                f"sample calls ({e2e.forwards} forward passes); output SQNR {sqnr:.1f} dB")
+        if rule == "min_sqnr_db":
+            bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
+            text += f" (bound {bound:g} dB)"
+            if cfg.rule == "default":
+                text += ("; this is the quality-bounded default: min_sqnr_db lower, or "
+                         "param_budget, asks for more compression")
+        return text
 
     # --- rewriting -------------------------------------------------------------------------
-    def _skip(self, site: Site, why: str) -> SiteRow:
+    def _skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
         size = site.m * site.n
         flops = _flops(site, None)
-        return SiteRow(self.name, site.weight_name, "skipped", why, size, size, flops, flops)
+        details = {} if options is None else _candidate_details(options)
+        return SiteRow(self.name, site.weight_name, "skipped", why, size, size, flops, flops,
+                       details=details)
 
-    def _rewrite(self, gm, ctx, site: Site, fac: Factorization, moment, rank: int,
-                 note: str) -> SiteRow:
+    def _rewrite(self, gm, ctx, w: _Work, rank: int) -> SiteRow:
+        site, fac, moment = w.site, w.fac, w.moment
         u64, v64 = fac.factors(rank)
         dtype, device = site.weight.dtype, site.weight.device
         u, v = u64.to(device=device, dtype=dtype), v64.to(device=device, dtype=dtype)
@@ -349,11 +361,16 @@ class LowRankPass(Pass):
             u = u.reshape(site.m, rank, *([1] * spatial))
             v = v.reshape(rank, *site.weight.shape[1:])
         hint = site.weight_name.removesuffix(".weight")
-        v_node = ctx.add_constant(gm, v.contiguous(), derived_from=[site.weight_name],
+        v_node = ctx.add_constant(gm, v.contiguous(), derived_from=site.sources,
                                   name_hint=f"{hint}.lr_v")
-        u_node = ctx.add_constant(gm, u.contiguous(), derived_from=[site.weight_name],
+        u_node = ctx.add_constant(gm, u.contiguous(), derived_from=site.sources,
                                   name_hint=f"{hint}.lr_u")
         x, bias = site.operands()
+        if site.bn is not None:
+            value = ctx.facts.weight_value(bias) if isinstance(bias, fx.Node) else None
+            folded = site.folded_bias(value).to(device=device, dtype=dtype)
+            bias = ctx.add_constant(gm, folded.contiguous(), derived_from=site.sources,
+                                    name_hint=f"{hint}.lr_bias")
         with gm.graph.inserting_before(site.node):
             if site.kind == "conv":
                 new = gm.graph.call_function(torch.ops.effc.low_rank_conv.default,
@@ -361,18 +378,17 @@ class LowRankPass(Pass):
             else:
                 new = gm.graph.call_function(torch.ops.effc.low_rank_linear.default,
                                              (x, v_node, u_node, bias))
-        copy_node_meta(new, site.node)
-        site.node.replace_all_uses_with(new)
-        gm.graph.erase_node(site.node)
-        if site.view is not None and not site.view.users:
-            gm.graph.erase_node(site.view)
+        copy_node_meta(new, site.output)
+        replace_site(gm, site, new)
         error = weight_error(site.matrix, u64, v64)
         if moment is not None:
             error.update(output_error(site.matrix, u64, v64, moment))
-        return SiteRow(self.name, site.weight_name, "rewritten", note,
+        details = self._details(site, fac, rank)
+        if w.options is not None:
+            details.update(_candidate_details(w.options))
+        return SiteRow(self.name, site.weight_name, "rewritten", w.note,
                        site.m * site.n, rank * (site.m + site.n),
-                       _flops(site, None), _flops(site, rank), error,
-                       self._details(site, fac, rank))
+                       _flops(site, None), _flops(site, rank), error, details)
 
     def _details(self, site: Site, fac: Factorization, rank: int) -> dict[str, Any]:
         err = fac.tail_rel_error()
@@ -384,9 +400,58 @@ class LowRankPass(Pass):
                "rule": self.config.rule, "svd": fac.method,
                f"{metric}_at_rank": {str(r): round(err[r].item(), 6) for r in others + [rank]
                                      if r <= fac.known_rank}}
+        if site.bn is not None:
+            out["batch_norm_folded"] = site.bn.node.name
         if not fac.complete:  # say where the curve stops instead of extrapolating it
             out["error_known_up_to_rank"] = fac.known_rank
         return out
+
+
+def _flops(site: Site, rank: int | None) -> int:
+    rows, m, n = site_rows(site), site.m, site.n
+    if rank is None:
+        return 2 * rows * m * n
+    return 2 * rows * rank * (m + n)  # conv: the k x k conv to r channels, then 1 x 1
+
+
+def _approx_weight(w: _Work, rank: int) -> torch.Tensor:
+    """The stored weight whose call computes the rank-`rank` approximation (BatchNorm unfolded)."""
+    u, v = w.fac.factors(rank)
+    return w.site.weight_from_matrix(u @ v)
+
+
+def _candidate_details(options: SiteOptions) -> dict[str, Any]:
+    """The candidates the allocator chose among, for the report: rank -> (params, error)."""
+    return {"sensitivity": round(options.sensitivity, 6),
+            "sensitivity_measured": options.measured,
+            "candidates": {("dense" if c.choice is None else str(c.choice)):
+                           [c.params, round(c.error, 6)] for c in options.candidates}}
+
+
+def _output_sites(gm: fx.GraphModule, ctx) -> set[fx.Node]:
+    """Site nodes that reach the main output (the largest float output) through no other site:
+    a classifier, an LM head."""
+    from effc.compiler.graph_facts import node_value
+
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = [n for n in out.all_input_nodes
+              if isinstance(node_value(n), torch.Tensor) and node_value(n).is_floating_point()]
+    if not leaves:
+        return set()
+    main = max(leaves, key=lambda n: node_value(n).numel() if all(
+        isinstance(d, int) for d in node_value(n).shape) else 0)
+    sites = {s.node for s in find_sites(gm, ctx.facts, fold_bn=False) if isinstance(s, Site)}
+    found, seen, stack = set(), {main}, [main]
+    while stack:
+        n = stack.pop()
+        if n in sites:
+            found.add(n)
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return found
 
 
 def _full_curve(fac: Factorization) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import math
 import operator
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,7 @@ class Session:
     calibration: Any  # effc.compiler.calibration.Calibration
     what: frozenset[str]
     attention_maps: int = 4
+    samples: int = 4  # graph inputs kept per graph, for passes that measure end-to-end effects
     graph_calls: int = 0
     mask: torch.Tensor | None = None  # this batch's [B, T] bool mask of real tokens, if padded
 
@@ -82,16 +84,27 @@ def _wanted(kind: str) -> Session | None:
 
 
 # --- recording functions: called from the observer graphs -----------------------------------
-def observe_graph(names: tuple[str, ...], notes: tuple[str, ...], *weights: torch.Tensor) -> None:
-    """Start of a graph: count it, record the shapes of its weights and its skipped sites."""
+def observe_graph(names: tuple[str, ...], notes: tuple[str, ...], n_weights: int,
+                  *tensors: Any) -> None:
+    """Start of a graph: count it, record the shapes of its weights and its skipped sites, and
+    keep its first few non-weight inputs (`samples`) so passes can run the graph on them."""
     s = _ACTIVE
     if s is None:
         return
     s.graph_calls += 1
+    weights, inputs = tensors[:n_weights], tensors[n_weights:]
     for name, w in zip(names, weights):
         s.calibration.weight_shapes[name] = tuple(w.shape)
     for text in notes:
         s.calibration.note(text)
+    if s.samples:
+        s.calibration.add_sample(graph_key(names), inputs, s.samples)
+
+
+def graph_key(weight_names: Sequence[str]) -> str:
+    """Which graph a sample belongs to: a hash of its weight names in placeholder order (the
+    observer and effc see the same Dynamo graph, so they agree on it)."""
+    return hashlib.sha1("\n".join(weight_names).encode()).hexdigest()[:16]
 
 
 def observe_input(x: torch.Tensor, w: torch.Tensor, key: str, kind: str,
@@ -427,9 +440,11 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
         elif residual := _residual(node, sites, order):
             _insert(graph, node, observe_residual, residual)
     weights = [n for n in nodes if facts.weight_name(n) is not None]
+    inputs = [n for n in nodes if n.op == "placeholder" and facts.weight_name(n) is None]
     first = next(n for n in graph.nodes if n.op != "placeholder")
     _insert(graph, first, observe_graph,
-            (tuple(facts.weight_name(n) for n in weights), tuple(notes), *weights))
+            (tuple(facts.weight_name(n) for n in weights), tuple(notes), len(weights), *weights,
+             *inputs))
     observed.recompile()
     return observed
 

@@ -94,7 +94,7 @@ def _token_mask(batch: Any, token_mask: str | None, i: int, calib: Calibration
 def calibrate(model: torch.nn.Module, batches: Iterable[Any], *,
               what: Iterable[str] = ("inputs",), max_batches: int | None = None,
               progress: bool = True, attention_maps: int = 4,
-              token_mask: str | None = "auto") -> Calibration:
+              token_mask: str | None = "auto", samples: int = 4) -> Calibration:
     """Run `model` on `batches` and record, per site, the statistics data-aware passes use.
 
     A batch is a Tensor (`model(batch)`), a tuple/list (`model(*batch)`) or a dict
@@ -110,7 +110,12 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], *,
     dict batch has a 2-D one and records other batches whole; a key name requires that mask
     in every batch (ValueError otherwise); None records every position. Sites whose tensors
     are not laid out as [batch, tokens, ...] record every position, with a note.
+
+    `samples` graph calls (the first ones) keep a CPU copy of their non-weight inputs, per
+    compiled graph: passes run the graph on them to measure a rewrite's end-to-end effect.
     """
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise ValueError(f"effc.calibrate: samples must be an int >= 0, got {samples!r}")
     what = (what,) if isinstance(what, str) else tuple(what)
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
@@ -124,7 +129,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], *,
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: observe the original
     calib = Calibration(source=type(model).__name__)
-    session = observer.Session(calib, frozenset(what), attention_maps)
+    session = observer.Session(calib, frozenset(what), attention_maps, samples)
     total = len(batches) if hasattr(batches, "__len__") else None
     if max_batches is not None:
         batches = itertools.islice(batches, max_batches)

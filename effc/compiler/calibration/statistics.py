@@ -10,8 +10,8 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Mapping
-from typing import BinaryIO
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO
 
 import torch
 
@@ -81,6 +81,9 @@ class Calibration:
     notes: list[str] = dataclasses.field(default_factory=list)  # sites seen but not recorded
     batches: int = 0
     source: str = ""  # class name of the calibrated model, for messages
+    # graph key (observer.graph_key) -> the first few calls' non-weight inputs, in placeholder
+    # order: what passes run a graph on to measure the end-to-end effect of a rewrite
+    samples: dict[str, list[tuple[Any, ...]]] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         """One screen: what was recorded and how much, never the tensors themselves."""
@@ -100,6 +103,9 @@ class Calibration:
         if self.attention:
             lines.append(f"  attention maps: {sum(map(len, self.attention.values()))} over "
                          f"{len(self.attention)} sites")
+        if self.samples:
+            lines.append(f"  samples: {sum(map(len, self.samples.values()))} graph calls kept "
+                         f"over {len(self.samples)} graphs")
         if self.notes:
             lines.append(f"  notes: {len(self.notes)} (see .notes)")
         return "\n".join(lines)
@@ -203,6 +209,17 @@ class Calibration:
         if len(kept) < limit:
             kept.append(probs.detach().to("cpu", torch.float32).clone())
 
+    def add_sample(self, key: str, inputs: Sequence[Any], limit: int) -> None:
+        """Keep a copy (CPU) of one call's non-weight graph inputs, up to `limit` per graph."""
+        kept = self.samples.setdefault(key, [])
+        if len(kept) < limit:
+            kept.append(tuple(t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor)
+                              else t for t in inputs))
+
+    def sample_inputs(self, key: str) -> list[tuple[Any, ...]]:
+        """The recorded inputs of the graph with key `key` (observer.graph_key), or []."""
+        return self.samples.get(key, [])
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
@@ -228,6 +245,7 @@ class Calibration:
             "keys": heads(self.keys), "values": heads(self.values),
             "residuals": {k: dataclasses.asdict(r) for k, r in self.residuals.items()},
             "attention": {k: list(v) for k, v in self.attention.items()},
+            "samples": {k: [list(call) for call in v] for k, v in self.samples.items()},
         }, path)
 
     @classmethod
@@ -248,4 +266,5 @@ class Calibration:
             version=data["version"], keys=heads(data["keys"]), values=heads(data["values"]),
             residuals={k: ResidualNorms(**r) for k, r in data["residuals"].items()},
             attention={k: list(v) for k, v in data["attention"].items()},
-            notes=list(data["notes"]), batches=data["batches"], source=data["source"])
+            notes=list(data["notes"]), batches=data["batches"], source=data["source"],
+            samples={k: [tuple(call) for call in v] for k, v in data.get("samples", {}).items()})
