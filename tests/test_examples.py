@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -17,12 +19,14 @@ def _run(name: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_is_bit_exact_with_passes_off_and_prints_the_report():
     out = _run("quickstart.py")
     assert "passes off: logits equal to eager bit for bit: True" in out
     assert "low_rank" in out and "rewritten" in out and "next-token agreement" in out
 
 
+@pytest.mark.slow
 def test_triton_lowering_example_generates_the_same_tokens_as_eager():
     out = _run("triton_lowering.py")
     assert "greedy tokens with the kernels equal those of the same graph run eagerly: True" in out

@@ -49,6 +49,7 @@ def test_passes_off_training_step_gives_identical_gradients(kind):
         assert torch.equal(b, tb), name  # BatchNorm running stats updated identically
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("dynamic", [True, None])
 def test_two_sequence_lengths_bit_identical(kind, dynamic):

@@ -4,7 +4,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.slow
 def test_backend_found_by_name_in_a_fresh_interpreter():
     code = textwrap.dedent("""
         import sys, torch

@@ -46,6 +46,7 @@ def _top2_gap(scores):
     return (top[..., 0] - top[..., 1]).min().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic_cache", "static_cache"])
 @pytest.mark.parametrize("lowering", ["eager", "triton"])
 def test_generate_with_passes_off_gives_the_same_tokens(lowering, cache):
@@ -77,6 +78,7 @@ def test_generate_with_passes_off_gives_the_same_tokens(lowering, cache):
             assert eager_writes == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lowering", ["eager", "triton"])
 def test_generate_with_low_rank_rewrites_every_step_graph(lowering):
     model, ids = _llama()

@@ -46,6 +46,7 @@ def _capture(model, *args, dynamic=None, **kwargs):
 ARCHITECTURES = ["bert", "gpt2", "llama", "vit", "t5", "whisper", "mixtral", "falcon"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_every_architecture_names_weights_like_named_parameters(kind):
     """Whatever root Dynamo's sources start from (transformers 5 wraps some forwards, so

@@ -320,6 +320,7 @@ _CUDA_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_op_kernel_compiles_for_cuda_and_triton_op_finds_it(tmp_path):
     """The interpreter accepts more than the compiler: the kernel built from the template must
     compile for sm_90 with the op's tilings (both products are tl.dot), and triton_op's source

@@ -308,6 +308,7 @@ def test_strict_rejects_two_rules():
 @pytest.mark.parametrize("kind,linears,tied", [("llama", 2 * 7 + 1, 0), ("gpt2", 2 * 4, 1),
                                                ("bert", 2 * 6 + 1, 0), ("vit", 2 * 6 + 1, 0),
                                                ("falcon", 2 * 4, 1)])
+@pytest.mark.slow
 def test_hugging_face_models_compile_with_finite_outputs(kind, linears, tied):
     model, inputs = hf_model(kind)
     model.eval()

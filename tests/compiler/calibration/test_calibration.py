@@ -168,6 +168,7 @@ def _names_passes_see(model, inputs):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "vit"])
 def test_hf_moments_equal_hooks_and_every_site_name_is_present(kind):
     model, inputs = hf_model(kind)
@@ -245,6 +246,7 @@ def test_residual_norms_equal_hooks():
     assert len(calib.residuals) == 4  # two residual adds per layer, nothing else (GELU-like adds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_attention_maps_at_sdpa_equal_eager_softmax(kind):
     model, inputs = hf_model(kind)
@@ -415,6 +417,7 @@ def _padded_and_singles(kind, lengths=(9, 6, 3)):
     return model, {"input_ids": ids, "attention_mask": mask}, [{"input_ids": s[None]} for s in seqs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "bert"])  # causal (GQA), bidirectional
 def test_padded_batch_records_what_its_sequences_record_one_at_a_time(kind):
     model, padded, singles = _padded_and_singles(kind)

@@ -19,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "cuda_compile_check.py"
 SM90_SHARED_BYTES = 232448  # largest shared memory one block may use on sm_90 (227 KiB)
 
 
+@pytest.mark.slow
 def test_every_generated_kernel_compiles_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

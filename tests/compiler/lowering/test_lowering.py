@@ -11,6 +11,7 @@ from effc.compiler.lowering import resolve
 from effc.passes import extra_passes
 
 
+@pytest.mark.slow
 def test_inductor_lowering_matches_eager_with_a_pass_on():
     torch.manual_seed(0)
     model = MLP().eval()

@@ -202,7 +202,7 @@ def test_grad_mode_with_parameters_runs_eagerly_and_gradients_flow():
 
 def test_auto_never_raises_for_a_graph_triton_cannot_take(monkeypatch):
     """strict makes an explicit lowering='triton' raise; 'auto' means 'where it can'."""
-    import effc.compiler.lowering as lowering
+    import effc.compiler.lowering.dispatch as lowering
 
     monkeypatch.setattr(lowering, "resolve", lambda value, device=None: "triton")
     model = MLP().train()
@@ -366,6 +366,7 @@ def _model(kind):
     return model.eval(), inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("low_rank", [{"rank": 8}, None], ids=["low_rank", "dense"])
 @pytest.mark.parametrize("kind", ["mlp", "llama", "bert"])
 def test_whole_models_match_eager(kind, low_rank):
@@ -400,6 +401,7 @@ MORE_MODELS = {"gpt2": set(), "vit": set(), "falcon": set(), "whisper": set(),
 @pytest.mark.parametrize("kind,passes", [(k, {}) for k in MORE_MODELS] + [
     ("gpt2", {"low_rank": {"rank": 8}}), ("falcon", {"low_rank": {"rank": 8}})],
     ids=list(MORE_MODELS) + ["gpt2-low_rank", "falcon-low_rank"])
+@pytest.mark.slow
 def test_more_architectures_match_eager_and_leave_only_their_writes_eager(kind, passes):
     """GPT-2's and Falcon's linears (`addmm` on a flattened input, `x @ W.T`) with low_rank too:
     every one is a low-rank GEMM kernel, none is left a library call."""
@@ -441,6 +443,7 @@ def test_llama_low_rank_two_step_kernels_match_eager(monkeypatch):
     assert {t.last_variant for t in launchers} == {"two_step"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_llama_in_half_precision_matches_eager(dtype):
     """Every fused op rounds to its dtype where eager does; the GEMM sums in fp32 in another
@@ -490,6 +493,7 @@ def test_the_report_says_which_ops_ran_eagerly_between_kernels(tmp_path):
 
 @pytest.mark.parametrize("kinds", [("row", "pointwise"), ("gemm", "pointwise"), ("gemm", "row"),
                                    ()], ids=lambda k: "+".join(k) or "none")
+@pytest.mark.slow
 def test_kernel_kinds_left_out_run_eagerly_and_the_rest_still_fuse(kinds):
     """`kernels` picks the kinds of generated kernel: a kind left out is never made, and the
     ops it would have held join other kinds where they can (Llama's SwiGLU `silu * up` is a
@@ -615,6 +619,7 @@ def test_dynamic_image_sizes_keep_their_kernels():
     assert {k.kind for k in g.kernels} >= {"row", "gemm"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_dynamic_true_norms_with_a_symbolic_eps_still_fuse(kind):
     """Under dynamic=True Dynamo passes a module's float (a norm's eps) as a 0-dim tensor and
