@@ -308,6 +308,20 @@ def test_hf_outputs_bit_identical_after_calibrating_and_under_effc():
         assert torch.equal(first_tensor(compiled(**inputs)), ref)
 
 
+def test_sample_inputs_are_the_first_calls_of_each_graph_and_survive_save_load(tmp_path):
+    model = MLP().eval()
+    batches = [torch.randn(3, 16) for _ in range(5)]
+    calib = effc.calibrate(model, batches, progress=False, samples=2)
+    (key, kept), = calib.samples.items()
+    assert len(kept) == 2 and all(torch.equal(k[0], b) for k, b in zip(kept, batches))
+    calib.save(tmp_path / "c.pt")
+    loaded = Calibration.load(tmp_path / "c.pt")
+    assert torch.equal(loaded.sample_inputs(key)[1][0], batches[1])
+    assert effc.calibrate(model, batches, progress=False, samples=0).samples == {}
+    with pytest.raises(ValueError, match="samples must be an int >= 0"):
+        effc.calibrate(model, batches, samples=-1)
+
+
 def test_repr_is_a_one_screen_summary():
     model, inputs = hf_model("llama")
     calib = effc.calibrate(model, [inputs, inputs], what=("inputs", "kv", "residuals",

@@ -1,0 +1,129 @@
+"""The shared allocator: end-to-end sensitivity where the per-layer proxy misallocates, the
+quality-bounded default, and the candidates in the report."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effc
+from effc.compiler.metrics import error_stats
+from effc.compiler.report import Report
+from effc.passes.budget import Candidate, SiteOptions, allocate
+
+
+def _spectral(n, decay, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    s = torch.arange(1, n + 1, dtype=torch.float32) ** decay
+    return u @ torch.diag(s) @ v.T
+
+
+class Amplified(nn.Module):
+    """Two layers with equal spectra; b's output reaches the result 20x amplified. Their own
+    relative errors are alike at every rank, their effects on the output are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(96, 96, bias=False), nn.Linear(96, 96, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(_spectral(96, -1.0, 1))
+            self.b.weight.copy_(_spectral(96, -1.0, 2))
+
+    def forward(self, x):
+        return self.a(x) + 20.0 * self.b(x)
+
+
+def _run(model, x, options):
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="effc", options=options)(x)
+    return out, Report(graphs=list(effc.report().graphs))  # the session report is reset later
+
+
+def test_end_to_end_sensitivity_allocates_where_the_proxy_does_not():
+    torch.manual_seed(0)
+    model, x = Amplified().eval(), torch.randn(256, 96)
+    with torch.no_grad():
+        ref = model(x)
+    calib = effc.calibrate(model, [torch.randn(256, 96)], progress=False)
+    no_samples = effc.calibrate(model, [torch.randn(256, 96)], progress=False, samples=0)
+    budget = {"low_rank": {"param_budget": 0.25, "min_saving": 0.0}}
+    out_e2e, rep_e2e = _run(model, x, {**budget, "calibration": calib})
+    out_proxy, rep_proxy = _run(model, x, {**budget, "calibration": no_samples})
+    ranks = lambda rep: {s.site: s.details.get("rank") for s in rep.sites}  # noqa: E731
+    e2e, proxy = ranks(rep_e2e), ranks(rep_proxy)
+    assert e2e["b.weight"] > e2e["a.weight"]          # b's error costs 20x more
+    assert abs(proxy["b.weight"] - proxy["a.weight"]) <= 8  # the proxy sees equal layers
+    kept = lambda rep: sum(s.params_after for s in rep.sites)  # noqa: E731
+    assert kept(rep_e2e) <= 0.25 * 2 * 96 * 96 and kept(rep_proxy) <= 0.25 * 2 * 96 * 96
+    err_e2e = error_stats(ref, out_e2e)["rel_fro"]
+    err_proxy = error_stats(ref, out_proxy)["rel_fro"]
+    assert err_e2e < 0.8 * err_proxy, (err_e2e, err_proxy)
+    row = next(s for s in rep_e2e.sites if s.site == "b.weight")
+    assert row.details["sensitivity_measured"] is True
+    assert row.details["sensitivity"] > 10 * next(
+        s for s in rep_e2e.sites if s.site == "a.weight").details["sensitivity"]
+    assert row.details["candidates"]["dense"] == [96 * 96, 0.0]
+    assert any("end-to-end sensitivity measured on 1 calibration sample" in n
+               for n in rep_e2e.graphs[0].notes)
+    assert any("data-free proxy" in n for n in rep_proxy.graphs[0].notes)
+
+
+def test_default_keeps_the_outputs_within_its_stated_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(),
+                          nn.Linear(128, 32)).eval()
+    with torch.no_grad():  # weights with a decaying spectrum, as trained ones have
+        for i, m in enumerate(model):
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(_spectral(max(m.weight.shape), -1.0, i)[:m.weight.shape[0],
+                                                                      :m.weight.shape[1]])
+    batches = [torch.randn(128, 64) for _ in range(4)]
+    calib = effc.calibrate(model, batches, progress=False)
+    x = batches[0]
+    with torch.no_grad():
+        ref = model(x)
+    out, rep = _run(model, x, {"low_rank": True, "calibration": calib})
+    note = next(n for n in rep.graphs[0].notes if "output SQNR" in n)
+    measured = float(note.split("output SQNR ")[1].split(" dB")[0])
+    assert measured >= 25.0 and "(bound 25 dB)" in note and "quality-bounded default" in note
+    assert error_stats(ref, out)["sqnr_db"] >= 25.0  # x is one of the calibration samples
+    kept = sum(s.params_after for s in rep.sites)
+    assert kept < 0.9 * sum(s.params_before for s in rep.sites)  # it did compress
+    with torch.no_grad():  # held-out data: within a few dB of the bound
+        fresh = torch.randn(256, 64)
+        held = error_stats(model(fresh), torch.compile(model, backend="effc", options={
+            "low_rank": True, "calibration": calib})(fresh))["sqnr_db"]
+    assert held >= 22.0
+
+
+def test_default_without_calibration_is_a_per_site_bound_and_keeps_output_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(_spectral(64, -2.0, 0))
+    _, rep = _run(model, torch.randn(8, 64), {"low_rank": True})
+    rows = {s.site: s for s in rep.sites}
+    assert rows["2.weight"].reason.startswith("output layer")
+    first = rows["0.weight"]
+    assert first.decision == "rewritten" and first.error["weight_rel_fro"] <= 0.05
+    assert any("per-site error bound of 0.05" in n for n in rep.graphs[0].notes)
+
+
+def test_allocate_walks_the_convex_hull_and_respects_both_stops():
+    def opts(key, errors, sens=1.0):
+        cands = [Candidate(r, 10 * r, e) for r, e in errors] + [Candidate(None, 100, 0.0)]
+        return SiteOptions(key, cands, sensitivity=sens)
+
+    # rank 2 of "a" is off the hull (no better than rank 1): never chosen
+    a = opts("a", [(1, 0.5), (2, 0.5), (4, 0.1)])
+    b = opts("b", [(1, 0.5), (4, 0.2)], sens=4.0)
+    choice = allocate([a, b], max_params=80)
+    assert sum(c.params for c in choice.values()) <= 80
+    assert choice["b"].choice == 4  # b's error weighs 4x: it is bought first
+    bound = allocate([a, b], max_error2=0.2)
+    assert sum(s.sensitivity * bound[s.key].error ** 2 for s in (a, b)) <= 0.2
+    with pytest.raises(ValueError, match="param_budget too small"):
+        allocate([a, b], max_params=10)
