@@ -121,17 +121,45 @@ class EndToEnd:
     def __init__(self, gm: fx.GraphModule, facts: GraphFacts, samples: Sequence[Sequence[Any]]):
         self.gm, self.facts = gm, facts
         self.index = {gi.name: gi.index for gi in facts.inputs if gi.kind in ("parameter", "buffer")}
-        free = [gi.index for gi in facts.inputs if gi.kind not in ("parameter", "buffer")]
-        self.calls = []
-        for sample in samples:
-            if len(sample) != len(free):
-                continue
-            args = [gi.value for gi in facts.inputs]
-            for i, v in zip(free, sample):
-                args[i] = v
-            self.calls.append(args)
         self.forwards = 0
-        self.reference = [self._outputs(args, {}) for args in self.calls]
+        self.calls, self.reference = [], []
+        for sample in samples:
+            args = self._fit(facts, sample)
+            if args is None:
+                continue
+            try:  # a graph traced for other sizes may not run on this sample
+                ref = self._outputs(args, {})
+            except Exception:  # noqa: BLE001 - any failure means: this sample does not fit
+                continue
+            self.calls.append(args)
+            self.reference.append(ref)
+        self.skipped = len(samples) - len(self.calls)
+
+    @staticmethod
+    def _fit(facts: GraphFacts, sample: Sequence[Any]) -> list[Any] | None:
+        """The graph's full argument list with `sample`'s inputs, or None if they do not fit.
+
+        The calibration's graph may differ in its size arguments (Dynamo makes a recompiled
+        graph dynamic): then its tensors are matched alone, on a graph without size inputs.
+        A sample whose shapes the graph was not traced for is tried anyway (a graph that
+        bakes those sizes fails on it, and the caller drops it).
+        """
+        free = [gi for gi in facts.inputs if gi.kind not in ("parameter", "buffer")]
+        dynamic = any(gi.kind == "symint" for gi in free)
+        if len(sample) != len(free):
+            tensors = [v for v in sample if isinstance(v, torch.Tensor)]
+            free = [gi for gi in free if gi.kind == "input"]
+            if dynamic or len(tensors) != len(free):
+                return None
+            sample = tensors
+        args = [gi.value for gi in facts.inputs]
+        for gi, v in zip(free, sample):
+            ex = gi.value
+            if isinstance(ex, torch.Tensor) != isinstance(v, torch.Tensor) or (
+                    isinstance(v, torch.Tensor) and (v.dtype != ex.dtype or v.dim() != ex.dim())):
+                return None
+            args[gi.index] = v.to(ex.device) if isinstance(v, torch.Tensor) else v
+        return args
 
     def __bool__(self) -> bool:
         return bool(self.calls)

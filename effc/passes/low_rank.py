@@ -31,6 +31,7 @@ from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (Candidate, EndToEnd, SiteOptions, allocate,
                                 measure_sensitivities, predicted)
+from effc.passes.compensation import compensated_target, sequential_fit
 from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
                                        output_error, round_rank, weight_error)
 from effc.passes.weight_sites import Site, find_sites, replace_site, site_rows, weight_node
@@ -40,6 +41,7 @@ FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before
 ALLOCATED_RULES = ("param_budget", "min_sqnr_db")  # chosen by the shared allocator
 DEFAULT_MIN_SQNR_DB = 25.0   # default with calibration samples: outputs within ~5.6 %
 DEFAULT_MAX_ERROR = 0.05     # default without: each site's own relative error
+MIN_GAIN = 0.01             # compensation is kept if it lowers the squared output error by 1 %
 MAX_CHECKS = 3               # re-allocations when the measured output error misses the bound
 
 
@@ -68,6 +70,9 @@ class LowRankConfig(PassConfig):
     whiten: bool = knob(True, "use calibration statistics (activation-aware SVD) when present")
     conv: bool = knob(True, "also factorize conv1d/conv2d weights")
     fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the conv/linear before it")
+    compensate: bool = knob(True, "with calibration sample inputs, fit each site on the inputs "
+                            "the already-rewritten sites before it produce (kept only where "
+                            "it lowers the measured output error)")
     output_layers: Literal["auto"] | bool = knob(
         "auto", "the sites that feed the main output directly (a classifier, an LM head): "
                 "auto: the default rule takes them only when measured end to end, every "
@@ -102,6 +107,13 @@ class _Work:
     moment: torch.Tensor | None
     note: str
     options: SiteOptions | None = None
+    # the factorization ranks are chosen with: fitted without the calibration's sample calls,
+    # so that measuring on the samples does not measure on the fitting data
+    held_out: Factorization | None = None
+
+    @property
+    def choosing(self) -> Factorization:
+        return self.held_out if self.held_out is not None else self.fac
 
 
 class LowRankPass(Pass):
@@ -145,8 +157,13 @@ class LowRankPass(Pass):
                     raise
                 rows.append(self._skip(site, f"factorization failed: {exc}"))
                 continue
-            work.append(_Work(site, fac, moment, note))
+            w = _Work(site, fac, moment, note)
+            if e2e is not None and use:
+                w.held_out = self._held_out(site, ctx)
+            work.append(w)
         ranks = self._choose_ranks(work, rule, e2e, ctx)
+        if cfg.compensate and e2e is not None:
+            self._compensate(gm, e2e, work, ranks, ctx)
         for w in work:
             rank, why = ranks[w.site.weight_name]
             if rank is None:
@@ -169,7 +186,9 @@ class LowRankPass(Pass):
     def _end_to_end(self, gm: fx.GraphModule, ctx) -> EndToEnd | None:
         """The graph and the calibration's sample inputs of it, when both exist."""
         calib = ctx.calibration
-        if calib is None or self.config.rule in FIXED_RULES + ("energy", "max_error"):
+        cfg: LowRankConfig = self.config
+        if calib is None or (not cfg.compensate and cfg.rule not in ALLOCATED_RULES + (
+                "default",)):
             return None
         names = [gi.name for gi in ctx.facts.inputs if gi.kind in ("parameter", "buffer")]
         samples = calib.sample_inputs(graph_key(names))
@@ -180,6 +199,16 @@ class LowRankPass(Pass):
                  for call in samples]
         e2e = EndToEnd(copy_graph_module(gm), ctx.facts, moved)
         return e2e or None
+
+    def _held_out(self, site: Site, ctx) -> Factorization | None:
+        """The whitened factorization from the moments of the non-sample calibration calls."""
+        moment = ctx.calibration.held_out_moment(site.weight_name)
+        if moment is None or moment.shape != (site.n, site.n):
+            return None
+        try:
+            return factorize(site.matrix, moment)
+        except (RuntimeError, ValueError):
+            return None
 
     def _rule(self, e2e: EndToEnd | None) -> str:
         rule = self.config.rule
@@ -267,11 +296,11 @@ class LowRankPass(Pass):
     def _candidates(self, w: _Work) -> SiteOptions:
         """Ranks in steps of rank_multiple up to the largest profitable one, and dense."""
         site, cfg = w.site, self.config
-        mult, err = cfg.rank_multiple, _full_curve(w.fac)
+        mult, err = cfg.rank_multiple, _full_curve(w.choosing)
         limit = max_profitable_rank(site.m, site.n, cfg.min_saving) // mult * mult
         dense = Candidate(None, site.m * site.n, 0.0, flops=_flops(site, None))
         cands = [Candidate(r, r * (site.m + site.n), err[r].item(), flops=_flops(site, r))
-                 for r in range(mult, limit + 1, mult) if r <= w.fac.known_rank]
+                 for r in range(mult, limit + 1, mult) if r <= w.choosing.known_rank]
         return SiteOptions(site.weight_name, cands + [dense])
 
     def _allocate(self, work: list[_Work], rule: str, e2e, ctx
@@ -291,8 +320,8 @@ class LowRankPass(Pass):
         by_key = {w.site.weight_name: w for w in work}
 
         def realize(choice: dict[str, Candidate]) -> dict[str, torch.Tensor]:
-            return {k: _approx_weight(by_key[k], c.choice) for k, c in choice.items()
-                    if c.choice is not None}
+            return {k: _approx_weight(by_key[k], c.choice, by_key[k].choosing)
+                    for k, c in choice.items() if c.choice is not None}
 
         if e2e is not None:
             measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}))
@@ -316,7 +345,10 @@ class LowRankPass(Pass):
         if e2e is not None:
             measured = e2e.error2(realize(choice))
         kept = sum(c.params for c in choice.values())
-        summary = self._summary(rule, e2e, len(options), total, kept, measured)
+        whitened = [w for w in work if w.options in options and w.moment is not None
+                    and cfg.whiten]
+        held_out = None if not whitened else all(w.held_out is not None for w in whitened)
+        summary = self._summary(rule, e2e, len(options), total, kept, measured, held_out)
         ctx.note(summary)
         logger.info("%s", summary)
         for s in options:
@@ -326,7 +358,7 @@ class LowRankPass(Pass):
         return out
 
     def _summary(self, rule: str, e2e, sites: int, total: int, kept: int,
-                 measured: float | None) -> str:
+                 measured: float | None, held_out: bool | None) -> str:
         cfg: LowRankConfig = self.config
         head = f"low_rank {rule}: kept {kept} of {total} parameters over {sites} sites"
         if e2e is None:
@@ -335,6 +367,12 @@ class LowRankPass(Pass):
         sqnr = -10 * math.log10(measured) if measured > 0 else math.inf
         text = (f"{head}; end-to-end sensitivity measured on {len(e2e.calls)} calibration "
                 f"sample calls ({e2e.forwards} forward passes); output SQNR {sqnr:.1f} dB")
+        if held_out:
+            text += (" (factors fitted on the other calibration calls, so this is measured on "
+                     "data they were not fitted to; the final factors use every call)")
+        elif held_out is False:
+            text += (" (measured on the data the whitened factors were fitted to, which is "
+                     "optimistic: calibrate with more batches than samples)")
         if rule == "min_sqnr_db":
             bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
             text += f" (bound {bound:g} dB)"
@@ -342,6 +380,43 @@ class LowRankPass(Pass):
                 text += ("; this is the quality-bounded default: min_sqnr_db lower, or "
                          "param_budget, asks for more compression")
         return text
+
+    def _compensate(self, gm: fx.GraphModule, e2e: EndToEnd, work: list[_Work],
+                    ranks: dict[str, tuple[int | None, str]], ctx) -> None:
+        """Refit the chosen sites in graph order on the inputs the rewritten sites before them
+        produce; keep the refits only if the measured output error drops."""
+        chosen = {w.site.weight_name: w for w in work if ranks[w.site.weight_name][0] is not None}
+        if not chosen:
+            return
+        independent = {k: (w.fac, w.note) for k, w in chosen.items()}
+        before = e2e.error2({k: _approx_weight(w, ranks[k][0]) for k, w in chosen.items()})
+
+        def refit(site: Site, c_hh, c_xh, rows: int) -> torch.Tensor:
+            w, rank = chosen[site.weight_name], ranks[site.weight_name][0]
+            if c_hh is not None:
+                try:
+                    target = compensated_target(site.matrix, c_hh, c_xh)
+                    w.fac = factorize(target, c_hh / rows, method="full")
+                    w.note += f"; error-compensated fit ({rows} rows)"
+                except (RuntimeError, ValueError) as exc:
+                    w.note += f"; independent fit (compensation failed: {exc})"
+            else:
+                w.note += f"; independent fit ({rows} calibration rows: too few to compensate)"
+            u, v = w.fac.factors(rank)
+            return u @ v
+
+        sequential_fit(gm, e2e, [w.site for w in chosen.values()], refit)
+        after = e2e.error2({k: _approx_weight(w, ranks[k][0]) for k, w in chosen.items()})
+        db = lambda e: -10 * math.log10(e) if e > 0 else math.inf  # noqa: E731
+        if after < (1 - MIN_GAIN) * before:
+            ctx.note(f"low_rank: error compensation on the calibration samples: output SQNR "
+                     f"{db(before):.1f} -> {db(after):.1f} dB")
+            return
+        for k, (fac, note) in independent.items():
+            chosen[k].fac, chosen[k].note = fac, note
+        ctx.note(f"low_rank: error compensation did not lower the output error on the "
+                 f"calibration samples by {MIN_GAIN:.0%} ({db(before):.2f} -> {db(after):.2f} "
+                 f"dB): independent fits kept")
 
     # --- rewriting -------------------------------------------------------------------------
     def _skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
@@ -414,9 +489,9 @@ def _flops(site: Site, rank: int | None) -> int:
     return 2 * rows * rank * (m + n)  # conv: the k x k conv to r channels, then 1 x 1
 
 
-def _approx_weight(w: _Work, rank: int) -> torch.Tensor:
+def _approx_weight(w: _Work, rank: int, fac: Factorization | None = None) -> torch.Tensor:
     """The stored weight whose call computes the rank-`rank` approximation (BatchNorm unfolded)."""
-    u, v = w.fac.factors(rank)
+    u, v = (fac or w.fac).factors(rank)
     return w.site.weight_from_matrix(u @ v)
 
 

@@ -53,6 +53,7 @@ class Session:
     attention_maps: int = 4
     samples: int = 4  # graph inputs kept per graph, for passes that measure end-to-end effects
     graph_calls: int = 0
+    in_sample: bool = False  # the running graph call is one kept as a sample
     mask: torch.Tensor | None = None  # this batch's [B, T] bool mask of real tokens, if padded
 
     def mask_on(self, device: torch.device) -> torch.Tensor:
@@ -97,8 +98,9 @@ def observe_graph(names: tuple[str, ...], notes: tuple[str, ...], n_weights: int
         s.calibration.weight_shapes[name] = tuple(w.shape)
     for text in notes:
         s.calibration.note(text)
+    s.in_sample = False
     if s.samples:
-        s.calibration.add_sample(graph_key(names), inputs, s.samples)
+        s.in_sample = s.calibration.add_sample(graph_key(names), inputs, s.samples)
 
 
 def graph_key(weight_names: Sequence[str]) -> str:
@@ -119,14 +121,14 @@ def observe_input(x: torch.Tensor, w: torch.Tensor, key: str, kind: str,
         return
     if kind == "conv":
         _unmasked(s, key)
-        blocks = _patch_rows(x, w, *conv)
+        blocks = patch_rows(x, w, *conv)
     else:
         rows = _token_rows(s, x, key, sources)
         if rows is None:
             rows = x.reshape(-1, w.shape[-1] if kind == "linear" else w.shape[0])
         blocks = rows.split(max(1, _BLOCK // max(rows.shape[1], 1)))
     for block in blocks:
-        s.calibration.add_input(key, block)
+        s.calibration.add_input(key, block, sample=s.in_sample)
 
 
 def observe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
@@ -218,7 +220,7 @@ def _pair(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _patch_rows(x: torch.Tensor, w: torch.Tensor, stride: Any, padding: Any,
+def patch_rows(x: torch.Tensor, w: torch.Tensor, stride: Any, padding: Any,
                 dilation: Any) -> Iterator[torch.Tensor]:
     """The conv's input patches as [N, C_in*k...] rows (weight.reshape(C_out, -1) order)."""
     dims = w.dim() - 2

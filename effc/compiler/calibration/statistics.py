@@ -24,13 +24,27 @@ _MISSING = "calibration has no statistics for"
 
 @dataclasses.dataclass
 class InputMoment:
-    """sum over rows of x x^T (float64, [K, K]) and the row count, for one weight's input."""
+    """sum over rows of x x^T (float64, [K, K]) and the row count, for one weight's input.
+
+    `sample_xxt`/`sample_rows` are the part of those sums recorded during the calls kept as
+    sample inputs: subtracting them gives moments independent of the samples, so a pass can
+    fit on the rest and measure on the samples without measuring on its own fitting data.
+    """
 
     sum_xxt: torch.Tensor
     rows: int
+    sample_xxt: torch.Tensor | None = None
+    sample_rows: int = 0
 
     def mean(self) -> torch.Tensor:
         return self.sum_xxt / max(self.rows, 1)
+
+    def held_out_mean(self) -> torch.Tensor | None:
+        """E[x x^T] over the rows not recorded in sample calls, or None if there are none."""
+        rest = self.rows - self.sample_rows
+        if self.sample_xxt is None or rest <= 0:
+            return None
+        return (self.sum_xxt - self.sample_xxt) / rest
 
 
 @dataclasses.dataclass
@@ -152,6 +166,11 @@ class Calibration:
         why = self.problem(weight_name, weight_shape)
         return (None, why) if why else (self.inputs[weight_name].mean(), "")
 
+    def held_out_moment(self, weight_name: str) -> torch.Tensor | None:
+        """E[x x^T] without the rows of the sample calls (None if that leaves nothing)."""
+        m = self.inputs.get(weight_name)
+        return None if m is None else m.held_out_mean()
+
     def check(self, weights: Mapping[str, tuple[int, ...] | torch.Tensor]) -> dict[str, str]:
         """weight name -> problem, for the site weights of a model (shapes or the tensors).
 
@@ -169,8 +188,9 @@ class Calibration:
         return f" (recorded on {self.source})" if self.source else ""
 
     # --- what the observer writes (streaming, float64) ---------------------------------------
-    def add_input(self, name: str, rows: torch.Tensor) -> None:
-        """Add x^T x of a [N, K] block of input rows to the moment of `name`."""
+    def add_input(self, name: str, rows: torch.Tensor, sample: bool = False) -> None:
+        """Add x^T x of a [N, K] block of input rows to the moment of `name` (and to its
+        sample part when the rows come from a call kept as a sample)."""
         m = self.inputs.get(name)
         if m is None:
             k = rows.shape[1]
@@ -179,6 +199,11 @@ class Calibration:
         x = rows.detach().to(m.sum_xxt.device, torch.float64)
         m.sum_xxt.addmm_(x.T, x)
         m.rows += x.shape[0]
+        if sample:
+            if m.sample_xxt is None:
+                m.sample_xxt = torch.zeros_like(m.sum_xxt)
+            m.sample_xxt.addmm_(x.T, x)
+            m.sample_rows += x.shape[0]
 
     def add_heads(self, table: str, name: str, t: torch.Tensor) -> None:
         """Add per-head sums of a [B, H, T, D] tensor to `self.keys` or `self.values`."""
@@ -209,12 +234,15 @@ class Calibration:
         if len(kept) < limit:
             kept.append(probs.detach().to("cpu", torch.float32).clone())
 
-    def add_sample(self, key: str, inputs: Sequence[Any], limit: int) -> None:
-        """Keep a copy (CPU) of one call's non-weight graph inputs, up to `limit` per graph."""
+    def add_sample(self, key: str, inputs: Sequence[Any], limit: int) -> bool:
+        """Keep a copy (CPU) of one call's non-weight graph inputs, up to `limit` per graph;
+        True if this call was kept."""
         kept = self.samples.setdefault(key, [])
-        if len(kept) < limit:
-            kept.append(tuple(t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor)
-                              else t for t in inputs))
+        if len(kept) >= limit:
+            return False
+        kept.append(tuple(t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor)
+                          else t for t in inputs))
+        return True
 
     def sample_inputs(self, key: str) -> list[tuple[Any, ...]]:
         """The recorded inputs of the graph with key `key` (observer.graph_key), or []."""
@@ -228,6 +256,8 @@ class Calibration:
         """Move every statistic to `device` in place (calibrate returns CPU statistics)."""
         for m in self.inputs.values():
             m.sum_xxt = m.sum_xxt.to(device)
+            if m.sample_xxt is not None:
+                m.sample_xxt = m.sample_xxt.to(device)
         for m in itertools.chain(self.keys.values(), self.values.values()):
             m.sum, m.sum_outer = m.sum.to(device), m.sum_outer.to(device)
         return self
@@ -240,7 +270,8 @@ class Calibration:
         torch.save({
             "format": _FORMAT, "version": self.version, "source": self.source,
             "batches": self.batches, "notes": list(self.notes),
-            "inputs": {k: {"sum_xxt": m.sum_xxt, "rows": m.rows} for k, m in self.inputs.items()},
+            "inputs": {k: {"sum_xxt": m.sum_xxt, "rows": m.rows, "sample_xxt": m.sample_xxt,
+                           "sample_rows": m.sample_rows} for k, m in self.inputs.items()},
             "weight_shapes": {k: list(v) for k, v in self.weight_shapes.items()},
             "keys": heads(self.keys), "values": heads(self.values),
             "residuals": {k: dataclasses.asdict(r) for k, r in self.residuals.items()},
@@ -261,7 +292,8 @@ class Calibration:
         heads = lambda d: {k: HeadMoments(m["sum"], m["sum_outer"], m["count"])
                            for k, m in d.items()}  # noqa: E731
         return cls(
-            inputs={k: InputMoment(m["sum_xxt"], m["rows"]) for k, m in data["inputs"].items()},
+            inputs={k: InputMoment(m["sum_xxt"], m["rows"], m.get("sample_xxt"),
+                                   m.get("sample_rows", 0)) for k, m in data["inputs"].items()},
             weight_shapes={k: tuple(v) for k, v in data["weight_shapes"].items()},
             version=data["version"], keys=heads(data["keys"]), values=heads(data["values"]),
             residuals={k: ResidualNorms(**r) for k, r in data["residuals"].items()},
