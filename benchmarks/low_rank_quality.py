@@ -1,28 +1,77 @@
-"""Part (c) of bench_low_rank: quality vs parameters kept, on trained models.
+"""Quality vs parameters kept for low_rank, at equal parameters, on three models:
 
-For each trained model (byte-level Llama on stdlib docstrings: perplexity; ViT on digits:
-accuracy) and each parameter fraction, three factorizations at equal parameters:
-plain SVD with uniform ranks, whitened (activation-aware) SVD with uniform ranks, and
-whitened SVD with ranks allocated across layers by `param_budget` (given the parameter count
-the uniform run kept, so the comparison is at equal parameters). Writes a CSV and a PNG plot
-per model under benchmarks/results/.
+  mobilenet_v2  torchvision's ImageNet MobileNetV2, real pretrained weights, natural photos
+                (calibration crops from the left half of each photo, test crops from the
+                right half): top-1 agreement with the dense model, also on the crops the
+                dense model is confident about (p > 0.5; a stand-in for top-1 accuracy)
+  text_llama    byte-level Llama trained here on stdlib docstrings: validation perplexity
+  digits_vit    ViT trained here on scikit-learn's digits: test accuracy
+
+Variants, each at the parameters the uniform run keeps (targets 0.9 ... 0.5 of the eligible
+weights' parameters; the uniform rank_ratio is solved for from the site shapes):
+  plain uniform         one rank_ratio everywhere, plain SVD
+  whitened uniform      one rank_ratio, activation-aware SVD
+  proxy allocated       param_budget, per-site error as sensitivity (a calibration without
+                        sample inputs): the allocator before end-to-end sensitivity
+  e2e allocated         param_budget, sensitivity measured end to end on sample inputs
+  e2e + compensation    the same, with the error-compensating refit
+and the quality-bounded default {"low_rank": True} with and without calibration. Beside each:
+CPU latency of the compiled model relative to eager (median of interleaved repeats).
+
+    python -m benchmarks.low_rank_quality [--models mobilenet_v2,text_llama] [--quick] [--record]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import effc
-from benchmarks.common import machine, table
+from benchmarks.common import machine, record, table, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RATIOS = (0.4, 0.3, 0.2, 0.15, 0.1, 0.05)   # rank / min(m, n) of the uniform runs
+TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+MULTIPLE = 8
 
 
-def _llama():
+@dataclasses.dataclass
+class Subject:
+    """A model, its calibration batches, how to judge it, and where low_rank may act."""
+
+    name: str
+    model: torch.nn.Module
+    batches: list
+    metrics: Callable[[torch.nn.Module], dict[str, float]]  # first key: the headline
+    example: Callable[[], tuple]  # an input of the calibration batches' shapes (compile, latency)
+    scope: dict
+
+
+def _mobilenet(n_test: int) -> Subject:
+    from benchmarks.models import mobilenet_v2
+
+    model = mobilenet_v2.pretrained()
+    calib_x, test_x = mobilenet_v2.calibration_and_test(n_calib=96, n_test=n_test)
+    with torch.no_grad():
+        ref = model(test_x)
+    confident = ref.softmax(-1).max(-1).values > 0.5
+
+    def metrics(m):
+        with torch.no_grad():
+            same = m(test_x).argmax(-1) == ref.argmax(-1)
+        return {"top-1 agreement": same.float().mean().item(),
+                "agreement (confident)": same[confident].float().mean().item()}
+
+    return Subject("mobilenet_v2", model, list(calib_x.split(16)), metrics,
+                   lambda: (test_x[:16],), {})
+
+
+def _llama(n_test: int) -> Subject:
     from benchmarks.models import text_lm
 
     model, (train_ids, val_ids) = text_lm.get_model("text_llama")
@@ -30,69 +79,106 @@ def _llama():
     starts = torch.linspace(0, len(train_ids) - ctx - 1, 64).long()
     batches = list(torch.stack([train_ids[s:s + ctx] for s in starts]).split(8))
 
-    def quality(m):
-        return text_lm.perplexity(m, val_ids, max_windows=96)
+    def metrics(m):
+        return {"val perplexity": text_lm.perplexity(m, val_ids, max_windows=n_test // 2)}
 
-    scope = {"include": ["model.layers.*"]}
-    return model, batches, quality, "val perplexity (lower is better)", scope
+    return Subject("text_llama", model, batches, metrics, lambda: (batches[0],),
+                   {"include": ["model.layers.*"]})
 
 
-def _vit():
+def _vit(n_test: int) -> Subject:
     from benchmarks.models import digits
 
     model, (xtr, _, xte, yte) = digits.get_model("digits_vit")
-    batches = list(xtr[:512].split(128))
 
-    def quality(m):
-        return digits.accuracy(m, xte, yte)
+    def metrics(m):
+        return {"test accuracy": digits.accuracy(m, xte, yte)}
 
-    scope = {"include": ["vit.layers.*"]}
-    return model, batches, quality, "test accuracy (higher is better)", scope
+    return Subject("digits_vit", model, list(xtr[:512].split(128)), metrics,
+                   lambda: (xte[:128],), {"include": ["vit.layers.*"]})
 
 
-def _run(model, quality, options):
+SUBJECTS = {"mobilenet_v2": _mobilenet, "text_llama": _llama, "digits_vit": _vit}
+
+
+def _compile(subject: Subject, options: dict):
     torch._dynamo.reset()
     effc.reset()
-    compiled = torch.compile(model, backend="effc", options=options)
+    compiled = torch.compile(subject.model, backend="effc", options=options)
     with torch.no_grad():
-        q = quality(compiled)
-    # the eligible sites: what param_budget is a fraction of (filtered-out sites are listed too)
+        compiled(*subject.example())
     sites = [s for s in effc.report().sites if "filters" not in s.reason]
     before = sum(s.params_before for s in sites)
-    after = sum(s.params_after for s in sites)
-    return q, after / before if before else 1.0
+    kept = sum(s.params_after for s in sites) / before if before else 1.0
+    return compiled, kept
 
 
-def evaluate(name, loader, quick: bool):
-    model, batches, quality, metric, scope = loader()
+def _uniform_ratio(shapes: list[tuple[int, int]], target: float) -> float:
+    """The rank_ratio whose uniform ranks keep about `target` of the parameters."""
+    def kept(ratio):
+        total = sum(m * n for m, n in shapes)
+        used = 0
+        for m, n in shapes:
+            full = min(m, n)
+            r = min(full, max(MULTIPLE, math.ceil(math.ceil(ratio * full) / MULTIPLE) * MULTIPLE))
+            used += r * (m + n) if r * (m + n) <= m * n else m * n
+        return used / total
+
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) < target else (lo, mid)
+    return lo
+
+
+def evaluate(subject: Subject, quick: bool) -> tuple[list[list], list[str]]:
+    calib = effc.calibrate(subject.model, subject.batches, progress=False, samples=2)
+    no_samples = effc.calibrate(subject.model, subject.batches, progress=False, samples=0)
     torch._dynamo.reset()
-    calib = effc.calibrate(model, batches, progress=False)
+    effc.reset()
+    report = effc.explain(subject.model, *subject.example(), low_rank={
+        **subject.scope, "rank": MULTIPLE, "min_saving": 0.0})
+    shapes = [tuple(s.details["shape"]) for s in report.sites if s.decision == "rewritten"]
+    common = {**subject.scope, "min_saving": 0.0}
+    rows, compiled = [], {}
+
+    def run(label, target, options):
+        fn, kept = _compile(subject, options)
+        with torch.no_grad():
+            values = subject.metrics(fn)
+        rows.append([label, target, round(kept, 3), *values.values()])
+        compiled[len(rows) - 1] = fn
+        return kept
+
     with torch.no_grad():
-        dense = quality(model)
-    rows = [["dense", 1.0, dense]]
-    common = {**scope, "min_saving": 0.0}
-    for ratio in RATIOS[::2] if quick else RATIOS:
-        q, kept = _run(model, quality, {"low_rank": {**common, "rank_ratio": ratio,
-                                                     "whiten": False}, "calibration": calib})
-        if any(r[0] == "plain uniform" and r[1] == kept for r in rows):
-            continue  # rounding to rank_multiple gave the same ranks as a larger ratio
-        rows.append(["plain uniform", kept, q])
-        q, kept = _run(model, quality, {"low_rank": {**common, "rank_ratio": ratio},
-                                        "calibration": calib})
-        rows.append(["whitened uniform", kept, q])
-        q2, kept2 = _run(model, quality, {"low_rank": {**common, "param_budget": kept},
-                                          "calibration": calib})
-        rows.append(["whitened allocated", kept2, q2])
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"low_rank_quality_{name}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "params_kept_fraction", metric])
-        w.writerows(rows)
-    _plot(name, rows, dense, metric)
-    return rows, metric
+        dense = subject.metrics(subject.model)
+    rows.append(["dense", "-", 1.0, *dense.values()])
+    compiled[0] = subject.model
+    for target in TARGETS[::2] if quick else TARGETS:
+        ratio = _uniform_ratio(shapes, target)
+        run("plain uniform", target, {"low_rank": {**common, "rank_ratio": ratio,
+                                                   "whiten": False}, "calibration": calib})
+        kept = run("whitened uniform", target, {"low_rank": {**common, "rank_ratio": ratio,
+                                                             "compensate": False},
+                                                "calibration": calib})
+        budget = {**common, "param_budget": kept}
+        run("proxy allocated", target, {"low_rank": {**budget, "compensate": False},
+                                        "calibration": no_samples})
+        run("e2e allocated", target, {"low_rank": {**budget, "compensate": False},
+                                      "calibration": calib})
+        run("e2e + compensation", target, {"low_rank": budget, "calibration": calib})
+    run("default, calibrated", "-", {"low_rank": {**subject.scope}, "calibration": calib})
+    notes = [n for n in effc.report().graphs[0].notes]
+    run("default, no calibration", "-", {"low_rank": {**subject.scope}})
+    x = subject.example()
+    times = time_interleaved({i: (lambda fn=fn: fn(*x)) for i, fn in compiled.items()},
+                             repeats=3 if quick else 5, warmup=1)
+    for i, row in enumerate(rows):
+        row.append(round(times[i] / times[0], 2))
+    return rows, notes
 
 
-def _plot(name, rows, dense, metric):
+def _plot(name: str, rows: list[list], metric: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,26 +186,59 @@ def _plot(name, rows, dense, metric):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, style in (("plain uniform", "o--"), ("whitened uniform", "s-"),
-                           ("whitened allocated", "^-")):
-        pts = sorted((r[1], r[2]) for r in rows if r[0] == variant)
+                           ("proxy allocated", "v-"), ("e2e allocated", "^-"),
+                           ("e2e + compensation", "D-")):
+        pts = sorted((r[2], r[3]) for r in rows if r[0] == variant)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=variant)
-    ax.axhline(dense, color="gray", lw=1, label="dense")
-    ax.set_xlabel("fraction of the factorized weights' parameters kept")
+    ax.axhline(rows[0][3], color="gray", lw=1, label="dense")
+    ax.set_xlabel("fraction of the eligible weights' parameters kept")
     ax.set_ylabel(metric)
     if "perplexity" in metric:
         ax.set_yscale("log")
     ax.set_title(f"low_rank on {name}")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"low_rank_quality_{name}.png", dpi=110)
     plt.close(fig)
 
 
-def part_c(quick: bool) -> str:
-    out = [f"(c) quality vs parameters kept (low_rank on the encoder/decoder layers' linears, "
-           f"min_saving 0); {machine()}"]
-    for name, loader in (("text_llama", _llama), ("digits_vit", _vit)):
-        rows, metric = evaluate(name, loader, quick)
-        out += ["", f"{name}: {metric}; plot benchmarks/results/low_rank_quality_{name}.png", "",
-                table(["variant", "params kept", metric.split(" (")[0]], rows)]
+def run_models(names: list[str], quick: bool) -> str:
+    out = [f"low_rank: quality vs parameters kept, at equal parameters; {machine()}"]
+    for name in names:
+        subject = SUBJECTS[name](128 if quick else 512)
+        rows, notes = evaluate(subject, quick)
+        metric_names = list(subject.metrics(subject.model))
+        headers = ["variant", "target", "params kept", *metric_names, "CPU time / eager"]
+        RESULTS.mkdir(exist_ok=True)
+        with open(RESULTS / f"low_rank_quality_{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([headers, *rows])
+        try:
+            _plot(name, rows, metric_names[0])
+        except ImportError:
+            pass
+        out += ["", f"### {name}", "", f"plot: benchmarks/results/low_rank_quality_{name}.png",
+                "", table(headers, rows), ""]
+        out += [f"default, calibrated: {n}" for n in notes]
     return "\n".join(out)
+
+
+def part_c(quick: bool) -> str:
+    """bench_low_rank's part (c): every model."""
+    return run_models(list(SUBJECTS), quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(SUBJECTS))
+    parser.add_argument("--quick", action="store_true", help="every other target, fewer tests")
+    parser.add_argument("--record", action="store_true", help="write into BENCHMARKS.md")
+    args = parser.parse_args()
+    text = run_models([m for m in args.models.split(",") if m], args.quick)
+    print(text)
+    if args.record:
+        record("low_rank_c", "## low_rank: quality vs parameters kept\n\n"
+               "`python -m benchmarks.low_rank_quality --record`\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

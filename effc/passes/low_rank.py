@@ -198,7 +198,13 @@ class LowRankPass(Pass):
         moved = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in call)
                  for call in samples]
         e2e = EndToEnd(copy_graph_module(gm), ctx.facts, moved)
-        return e2e or None
+        if not e2e:
+            ctx.warn(f"none of the calibration's {len(samples)} sample inputs of this graph "
+                     f"runs on it (the graph was traced for other shapes: calibrate with "
+                     f"batches of the shapes you run, or compile with dynamic=True), so "
+                     f"nothing is measured end to end")
+            return None
+        return e2e
 
     def _held_out(self, site: Site, ctx) -> Factorization | None:
         """The whitened factorization from the moments of the non-sample calibration calls."""

@@ -77,7 +77,7 @@ class ResidualNorms:
         return self.sum_ratio / max(self.tokens, 1)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: Dynamo compares backend options
 class Calibration:
     """Activation statistics of one model, per weight FQN; pass as options={"calibration": c}.
 
