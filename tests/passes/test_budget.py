@@ -127,3 +127,41 @@ def test_allocate_walks_the_convex_hull_and_respects_both_stops():
     assert sum(s.sensitivity * bound[s.key].error ** 2 for s in (a, b)) <= 0.2
     with pytest.raises(ValueError, match="param_budget too small"):
         allocate([a, b], max_params=10)
+
+
+class Reshaping(nn.Module):
+    """Bakes its batch size into a reshape, as traced vision/ViT graphs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x).reshape(x.shape[0] * 2, 32)
+
+
+def test_samples_of_other_shapes_are_not_measured_and_say_so(caplog):
+    model = Reshaping().eval()
+    with torch.no_grad():
+        model.fc.weight.copy_(_spectral(64, -1.5, 0))
+    calib = effc.calibrate(model, [torch.randn(16, 64) for _ in range(6)], progress=False)
+    torch._dynamo.reset()
+    _, rep = _run(model, torch.randn(4, 64), {"low_rank": True, "calibration": calib})
+    assert any("none of the calibration's 4 sample inputs of this graph runs on it" in w
+               for w in rep.graphs[0].warnings)
+    assert any("per-site error bound" in n for n in rep.graphs[0].notes)
+
+
+def test_one_calibration_serves_two_compiles_of_one_model():
+    """Dynamo compares the backend options of cached graphs: a Calibration compares by
+    identity (comparing its tensors with == raised 'Boolean value of Tensor ...')."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).eval()
+    calib = effc.calibrate(model, [torch.randn(8, 32) for _ in range(6)], progress=False)
+    torch._dynamo.reset()
+    options = {"low_rank": {"rank": 8, "min_saving": 0.0}, "calibration": calib}
+    first = torch.compile(model, backend="effc", options=options)
+    second = torch.compile(model, backend="effc", options=dict(options))
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), second(x))
+    assert calib == calib and calib != effc.calibrate(model, [x], progress=False)
