@@ -70,6 +70,9 @@ class LowRankConfig(PassConfig):
     whiten: bool = knob(True, "use calibration statistics (activation-aware SVD) when present")
     conv: bool = knob(True, "also factorize conv1d/conv2d weights")
     fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the conv/linear before it")
+    sensitivity: Literal["end_to_end", "layer"] = knob(
+        "end_to_end", "how param_budget / min_sqnr_db weigh a site's error: end_to_end: its "
+        "measured effect on the graph's outputs (calibration needed); layer: its own error")
     compensate: bool = knob(True, "with calibration sample inputs, fit each site on the inputs "
                             "the already-rewritten sites before it produce (kept only where "
                             "it lowers the measured output error)")
@@ -158,11 +161,11 @@ class LowRankPass(Pass):
                 rows.append(self._skip(site, f"factorization failed: {exc}"))
                 continue
             w = _Work(site, fac, moment, note)
-            if e2e is not None and use:
+            if e2e is not None and use and e2e.source == "samples":
                 w.held_out = self._held_out(site, ctx)
             work.append(w)
         ranks = self._choose_ranks(work, rule, e2e, ctx)
-        if cfg.compensate and e2e is not None:
+        if cfg.compensate and e2e is not None and e2e.source == "samples":
             self._compensate(gm, e2e, work, ranks, ctx)
         for w in work:
             rank, why = ranks[w.site.weight_name]
@@ -184,26 +187,38 @@ class LowRankPass(Pass):
 
     # --- decisions -------------------------------------------------------------------------
     def _end_to_end(self, gm: fx.GraphModule, ctx) -> EndToEnd | None:
-        """The graph and the calibration's sample inputs of it, when both exist."""
+        """The graph and inputs to measure it on: the calibration's samples of this graph, or,
+        when none runs on it (traced for other shapes), the inputs of the call being compiled
+        (independent of the calibration the factors are fitted to). None without calibration."""
         calib = ctx.calibration
         cfg: LowRankConfig = self.config
-        if calib is None or (not cfg.compensate and cfg.rule not in ALLOCATED_RULES + (
-                "default",)):
+        allocated = (cfg.rule in ALLOCATED_RULES + ("default",)
+                     and cfg.sensitivity == "end_to_end")
+        if calib is None or not (cfg.compensate or allocated):
             return None
         names = [gi.name for gi in ctx.facts.inputs if gi.kind in ("parameter", "buffer")]
         samples = calib.sample_inputs(graph_key(names))
-        if not samples:
-            return None
         device = ctx.device
         moved = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in call)
                  for call in samples]
-        e2e = EndToEnd(copy_graph_module(gm), ctx.facts, moved)
-        if not e2e:
-            ctx.warn(f"none of the calibration's {len(samples)} sample inputs of this graph "
-                     f"runs on it (the graph was traced for other shapes: calibrate with "
-                     f"batches of the shapes you run, or compile with dynamic=True), so "
-                     f"nothing is measured end to end")
+        graph = copy_graph_module(gm)
+        e2e = EndToEnd(graph, ctx.facts, moved) if moved else None
+        if e2e:
+            e2e.source = "samples"
+            return e2e
+        if not allocated:
             return None
+        example = [tuple(gi.value for gi in ctx.facts.inputs
+                         if gi.kind not in ("parameter", "buffer"))]
+        e2e = EndToEnd(graph, ctx.facts, example)
+        if not e2e:
+            return None
+        e2e.source = "example"
+        if samples:
+            ctx.warn(f"none of the calibration's {len(samples)} sample inputs of this graph "
+                     f"runs on it (the graph was traced for other shapes), so the end-to-end "
+                     f"effect is measured on the inputs of the call being compiled; calibrate "
+                     f"with batches of the shapes you run to measure on calibration data")
         return e2e
 
     def _held_out(self, site: Site, ctx) -> Factorization | None:
@@ -329,7 +344,7 @@ class LowRankPass(Pass):
             return {k: _approx_weight(by_key[k], c.choice, by_key[k].choosing)
                     for k, c in choice.items() if c.choice is not None}
 
-        if e2e is not None:
+        if e2e is not None and cfg.sensitivity == "end_to_end":
             measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}))
         total = sum(s.candidates[-1].params for s in options)
         if rule == "param_budget":
@@ -371,9 +386,15 @@ class LowRankPass(Pass):
             return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
                     f"error, summed), as the calibration holds no sample inputs of this graph")
         sqnr = -10 * math.log10(measured) if measured > 0 else math.inf
-        text = (f"{head}; end-to-end sensitivity measured on {len(e2e.calls)} calibration "
-                f"sample calls ({e2e.forwards} forward passes); output SQNR {sqnr:.1f} dB")
-        if held_out:
+        where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples" else
+                 "the inputs of the call being compiled (no calibration sample fits its shapes)")
+        how = ("end-to-end sensitivity measured" if cfg.sensitivity == "end_to_end" else
+               "sensitivity: each site's own error (sensitivity='layer'); output measured")
+        text = (f"{head}; {how} on {where} ({e2e.forwards} forward passes); output SQNR "
+                f"{sqnr:.1f} dB")
+        if e2e.source == "example":
+            pass  # the factors were fitted on calibration data, not on these inputs
+        elif held_out:
             text += (" (factors fitted on the other calibration calls, so this is measured on "
                      "data they were not fitted to; the final factors use every call)")
         elif held_out is False:

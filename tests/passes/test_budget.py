@@ -48,19 +48,19 @@ def test_end_to_end_sensitivity_allocates_where_the_proxy_does_not():
     with torch.no_grad():
         ref = model(x)
     calib = effc.calibrate(model, [torch.randn(256, 96)], progress=False)
-    no_samples = effc.calibrate(model, [torch.randn(256, 96)], progress=False, samples=0)
-    budget = {"low_rank": {"param_budget": 0.25, "min_saving": 0.0}}
-    out_e2e, rep_e2e = _run(model, x, {**budget, "calibration": calib})
-    out_proxy, rep_proxy = _run(model, x, {**budget, "calibration": no_samples})
+    budget = {"param_budget": 0.3, "min_saving": 0.0, "rank_multiple": 4}
+    out_e2e, rep_e2e = _run(model, x, {"low_rank": budget, "calibration": calib})
+    out_proxy, rep_proxy = _run(model, x, {"low_rank": {**budget, "sensitivity": "layer"},
+                                           "calibration": calib})
     ranks = lambda rep: {s.site: s.details.get("rank") for s in rep.sites}  # noqa: E731
     e2e, proxy = ranks(rep_e2e), ranks(rep_proxy)
     assert e2e["b.weight"] > e2e["a.weight"]          # b's error costs 20x more
-    assert abs(proxy["b.weight"] - proxy["a.weight"]) <= 8  # the proxy sees equal layers
+    assert abs(proxy["b.weight"] - proxy["a.weight"]) <= 4  # the proxy sees equal layers
     kept = lambda rep: sum(s.params_after for s in rep.sites)  # noqa: E731
-    assert kept(rep_e2e) <= 0.25 * 2 * 96 * 96 and kept(rep_proxy) <= 0.25 * 2 * 96 * 96
+    assert kept(rep_e2e) <= 0.3 * 2 * 96 * 96 and kept(rep_proxy) <= 0.3 * 2 * 96 * 96
     err_e2e = error_stats(ref, out_e2e)["rel_fro"]
     err_proxy = error_stats(ref, out_proxy)["rel_fro"]
-    assert err_e2e < 0.8 * err_proxy, (err_e2e, err_proxy)
+    assert err_e2e < 0.8 * err_proxy, (err_e2e, err_proxy)  # measured: 0.15 vs 0.22
     row = next(s for s in rep_e2e.sites if s.site == "b.weight")
     assert row.details["sensitivity_measured"] is True
     assert row.details["sensitivity"] > 10 * next(
@@ -68,7 +68,7 @@ def test_end_to_end_sensitivity_allocates_where_the_proxy_does_not():
     assert row.details["candidates"]["dense"] == [96 * 96, 0.0]
     assert any("end-to-end sensitivity measured on 1 calibration sample" in n
                for n in rep_e2e.graphs[0].notes)
-    assert any("data-free proxy" in n for n in rep_proxy.graphs[0].notes)
+    assert any("sensitivity: each site's own error" in n for n in rep_proxy.graphs[0].notes)
 
 
 def test_default_keeps_the_outputs_within_its_stated_bound():
@@ -140,7 +140,7 @@ class Reshaping(nn.Module):
         return self.fc(x).reshape(x.shape[0] * 2, 32)
 
 
-def test_samples_of_other_shapes_are_not_measured_and_say_so(caplog):
+def test_samples_of_other_shapes_fall_back_to_the_call_being_compiled():
     model = Reshaping().eval()
     with torch.no_grad():
         model.fc.weight.copy_(_spectral(64, -1.5, 0))
@@ -149,7 +149,9 @@ def test_samples_of_other_shapes_are_not_measured_and_say_so(caplog):
     _, rep = _run(model, torch.randn(4, 64), {"low_rank": True, "calibration": calib})
     assert any("none of the calibration's 4 sample inputs of this graph runs on it" in w
                for w in rep.graphs[0].warnings)
-    assert any("per-site error bound" in n for n in rep.graphs[0].notes)
+    note = next(n for n in rep.graphs[0].notes if "output SQNR" in n)
+    assert "measured on the inputs of the call being compiled" in note
+    assert float(note.split("output SQNR ")[1].split(" dB")[0]) >= 25.0
 
 
 def test_one_calibration_serves_two_compiles_of_one_model():
@@ -165,3 +167,19 @@ def test_one_calibration_serves_two_compiles_of_one_model():
     with torch.no_grad():
         torch.testing.assert_close(first(x), second(x))
     assert calib == calib and calib != effc.calibrate(model, [x], progress=False)
+
+
+def test_a_dynamic_graph_runs_samples_recorded_on_a_static_one():
+    """calibrate's observer traced a static graph; dynamic=True gives effc one with a size
+    argument, read off each sample's shapes."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    calib = effc.calibrate(model, [torch.randn(8, 32) for _ in range(6)], progress=False)
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", dynamic=True, options={
+        "low_rank": {"param_budget": 0.5, "min_saving": 0.0}, "calibration": calib})
+    with torch.no_grad():
+        compiled(torch.randn(5, 32))
+    (graph,) = effc.report().graphs
+    assert graph.inputs["symint"] == 1 and graph.warnings == []
+    assert "measured on 4 calibration sample calls" in graph.notes[0]
