@@ -222,6 +222,9 @@ def _plot(name: str, rows: list[list], metric: str):
 
 
 def run_models(names: list[str], quick: bool) -> str:
+    # every variant recompiles the same model code; past Dynamo's default limit of 8 the
+    # later ones would silently run eagerly in the latency column
+    torch._dynamo.config.recompile_limit = 256
     out = [f"low_rank: quality vs parameters kept, at equal parameters; {machine()}"]
     for name in names:
         subject = SUBJECTS[name](128 if quick else 512)

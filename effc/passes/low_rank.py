@@ -523,11 +523,13 @@ def _approx_weight(w: _Work, rank: int, fac: Factorization | None = None) -> tor
 
 
 def _candidate_details(options: SiteOptions) -> dict[str, Any]:
-    """The candidates the allocator chose among, for the report: rank -> (params, error)."""
+    """The candidates the allocator chose among, for the report: rank -> [params, FLOPs,
+    own error] (the FLOPs of the example call)."""
     return {"sensitivity": round(options.sensitivity, 6),
             "sensitivity_measured": options.measured,
+            "candidates_columns": ["params", "flops", "error"],
             "candidates": {("dense" if c.choice is None else str(c.choice)):
-                           [c.params, round(c.error, 6)] for c in options.candidates}}
+                           [c.params, c.flops, round(c.error, 6)] for c in options.candidates}}
 
 
 def _output_sites(gm: fx.GraphModule, ctx) -> set[fx.Node]:
