@@ -184,3 +184,32 @@ def test_a_dynamic_graph_runs_samples_recorded_on_a_static_one():
     (graph,) = effc.report().graphs
     assert graph.inputs["symint"] == 1 and graph.warnings == []
     assert "measured on 4 calibration sample calls" in graph.notes[0]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_default_on_hugging_face_models_meets_its_bound_on_held_out_batches(kind):
+    """Calibrated with padded-free batches of one shape, compiled on another batch of that
+    shape: the default's measured bound holds on data neither fitted nor measured on."""
+    from helpers import first_tensor, hf_model
+
+    model, inputs = hf_model(kind)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{**inputs, "input_ids": torch.randint(0, 96, (2, 9), generator=g)}
+               for _ in range(8)]
+    calib = effc.calibrate(model, batches, progress=False)
+    held_out = {**inputs, "input_ids": torch.randint(0, 96, (2, 9), generator=g)}
+    with torch.no_grad():
+        ref = first_tensor(model(**held_out))
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", options={"low_rank": True,
+                                                            "calibration": calib})
+    with torch.no_grad():
+        out = first_tensor(compiled(**held_out))
+    note = next(n for g in effc.report().graphs for n in g.notes if "output SQNR" in n)
+    assert "(bound 25 dB)" in note and "not fitted to" in note
+    assert float(note.split("output SQNR ")[1].split(" dB")[0]) >= 25.0
+    assert error_stats(ref, out)["sqnr_db"] >= 20.0
+    sites = effc.report().sites
+    assert sum(s.params_after for s in sites) < 0.9 * sum(s.params_before for s in sites)
