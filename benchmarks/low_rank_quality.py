@@ -90,8 +90,8 @@ def _llama(n_test: int) -> Subject:
     def metrics(m):
         nll, count = 0.0, 0
         with torch.no_grad():
-            for w in windows.split(8):
-                logits = main_output(m(w[:, :-1])).float()
+            for w in windows.split(8):  # contiguous inputs, as in calibration: no recompile
+                logits = main_output(m(w[:, :-1].contiguous())).float()
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        w[:, 1:].reshape(-1), reduction="sum").item()
                 count += w[:, 1:].numel()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -94,6 +96,43 @@ def _kind(source_name: str, value: Any) -> InputKind:
     return "input"
 
 
+def caller_root() -> torch.nn.Module | None:
+    """The module whose call led to this compile, found on the call stack, or None.
+
+    The outermost `nn.Module.__call__` frame is the model the user called (a
+    `torch.compile`d module is unwrapped to the original). Its `named_parameters()` name
+    every weight it owns, whichever frame Dynamo is compiling: after a graph break inside a
+    submodule, Dynamo compiles that submodule's frame, whose sources start at the submodule
+    (`L['self']` is the rotary embedding), so source paths alone would drop the prefix.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    root, frame = None, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_call_impl" and frame.f_code.co_filename.endswith(
+                _MODULE_FILE):
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, torch.nn.Module):
+                root = candidate
+        frame = frame.f_back
+    while isinstance(root, OptimizedModule):
+        root = root._orig_mod
+    return root
+
+
+_MODULE_FILE = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def _root_names(root: torch.nn.Module | None) -> dict[int, str]:
+    """id(tensor) -> its name in `root` (parameters and buffers, first name of tied ones)."""
+    if root is None:
+        return {}
+    names = {}
+    for name, t in list(root.named_parameters()) + list(root.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
 def _weight_names(sources: list[str]) -> dict[str, str]:
     """source -> name for a graph's weights: `fqn_from_source`, unless two roots collide.
 
@@ -116,7 +155,10 @@ def _weight_names(sources: list[str]) -> dict[str, str]:
 class GraphFacts:
     """Placeholders of a Dynamo graph, classified and named; stable across graph copies."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 root: torch.nn.Module | None | str = "caller"):
+        """`root`: the model whose named_parameters() name the weights ("caller": the module
+        whose call led to this compile, see caller_root; None: source paths alone)."""
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):
             raise ValueError(f"graph has {len(placeholders)} placeholders but "
@@ -127,10 +169,14 @@ class GraphFacts:
             source = grapharg.source.name if grapharg is not None else node.name
             sources.append((source, _kind(source, value)))
         names = _weight_names([s for s, k in sources if k in ("parameter", "buffer")])
+        owned = _root_names(caller_root() if root == "caller" else root)
         self.inputs: list[GraphInput] = []
         for i, (node, value, (source, kind)) in enumerate(zip(placeholders, example_inputs,
                                                                sources)):
-            name = names[source] if kind in ("parameter", "buffer") else source
+            if kind in ("parameter", "buffer"):
+                name = owned.get(id(value), names[source])
+            else:
+                name = source
             self.inputs.append(GraphInput(i, node.name, kind, name, value))
         self._by_node = {gi.node_name: gi for gi in self.inputs}
         self.weights = {gi.name: gi for gi in self.inputs if gi.kind in ("parameter", "buffer")}

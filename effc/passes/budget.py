@@ -209,17 +209,18 @@ class EndToEnd:
 
 
 def _size_of(symbol: Any, fakes: Sequence[Any], tensors: Sequence[torch.Tensor]) -> int | None:
-    """The value a size argument (its traced SymInt `symbol`) takes for `tensors`: the size of
-    the first tensor dimension traced as that same symbol (fakes: the tensors' traced values)."""
+    """The value a size argument (its traced SymInt `symbol`) takes for `tensors`: the size
+    (or stride) of the first tensor dimension traced as that same symbol (fakes: the tensors'
+    traced values)."""
     if not isinstance(symbol, torch.SymInt):
         return None
     for fake, t in zip(fakes, tensors):
-        if not isinstance(fake, torch.Tensor):
+        if not isinstance(fake, torch.Tensor) or fake.dim() != t.dim():
             continue
-        for dim, size in enumerate(fake.shape):
-            if (isinstance(size, torch.SymInt) and size.node.expr == symbol.node.expr
-                    and dim < t.dim()):
-                return int(t.shape[dim])
+        for traced, real in ((fake.shape, t.shape), (fake.stride(), t.stride())):
+            for dim, size in enumerate(traced):
+                if isinstance(size, torch.SymInt) and size.node.expr == symbol.node.expr:
+                    return int(real[dim])
     return None
 
 

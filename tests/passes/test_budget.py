@@ -213,3 +213,21 @@ def test_default_on_hugging_face_models_meets_its_bound_on_held_out_batches(kind
     assert error_stats(ref, out)["sqnr_db"] >= 20.0
     sites = effc.report().sites
     assert sum(s.params_after for s in sites) < 0.9 * sum(s.params_before for s in sites)
+
+
+def test_a_graph_recompiled_for_strided_inputs_still_runs_the_samples():
+    """A transposed view recompiles with its stride as a size argument (read off the
+    samples' strides), so the second graph is measured on calibration data too."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    calib = effc.calibrate(model, [torch.randn(8, 32) for _ in range(6)], progress=False)
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", options={
+        "low_rank": {"param_budget": 0.5, "min_saving": 0.0}, "calibration": calib})
+    with torch.no_grad():
+        compiled(torch.randn(8, 32))
+        compiled(torch.randn(32, 8).T)
+    graphs = effc.report().graphs
+    assert len(graphs) == 2 and graphs[1].inputs["symint"] >= 1
+    assert all(g.warnings == [] for g in graphs), [g.warnings for g in graphs]
+    assert all("measured on 4 calibration sample calls" in g.notes[0] for g in graphs)
