@@ -152,3 +152,48 @@ def test_copy_shares_tensors_and_add_constant_registers_a_buffer():
     second = add_constant(clone, value, "0.weight/derived")
     assert second.target != node.target
     assert all(n.op != "get_attr" for n in gm.graph.nodes)  # the original is untouched
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        x = self.fc(x)
+        torch._dynamo.graph_break()  # Dynamo then compiles the rest of this frame on its own
+        return self.fc(x) * self.scale
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(_Inner())
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_a_graph_break_inside_a_submodule_keeps_the_full_names():
+    """The graph after the break starts at the submodule (L['self'] is _Inner), yet its
+    weights are named as the called model names them."""
+    model = _Outer()
+    seen = {"all": []}
+
+    def backend(gm, example_inputs):
+        seen["all"].append(GraphFacts(gm, example_inputs))
+        seen.setdefault("sources_only", []).append(GraphFacts(gm, example_inputs, root=None))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(torch.randn(3, 4))
+
+    def weights(facts):
+        return {gi.name for f in facts for gi in f.inputs if gi.kind in ("parameter", "buffer")}
+
+    names = weights(seen["all"])
+    assert len(seen["all"]) >= 2
+    assert names <= set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+    assert "block.0.scale" in names and "block.0.fc.weight" in names
+    assert "scale" in weights(seen["sources_only"])  # what source paths alone would say
