@@ -11,8 +11,9 @@ from effc.compiler.calibration import Calibration, calibrate
 from effc.compiler.config import Config
 from effc.compiler.explain import explain
 from effc.compiler.report import Report
+from effc.compiler.verify import verify_model as verify
 from effc.passes.low_rank import LowRankConfig
 
 __version__ = "0.1.0"
 __all__ = ["Calibration", "Config", "LowRankConfig", "Report", "calibrate", "explain", "report",
-           "reset"]
+           "reset", "verify"]

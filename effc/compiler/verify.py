@@ -1,7 +1,10 @@
-"""The `verify` option: run the original and the rewritten graph on the example inputs.
+"""Verification: what the rewritten model computes against what the original computes.
 
-Each graph gets its own clones of the non-weight tensor inputs, so a graph that mutates an
-input (a KV-cache update) cannot leak into the other run.
+The `verify` option runs the original and the rewritten graph on the example inputs, per
+graph. Each graph gets its own clones of the non-weight tensor inputs, so a graph that
+mutates an input (a KV-cache update) cannot leak into the other run. `effc.verify(model,
+...)` compares whole model calls, with every output named by its path in the model's output
+(`logits`, `cache.0.keys`), which a graph alone cannot know.
 """
 
 from __future__ import annotations
@@ -57,14 +60,57 @@ def verify_outputs(original: torch.fx.GraphModule, rewritten: Callable, facts: G
     names = output_names(original, facts)
     if len(names) != len(ref):
         names = [str(i) for i in range(len(ref))]
-    rows = []
-    for name, r, o in zip(names, ref, out):
-        if isinstance(r, torch.Tensor) and r.is_floating_point():
-            rows.append({"output": name, **error_stats(r, o)})
-        elif isinstance(r, torch.Tensor):
-            same = r.shape == o.shape
-            agree = (r == o).double().mean().item() if same and r.numel() else float(same)
-            rows.append({"output": name, "agreement": agree, "exact": agree == 1.0})
+    return [compare(name, r, o) for name, r, o in zip(names, ref, out)]
+
+
+def compare(name: str, ref: Any, out: Any) -> dict[str, Any]:
+    """One output's row: floats by error (max_abs, rel_fro, cosine, sqnr_db), integer and
+    bool tensors and other values by the fraction of elements that agree exactly."""
+    if isinstance(ref, torch.Tensor) and not isinstance(out, torch.Tensor):
+        return {"output": name, "agreement": 0.0, "exact": False,
+                "note": f"the compiled model returned {type(out).__name__} here"}
+    if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+        return {"output": name, **error_stats(ref, out)}
+    if isinstance(ref, torch.Tensor):
+        same = isinstance(out, torch.Tensor) and ref.shape == out.shape
+        agree = (ref == out).double().mean().item() if same and ref.numel() else float(same)
+        return {"output": name, "agreement": agree, "exact": agree == 1.0}
+    equal = bool(ref == out)
+    return {"output": name, "agreement": float(equal), "exact": equal}
+
+
+def named_leaves(value: Any) -> list[tuple[str, Any]]:
+    """(path, leaf) for a model's output: `logits`, `hidden_states.2`, and a cache object's
+    per-layer tensors (`cache.0.keys`), which pytree does not see into."""
+    leaves, _ = pytree.tree_flatten_with_path(value)
+    out = []
+    for path, leaf in leaves:
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path) or "output"
+        layers = getattr(leaf, "layers", None)
+        if not isinstance(leaf, torch.Tensor) and isinstance(layers, (list, tuple)):
+            for i, layer in enumerate(layers):
+                for attr in ("keys", "values"):
+                    t = getattr(layer, attr, None)
+                    if isinstance(t, torch.Tensor):
+                        out.append((f"{name}.{i}.{attr}", t))
         else:
-            rows.append({"output": name, "agreement": float(r == o), "exact": bool(r == o)})
-    return rows
+            out.append((name, leaf))
+    return out
+
+
+def verify_model(model: torch.nn.Module, *inputs: Any, **options: Any) -> list[dict[str, Any]]:
+    """Run `model` eagerly and compiled with effc (`options`) on `inputs`; a row per output.
+
+    A single dict input is passed as keyword arguments (tokenizer output). Runs under
+    `torch.no_grad()`, like inference; the compiled model's report is in `effc.report()`.
+    """
+    args, kwargs = ((), inputs[0]) if len(inputs) == 1 and isinstance(inputs[0], dict) else (
+        inputs, {})
+    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    with torch.no_grad():
+        ref = named_leaves(model(*map(clone, args), **{k: clone(v) for k, v in kwargs.items()}))
+        compiled = torch.compile(model, backend="effc", options=options)
+        out = dict(named_leaves(compiled(*map(clone, args),
+                                         **{k: clone(v) for k, v in kwargs.items()})))
+    return [compare(name, r, out.get(name)) for name, r in ref]

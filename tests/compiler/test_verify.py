@@ -55,3 +55,24 @@ def test_llama_outputs_are_named_by_what_they_hold():
     assert len(set(names)) == len(names)
     logits = next(r for r in effc.report().graphs[0].verify if r["output"] == "logits")
     assert 0.0 < logits["rel_fro"] < 1.0
+
+
+def test_effc_verify_names_model_outputs_by_their_path():
+    model, inputs = hf_model("llama")
+    model.eval()
+    rows = effc.verify(model, {**inputs, "use_cache": True})  # passes off: exact
+    names = [r["output"] for r in rows]
+    assert names[0] == "logits" and "cache.1.values" in names, names
+    assert all(r["max_abs"] == 0.0 for r in rows)
+    torch._dynamo.reset()
+    lossy = {r["output"]: r for r in effc.verify(model, {**inputs, "use_cache": True},
+                                                  low_rank={"rank": 8, "min_saving": 0.0})}
+    assert 0.0 < lossy["logits"]["rel_fro"] < 1.0 and lossy["cache.0.keys"]["sqnr_db"] < 60
+
+
+def test_effc_verify_reports_integer_outputs_by_agreement():
+    with extra_passes(ArgmaxToArgmin):
+        rows = {r["output"]: r for r in effc.verify(Classifier(), torch.randn(5, 8),
+                                                    toy_argmin=True)}
+    assert set(rows) == {"logits", "label"}
+    assert rows["label"]["agreement"] == 0.0 and rows["logits"]["max_abs"] == 0.0
