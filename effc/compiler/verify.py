@@ -10,7 +10,7 @@ mutates an input (a KV-cache update) cannot leak into the other run. `effc.verif
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -79,24 +79,25 @@ def compare(name: str, ref: Any, out: Any) -> dict[str, Any]:
     return {"output": name, "agreement": float(equal), "exact": equal}
 
 
-def named_leaves(value: Any) -> list[tuple[str, Any]]:
+def named_leaves(value: Any, name: str = "") -> list[tuple[str, Any]]:
     """(path, leaf) for a model's output: `logits`, `hidden_states.2`, and a cache object's
-    per-layer tensors (`cache.0.keys`), which pytree does not see into."""
-    leaves, _ = pytree.tree_flatten_with_path(value)
-    out = []
-    for path, leaf in leaves:
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                        for k in path) or "output"
-        layers = getattr(leaf, "layers", None)
-        if not isinstance(leaf, torch.Tensor) and isinstance(layers, (list, tuple)):
-            for i, layer in enumerate(layers):
-                for attr in ("keys", "values"):
-                    t = getattr(layer, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        out.append((f"{name}.{i}.{attr}", t))
-        else:
-            out.append((name, leaf))
-    return out
+    per-layer tensors (`cache.0.keys`). Walked by hand: not every transformers version
+    registers its ModelOutput with torch's pytree, and none its cache classes."""
+    def join(key: Any) -> str:
+        return f"{name}.{key}" if name else str(key)
+
+    if isinstance(value, torch.Tensor) or value is None:
+        return [(name or "output", value)]
+    if isinstance(value, Mapping) or (hasattr(value, "items") and hasattr(value, "keys")):
+        return [leaf for k, v in value.items() for leaf in named_leaves(v, join(k))]
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, v in enumerate(value) for leaf in named_leaves(v, join(i))]
+    layers = getattr(value, "layers", None)
+    if isinstance(layers, (list, tuple)):
+        return [(join(f"{i}.{attr}"), getattr(layer, attr)) for i, layer in enumerate(layers)
+                for attr in ("keys", "values")
+                if isinstance(getattr(layer, attr, None), torch.Tensor)]
+    return [(name or "output", value)]
 
 
 def verify_model(model: torch.nn.Module, *inputs: Any, **options: Any) -> list[dict[str, Any]]:
