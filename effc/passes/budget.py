@@ -175,6 +175,17 @@ class EndToEnd:
             args[gi.index] = v.to(ex.device) if isinstance(v, torch.Tensor) else v
         return args
 
+    def subset(self, calls: int) -> EndToEnd:
+        """The same measurement over the first `calls` sample calls (shares the forward count
+        through the parent)."""
+        if calls >= len(self.calls):
+            return self
+        part = object.__new__(EndToEnd)
+        part.__dict__.update(self.__dict__)
+        part.calls, part.reference = self.calls[:calls], self.reference[:calls]
+        part._parent = self
+        return part
+
     def __bool__(self) -> bool:
         return bool(self.calls)
 
@@ -184,6 +195,8 @@ class EndToEnd:
         for name, value in replace.items():
             run[self.index[name]] = value
         self.forwards += 1
+        if getattr(self, "_parent", None) is not None:
+            self._parent.forwards += 1
         with torch.no_grad():
             out = pytree.tree_leaves(self.gm(*run))
         return [o.detach().double() for o in out

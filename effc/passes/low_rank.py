@@ -73,6 +73,9 @@ class LowRankConfig(PassConfig):
     sensitivity: Literal["end_to_end", "layer"] = knob(
         "end_to_end", "how param_budget / min_sqnr_db weigh a site's error: end_to_end: its "
         "measured effect on the graph's outputs (calibration needed); layer: its own error")
+    max_forwards: int = knob(512, "bound on the graph runs that measure sensitivities: each "
+                             "site costs one per sample call; past the bound fewer sample "
+                             "calls are used", min=1)
     compensate: bool = knob(True, "with calibration sample inputs, fit each site on the inputs "
                             "the already-rewritten sites before it produce (kept only where "
                             "it lowers the measured output error)")
@@ -345,7 +348,13 @@ class LowRankPass(Pass):
                     for k, c in choice.items() if c.choice is not None}
 
         if e2e is not None and cfg.sensitivity == "end_to_end":
-            measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}))
+            calls = max(1, cfg.max_forwards // max(len(options), 1))
+            if calls < len(e2e.calls):
+                ctx.note(f"low_rank: sensitivities measured on {calls} of the "
+                         f"{len(e2e.calls)} sample calls ({len(options)} sites, max_forwards="
+                         f"{cfg.max_forwards})")
+            measure_sensitivities(options, e2e.subset(calls),
+                                  lambda s, c: realize({s.key: c}))
         total = sum(s.candidates[-1].params for s in options)
         if rule == "param_budget":
             budget = cfg.param_budget * sum(w.site.m * w.site.n for w in work)

@@ -231,3 +231,16 @@ def test_a_graph_recompiled_for_strided_inputs_still_runs_the_samples():
     assert len(graphs) == 2 and graphs[1].inputs["symint"] >= 1
     assert all(g.warnings == [] for g in graphs), [g.warnings for g in graphs]
     assert all("measured on 4 calibration sample calls" in g.notes[0] for g in graphs)
+
+
+def test_max_forwards_bounds_the_sensitivity_runs():
+    torch.manual_seed(0)
+    model = Amplified().eval()
+    calib = effc.calibrate(model, [torch.randn(64, 96) for _ in range(8)], progress=False)
+    _, rep = _run(model, torch.randn(64, 96), {"low_rank": {
+        "param_budget": 0.3, "min_saving": 0.0, "max_forwards": 2, "compensate": False},
+        "calibration": calib})
+    notes = rep.graphs[0].notes
+    assert any("sensitivities measured on 1 of the 4 sample calls" in n for n in notes), notes
+    # 4 reference runs, 2 sites x 1 call, the final choice checked on all 4 calls
+    assert any("(10 forward passes)" in n for n in notes), notes
