@@ -322,8 +322,11 @@ class LowRankPass(Pass):
         site, cfg = w.site, self.config
         mult, err = cfg.rank_multiple, _full_curve(w.choosing)
         limit = max_profitable_rank(site.m, site.n, cfg.min_saving) // mult * mult
-        dense = Candidate(None, site.m * site.n, 0.0, flops=_flops(site, None))
-        cands = [Candidate(r, r * (site.m + site.n), err[r].item(), flops=_flops(site, r))
+        size = site.weight.element_size()
+        dense = Candidate(None, site.m * site.n, 0.0, bytes=site.m * site.n * size,
+                          flops=_flops(site, None))
+        cands = [Candidate(r, r * (site.m + site.n), err[r].item(),
+                           bytes=r * (site.m + site.n) * size, flops=_flops(site, r))
                  for r in range(mult, limit + 1, mult) if r <= w.choosing.known_rank]
         return SiteOptions(site.weight_name, cands + [dense])
 
@@ -532,13 +535,14 @@ def _approx_weight(w: _Work, rank: int, fac: Factorization | None = None) -> tor
 
 
 def _candidate_details(options: SiteOptions) -> dict[str, Any]:
-    """The candidates the allocator chose among, for the report: rank -> [params, FLOPs,
-    own error] (the FLOPs of the example call)."""
+    """The candidates the allocator chose among, for the report: rank -> [params, bytes,
+    FLOPs, own error] (the FLOPs of the example call)."""
     return {"sensitivity": round(options.sensitivity, 6),
             "sensitivity_measured": options.measured,
-            "candidates_columns": ["params", "flops", "error"],
+            "candidates_columns": ["params", "bytes", "flops", "error"],
             "candidates": {("dense" if c.choice is None else str(c.choice)):
-                           [c.params, c.flops, round(c.error, 6)] for c in options.candidates}}
+                           [c.params, c.bytes, c.flops, round(c.error, 6)]
+                           for c in options.candidates}}
 
 
 def _output_sites(gm: fx.GraphModule, ctx) -> set[fx.Node]:

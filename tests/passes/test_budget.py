@@ -65,8 +65,8 @@ def test_end_to_end_sensitivity_allocates_where_the_proxy_does_not():
     assert row.details["sensitivity_measured"] is True
     assert row.details["sensitivity"] > 10 * next(
         s for s in rep_e2e.sites if s.site == "a.weight").details["sensitivity"]
-    assert row.details["candidates"]["dense"] == [96 * 96, 2 * 256 * 96 * 96, 0.0]
-    assert row.details["candidates"]["8"][:2] == [8 * 192, 2 * 256 * 8 * 192]
+    assert row.details["candidates"]["dense"] == [96 * 96, 4 * 96 * 96, 2 * 256 * 96 * 96, 0.0]
+    assert row.details["candidates"]["8"][:3] == [8 * 192, 4 * 8 * 192, 2 * 256 * 8 * 192]
     assert any("end-to-end sensitivity measured on 1 calibration sample" in n
                for n in rep_e2e.graphs[0].notes)
     assert any("sensitivity: each site's own error" in n for n in rep_proxy.graphs[0].notes)
