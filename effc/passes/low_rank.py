@@ -404,12 +404,10 @@ class LowRankPass(Pass):
                "sensitivity: each site's own error (sensitivity='layer'); output measured")
         text = (f"{head}; {how} on {where} ({e2e.forwards} forward passes); output SQNR "
                 f"{sqnr:.1f} dB")
-        if e2e.source == "example":
-            pass  # the factors were fitted on calibration data, not on these inputs
-        elif held_out:
+        if e2e.source == "samples" and held_out:
             text += (" (factors fitted on the other calibration calls, so this is measured on "
                      "data they were not fitted to; the final factors use every call)")
-        elif held_out is False:
+        elif e2e.source == "samples" and held_out is False:
             text += (" (measured on the data the whitened factors were fitted to, which is "
                      "optimistic: calibrate with more batches than samples)")
         if rule == "min_sqnr_db":
