@@ -112,19 +112,27 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise ValueError(f"effc option {key!r}: expected a value <= {hi}, got {value!r}")
 
 
+def _known_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """`cls`'s init fields by name; a ValueError names the first key of `values` not among
+    them and lists the accepted ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in fields:
+            raise ValueError(f"effc option {prefix + str(key)!r} is not a known key; accepted "
+                             f"keys: " + ", ".join(f"{prefix}{k}" for k in fields))
+    return fields
+
+
 def check_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Type- and range-check `values` against dataclass `cls`'s fields; the converted values.
 
     Raises ValueError naming the bad key (`prefix` + field name) and what it accepts.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _known_fields(cls, values, prefix)
     hints = typing.get_type_hints(cls)
     out = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
-        if key not in fields:
-            raise ValueError(f"effc option {full!r} is not a known key; accepted keys: "
-                             + ", ".join(f"{prefix}{k}" for k in fields))
         ok, converted = _coerce(value, hints[key])
         if not ok:
             raise ValueError(f"effc option {full!r}: expected {_describe(hints[key])}, "
@@ -139,14 +147,14 @@ def parse_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"effc option {prefix.rstrip('.') or 'options'!r}: expected a dict, "
                          f"got {type(values).__name__}")
-    kwargs = check_fields(cls, values, prefix)
     if issubclass(cls, PassConfig):  # its __post_init__ validates, under the key being parsed
+        _known_fields(cls, values, prefix)
         token = _PARSING_KEY.set(prefix.rstrip("."))
         try:
-            return cls(**kwargs)
+            return cls(**values)
         finally:
             _PARSING_KEY.reset(token)
-    obj = cls(**kwargs)
+    obj = cls(**check_fields(cls, values, prefix))
     if hasattr(obj, "validate"):
         obj.validate(prefix.rstrip("."))
     return obj

@@ -197,6 +197,13 @@ class GraphFacts:
         gi = self.input_of(node)
         return gi.value if gi is not None and gi.kind in ("parameter", "buffer") else None
 
+    def fresh(self, args: Sequence[Any] | None = None) -> list[Any]:
+        """`args` (default: the example inputs) with the non-weight tensors cloned, so that a
+        graph that writes into an input (a KV-cache update) cannot change it for a later run."""
+        values = [gi.value for gi in self.inputs] if args is None else args
+        return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else a
+                for a, gi in zip(values, self.inputs)]
+
     def describe(self) -> dict[str, int]:
         """Counts per kind, and parameter elements, for the report."""
         out: dict[str, int] = {k: 0 for k in ("parameter", "buffer", "input", "symint")}
@@ -238,6 +245,11 @@ def matches(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ())
 
     include, exclude = list(include), list(exclude)
     return (not include or any(map(hit, include))) and not any(map(hit, exclude))
+
+
+def node_arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """A call's argument by position `i`, else by keyword `name`, else `default`."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def node_value(node: fx.Node) -> Any:

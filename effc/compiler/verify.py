@@ -20,11 +20,6 @@ from effc.compiler.graph_facts import GraphFacts, fqn_from_source
 from effc.compiler.metrics import error_stats
 
 
-def _fresh_inputs(facts: GraphFacts) -> list[Any]:
-    return [gi.value.clone() if gi.kind == "input" and isinstance(gi.value, torch.Tensor)
-            else gi.value for gi in facts.inputs]
-
-
 def output_names(gm: torch.fx.GraphModule, facts: GraphFacts) -> list[str]:
     """A name per output leaf of `gm`: the variable Dynamo traced it from (`logits`, `keys_1`).
 
@@ -53,8 +48,8 @@ def verify_outputs(original: torch.fx.GraphModule, rewritten: Callable, facts: G
     """Per output: max_abs, rel_fro, cosine, sqnr_db of rewritten vs original (floats), or the
     fraction of elements that agree exactly (integers, bools)."""
     with torch.no_grad():
-        ref = pytree.tree_leaves(original(*_fresh_inputs(facts)))
-        out = pytree.tree_leaves(rewritten(*_fresh_inputs(facts)))
+        ref = pytree.tree_leaves(original(*facts.fresh()))
+        out = pytree.tree_leaves(rewritten(*facts.fresh()))
     if len(ref) != len(out):
         raise RuntimeError(f"rewritten graph returns {len(out)} values, original {len(ref)}")
     names = output_names(original, facts)

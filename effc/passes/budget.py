@@ -175,28 +175,14 @@ class EndToEnd:
             args[gi.index] = v.to(ex.device) if isinstance(v, torch.Tensor) else v
         return args
 
-    def subset(self, calls: int) -> EndToEnd:
-        """The same measurement over the first `calls` sample calls (shares the forward count
-        through the parent)."""
-        if calls >= len(self.calls):
-            return self
-        part = object.__new__(EndToEnd)
-        part.__dict__.update(self.__dict__)
-        part.calls, part.reference = self.calls[:calls], self.reference[:calls]
-        part._parent = self
-        return part
-
     def __bool__(self) -> bool:
         return bool(self.calls)
 
     def _outputs(self, args: list[Any], replace: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        run = [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else a
-               for a, gi in zip(args, self.facts.inputs)]
+        run = self.facts.fresh(args)
         for name, value in replace.items():
             run[self.index[name]] = value
         self.forwards += 1
-        if getattr(self, "_parent", None) is not None:
-            self._parent.forwards += 1
         with torch.no_grad():
             out = pytree.tree_leaves(self.gm(*run))
         return [o.detach().double() for o in out
@@ -208,11 +194,12 @@ class EndToEnd:
         first = self.reference[0]
         return max(range(len(first)), key=lambda i: first[i].numel()) if first else 0
 
-    def error2(self, replace: dict[str, torch.Tensor]) -> float:
-        """Squared relative error of the main output with `replace`d weights."""
+    def error2(self, replace: dict[str, torch.Tensor], calls: int | None = None) -> float:
+        """Squared relative error of the main output with `replace`d weights (over the first
+        `calls` sample calls, or all)."""
         num = den = 0.0
         i = self.main
-        for args, ref in zip(self.calls, self.reference):
+        for args, ref in zip(self.calls[:calls], self.reference[:calls]):
             out = self._outputs(args, replace)
             if not ref:
                 continue
@@ -238,9 +225,10 @@ def _size_of(symbol: Any, fakes: Sequence[Any], tensors: Sequence[torch.Tensor])
 
 
 def measure_sensitivities(sites: Sequence[SiteOptions], e2e: EndToEnd,
-                          probe: Callable[[SiteOptions, Candidate], dict[str, torch.Tensor]]
-                          ) -> None:
-    """Set each site's sensitivity from one end-to-end run with a probe candidate.
+                          probe: Callable[[SiteOptions, Candidate], dict[str, torch.Tensor]],
+                          calls: int | None = None) -> None:
+    """Set each site's sensitivity from one end-to-end run (over the first `calls` sample
+    calls) with a probe candidate.
 
     `probe(site, candidate)` returns the weight replacements that realize the candidate.
     The probe is the cheapest candidate whose own error is at most PROBE_ERROR (errors that
@@ -252,5 +240,5 @@ def measure_sensitivities(sites: Sequence[SiteOptions], e2e: EndToEnd,
             continue
         near = [c for c in lossy if c.error <= PROBE_ERROR]
         cand = min(near, key=lambda c: c.params) if near else min(lossy, key=lambda c: c.error)
-        s.sensitivity = e2e.error2(probe(s, cand)) / cand.error ** 2
+        s.sensitivity = e2e.error2(probe(s, cand), calls) / cand.error ** 2
         s.measured = True

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from effc.compiler.calibration.observer import patch_rows
 from effc.passes.budget import EndToEnd
-from effc.passes.weight_sites import Site
+from effc.passes.weight_sites import Site, weight_node
 
 MIN_ROWS_PER_FEATURE = 4  # fewer rows than this per input feature: C_hh is too poorly known
 RIDGE = 1e-4              # relative to the mean diagonal of C_hh: keeps the solve stable
@@ -87,9 +87,7 @@ def sequential_fit(gm: fx.GraphModule, e2e: EndToEnd, sites: Sequence[Site],
     placeholders = [n for n in nodes if n.op == "placeholder"]
 
     def fresh(args):
-        return dict(zip(placeholders, [a.clone() if isinstance(a, torch.Tensor)
-                                       and gi.kind == "input" else a
-                                       for a, gi in zip(args, e2e.facts.inputs)]))
+        return dict(zip(placeholders, e2e.facts.fresh(args)))
 
     runs = [(fresh(args), fresh(args)) for args in e2e.calls]  # (as traced, rewritten)
     with torch.no_grad():
@@ -113,8 +111,7 @@ def sequential_fit(gm: fx.GraphModule, e2e: EndToEnd, sites: Sequence[Site],
                 if site.view is not None:  # x @ W.T: the view was computed already
                     swap = {site.view: weight.T}
                 else:
-                    swap = {next(a for a in node.all_input_nodes
-                                 if e2e.facts.weight_name(a) == site.weight_name): weight}
+                    swap = {weight_node(site, e2e.facts): weight}
             for orig, new in runs:
                 orig[node] = _run(gm, node, orig)
                 new[node] = _run(gm, node, new, swap)

@@ -25,8 +25,9 @@ import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_l
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
 from effc.compiler.calibration.observer import graph_key
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import copy_graph_module, copy_node_meta
+from effc.compiler.graph_facts import copy_graph_module, copy_node_meta, node_value
 from effc.compiler.log import logger
+from effc.compiler.metrics import sqnr_db
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (Candidate, EndToEnd, SiteOptions, allocate,
@@ -136,8 +137,9 @@ class LowRankPass(Pass):
         misses: list[str] = []  # calibration given but unusable at these sites
         e2e = self._end_to_end(gm, ctx)
         rule = self._rule(e2e)
-        heads = _output_sites(gm, ctx)
-        for site in find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn):
+        sites = list(find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn))
+        heads = _output_sites(gm, {s.node for s in sites if isinstance(s, Site)})
+        for site in sites:
             if isinstance(site, str):
                 name, _, why = site.partition(": ")
                 rows.append(SiteRow(self.name, name, "skipped", why))
@@ -356,8 +358,7 @@ class LowRankPass(Pass):
                 ctx.note(f"low_rank: sensitivities measured on {calls} of the "
                          f"{len(e2e.calls)} sample calls ({len(options)} sites, max_forwards="
                          f"{cfg.max_forwards})")
-            measure_sensitivities(options, e2e.subset(calls),
-                                  lambda s, c: realize({s.key: c}))
+            measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}), calls)
         total = sum(s.candidates[-1].params for s in options)
         if rule == "param_budget":
             budget = cfg.param_budget * sum(w.site.m * w.site.n for w in work)
@@ -374,9 +375,8 @@ class LowRankPass(Pass):
                 if measured <= target or guess <= 0:
                     break
                 scale *= min(0.5, 0.9 * guess / measured)  # the sum under-predicted: tighten
-        measured = None
-        if e2e is not None:
-            measured = e2e.error2(realize(choice))
+        if rule == "param_budget":  # the bound loop above measured its final choice already
+            measured = e2e.error2(realize(choice)) if e2e is not None else None
         kept = sum(c.params for c in choice.values())
         whitened = [w for w in work if w.options in options and w.moment is not None
                     and cfg.whiten]
@@ -397,7 +397,7 @@ class LowRankPass(Pass):
         if e2e is None:
             return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
                     f"error, summed), as the calibration holds no sample inputs of this graph")
-        sqnr = -10 * math.log10(measured) if measured > 0 else math.inf
+        sqnr = _db(measured)
         where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples" else
                  "the inputs of the call being compiled (no calibration sample fits its shapes)")
         how = ("end-to-end sensitivity measured" if cfg.sensitivity == "end_to_end" else
@@ -444,15 +444,14 @@ class LowRankPass(Pass):
 
         sequential_fit(gm, e2e, [w.site for w in chosen.values()], refit)
         after = e2e.error2({k: _approx_weight(w, ranks[k][0]) for k, w in chosen.items()})
-        db = lambda e: -10 * math.log10(e) if e > 0 else math.inf  # noqa: E731
         if after < (1 - MIN_GAIN) * before:
             ctx.note(f"low_rank: error compensation on the calibration samples: output SQNR "
-                     f"{db(before):.1f} -> {db(after):.1f} dB")
+                     f"{_db(before):.1f} -> {_db(after):.1f} dB")
             return
         for k, (fac, note) in independent.items():
             chosen[k].fac, chosen[k].note = fac, note
         ctx.note(f"low_rank: error compensation did not lower the output error on the "
-                 f"calibration samples by {MIN_GAIN:.0%} ({db(before):.2f} -> {db(after):.2f} "
+                 f"calibration samples by {MIN_GAIN:.0%} ({_db(before):.2f} -> {_db(after):.2f} "
                  f"dB): independent fits kept")
 
     # --- rewriting -------------------------------------------------------------------------
@@ -519,6 +518,11 @@ class LowRankPass(Pass):
         return out
 
 
+def _db(error2: float) -> float:
+    """A squared relative error as SQNR in dB."""
+    return sqnr_db(1.0, math.sqrt(error2))
+
+
 def _flops(site: Site, rank: int | None) -> int:
     rows, m, n = site_rows(site), site.m, site.n
     if rank is None:
@@ -543,11 +547,9 @@ def _candidate_details(options: SiteOptions) -> dict[str, Any]:
                            for c in options.candidates}}
 
 
-def _output_sites(gm: fx.GraphModule, ctx) -> set[fx.Node]:
-    """Site nodes that reach the main output (the largest float output) through no other site:
-    a classifier, an LM head."""
-    from effc.compiler.graph_facts import node_value
-
+def _output_sites(gm: fx.GraphModule, sites: set[fx.Node]) -> set[fx.Node]:
+    """The `sites` that reach the main output (the largest float output) through no other
+    site: a classifier, an LM head."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     leaves = [n for n in out.all_input_nodes
               if isinstance(node_value(n), torch.Tensor) and node_value(n).is_floating_point()]
@@ -555,7 +557,6 @@ def _output_sites(gm: fx.GraphModule, ctx) -> set[fx.Node]:
         return set()
     main = max(leaves, key=lambda n: node_value(n).numel() if all(
         isinstance(d, int) for d in node_value(n).shape) else 0)
-    sites = {s.node for s in find_sites(gm, ctx.facts, fold_bn=False) if isinstance(s, Site)}
     found, seen, stack = set(), {main}, [main]
     while stack:
         n = stack.pop()

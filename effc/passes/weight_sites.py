@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import is_transpose, node_shape
+from effc.compiler.graph_facts import is_transpose, node_arg, node_shape
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 CONVS = (torch.conv2d, torch.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv1d)
@@ -173,10 +173,6 @@ def find_site(node: fx.Node, facts) -> Site | str | None:
     return None
 
 
-def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
-
-
 def fold_batch_norm(site: Site, facts) -> str:
     """Fold the eval-mode BatchNorm that alone reads the site's output into it; "" if folded
     or there is none, else why a BatchNorm that follows could not be folded."""
@@ -185,15 +181,15 @@ def fold_batch_norm(site: Site, facts) -> str:
         return ""
     bn = users[0]
     if bn.target is torch.batch_norm:  # aten form: (x, weight, bias, mean, var, training, ...)
-        gamma, beta, mean, var = (_arg(bn, i, k) for i, k in
+        gamma, beta, mean, var = (node_arg(bn, i, k) for i, k in
                                   ((1, "weight"), (2, "bias"), (3, "running_mean"),
                                    (4, "running_var")))
-        training, eps = _arg(bn, 5, "training", False), _arg(bn, 7, "eps", 1e-5)
+        training, eps = node_arg(bn, 5, "training", False), node_arg(bn, 7, "eps", 1e-5)
     else:
-        mean, var, gamma, beta = (_arg(bn, i, k) for i, k in
+        mean, var, gamma, beta = (node_arg(bn, i, k) for i, k in
                                   ((1, "running_mean"), (2, "running_var"), (3, "weight"),
                                    (4, "bias")))
-        training, eps = _arg(bn, 5, "training", False), _arg(bn, 7, "eps", 1e-5)
+        training, eps = node_arg(bn, 5, "training", False), node_arg(bn, 7, "eps", 1e-5)
     if bn.args[0] is not site.node or training is not False or not isinstance(eps, float):
         return "the BatchNorm after it is in training mode (not folded)"
     shape = node_shape(site.node) or ()

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.graph_facts import GraphFacts, copy_graph_module, is_transpose
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module, is_transpose, node_arg
 
 LINEAR = torch._C._nn.linear
 MATMULS = (torch.matmul, operator.matmul, torch.mm)
@@ -264,10 +264,6 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
 
 
 # --- finding sites ---------------------------------------------------------------------------
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 def input_site(node: fx.Node, facts: GraphFacts) -> tuple | str | None:
     """(x, weight node, weight name, kind, conv args) for a linear/conv site; a str says why a
     weight call is not one; None for any other node."""
@@ -275,15 +271,15 @@ def input_site(node: fx.Node, facts: GraphFacts) -> tuple | str | None:
         return None
     t = node.target
     if t is LINEAR:
-        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "weight"), "linear"
+        x, w, kind = node_arg(node, 0, "input"), node_arg(node, 1, "weight"), "linear"
     elif t is torch.addmm:
-        x, w, kind = _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), "x@W"
+        x, w, kind = node_arg(node, 1, "mat1"), node_arg(node, 2, "mat2"), "x@W"
     elif t in MATMULS:
-        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "other"), "x@W"
+        x, w, kind = node_arg(node, 0, "input"), node_arg(node, 1, "other"), "x@W"
         if is_transpose(w) and facts.weight_name(w.args[0]) is not None:
             w, kind = w.args[0], "linear"  # x @ W.T
     elif t in CONVS:
-        x, w, kind = _arg(node, 0, "input"), _arg(node, 1, "weight"), "conv"
+        x, w, kind = node_arg(node, 0, "input"), node_arg(node, 1, "weight"), "conv"
     else:
         return None
     name = facts.weight_name(w)
@@ -293,9 +289,9 @@ def input_site(node: fx.Node, facts: GraphFacts) -> tuple | str | None:
         return None
     conv = ()
     if kind == "conv":
-        groups = _arg(node, 6, "groups", 1)
-        conv = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-                _arg(node, 5, "dilation", 1))
+        groups = node_arg(node, 6, "groups", 1)
+        conv = (node_arg(node, 3, "stride", 1), node_arg(node, 4, "padding", 0),
+                node_arg(node, 5, "dilation", 1))
         if groups != 1:
             return f"{name}: grouped conv (groups={groups}) not recorded"
         computed: list[fx.Node] = []
@@ -425,15 +421,15 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
                     (x, w, name, kind, conv, () if kind == "conv" else _passthrough_chain(x)))
     for node in nodes:
         if node.op == "call_function" and node.target is SDPA:
-            q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+            q, k, v = (node_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
             proj = _projection_behind(k, sites, facts)
             if proj is None:
                 notes.append(f"attention at graph node {node.name}: no key projection found, "
                              f"K/V and maps not recorded")
                 continue
             _insert(graph, node, observe_attention, (q, k, v, _module_of(proj)),
-                    {"attn_mask": _arg(node, 3, "attn_mask"),
-                     "is_causal": _arg(node, 5, "is_causal", False),
+                    {"attn_mask": node_arg(node, 3, "attn_mask"),
+                     "is_causal": node_arg(node, 5, "is_causal", False),
                      "scale": node.kwargs.get("scale"), "kv_features": widths[proj]})
         elif node.op == "call_function" and node.target in SOFTMAXES and _feeds_matmul(node):
             proj = _projection_behind(node.args[0], sites, facts)

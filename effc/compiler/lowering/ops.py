@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.graph_facts import node_value
+from effc.compiler.graph_facts import node_arg, node_value
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # pow exponents the generated code evaluates exactly as eager does (products, sqrt, rsqrt)
@@ -131,12 +131,6 @@ def _scalar(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _last_dim(dim: Any, ndim: int) -> bool:
     if isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
@@ -169,7 +163,7 @@ def _with_params(node: fx.Node, spec: tuple) -> Op | None:
     names = list(params)
     if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
         return None
-    values = {k: _arg(node, i + 1, k, params[k]) for i, k in enumerate(names)}
+    values = {k: node_arg(node, i + 1, k, params[k]) for i, k in enumerate(names)}
     if values.pop("inplace", False) is not False:
         return None
     if not all(v is None or _scalar(v) for v in values.values()):
@@ -208,12 +202,12 @@ def _pointwise(node: fx.Node) -> Op | None:
             return None
         return Op("pointwise", t if method else _UNARY[t], (args[0],))
     if not method and t in _GELU or method and t == "gelu":
-        approximate = _arg(node, 1, "approximate", "none")
+        approximate = node_arg(node, 1, "approximate", "none")
         if approximate not in ("none", "tanh") or not _only(node, {"approximate"}, 2):
             return None
         return Op("pointwise", "gelu", (args[0],), {"approximate": approximate})
     if (not method and t in (torch.pow, operator.pow)) or (method and t == "pow"):
-        exponent = _arg(node, 1, "exponent")
+        exponent = node_arg(node, 1, "exponent")
         if not _scalar(exponent) or exponent not in POW_EXPONENTS or not _only(node, {"exponent"}, 2):
             return None
         return Op("pointwise", "pow", (args[0],), {"exponent": exponent})
@@ -222,9 +216,9 @@ def _pointwise(node: fx.Node) -> Op | None:
     if method and t == "type_as":  # Gemma's norms: `out.type_as(x)`, a cast to x's dtype
         return Op("pointwise", "cast", (args[0],)) if _only(node, set(), 2) else None
     if t is F.dropout:
-        training = _arg(node, 2, "training", True)
-        p = _arg(node, 1, "p", 0.5)
-        if _arg(node, 3, "inplace", False) or (training and p != 0):
+        training = node_arg(node, 2, "training", True)
+        p = node_arg(node, 1, "p", 0.5)
+        if node_arg(node, 3, "inplace", False) or (training and p != 0):
             return None
         return Op("pointwise", "identity", (args[0],))
     return None
@@ -236,7 +230,7 @@ def _cat(node: fx.Node) -> Op | None:
     kernel picks the operand an output element comes from by comparing its index with these
     sizes, baked in as constants. One operand is a copy. params: `dim` (non-negative) and the
     operands' `sizes` along it."""
-    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
     if not _only(node, {"tensors", "dim"}, 2) or not isinstance(tensors, (list, tuple)):
         return None
     out = meta(node)
@@ -293,8 +287,8 @@ def _reduction(node: fx.Node) -> Op | None:
     ndim = len(m[0])
     if (not method and t in _REDUCE) or (method and t in ("mean", "sum", "amax")):
         name = t if method else _REDUCE[t]
-        dim = _arg(node, 1, "dim")
-        keepdim = _arg(node, 2, "keepdim", False)
+        dim = node_arg(node, 1, "dim")
+        keepdim = node_arg(node, 2, "keepdim", False)
         if not _last_dim(dim, ndim) or keepdim is not True or node.kwargs.get("dtype") is not None:
             return None
         if set(node.kwargs) - {"dim", "keepdim", "dtype"}:
@@ -303,18 +297,19 @@ def _reduction(node: fx.Node) -> Op | None:
     if (not method and t in _SOFTMAX) or (method and t == "softmax"):
         # a `dtype=` argument only casts the input; the kernel computes in fp32 and rounds
         # to the node's dtype either way
-        if not _last_dim(_arg(node, 1, "dim"), ndim):
+        if not _last_dim(node_arg(node, 1, "dim"), ndim):
             return None
         return Op("reduction", "softmax", (x,))
     if not method and t in _LAYER_NORM:
-        shape = _arg(node, 1, "normalized_shape")
-        w, b, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        shape = node_arg(node, 1, "normalized_shape")
+        w, b = node_arg(node, 2, "weight"), node_arg(node, 3, "bias")
+        eps = node_arg(node, 4, "eps", 1e-5)
         if not _norm_args(shape, m, (w, b), eps):
             return None
         return Op("reduction", "layer_norm", *_eps(eps, (x, w, b)))
     if not method and t is getattr(F, "rms_norm", None):
-        shape = _arg(node, 1, "normalized_shape")
-        w, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
+        shape = node_arg(node, 1, "normalized_shape")
+        w, eps = node_arg(node, 2, "weight"), node_arg(node, 3, "eps")
         if eps is None:
             eps = torch.finfo(m[1]).eps
         if not _norm_args(shape, m, (w,), eps):
@@ -364,7 +359,7 @@ def _linear(node: fx.Node) -> Op | None:
     if not _only(node, {"bias"}, 3) or len(node.args) < 2:
         return None
     x, w = node.args[:2]
-    bias = _arg(node, 2, "bias")
+    bias = node_arg(node, 2, "bias")
     xm, wm = meta(x), meta(w)
     if xm is None or wm is None or len(xm[0]) == 0 or len(wm[0]) != 2 or xm[1] != wm[1]:
         return None
@@ -396,8 +391,8 @@ def _gemm(node: fx.Node) -> Op | None:
     if name is None:
         return None
     x, v, u = node.args[:3]
-    bias = _arg(node, 3, "bias")
-    activation = _arg(node, 4, "activation", "none")
+    bias = node_arg(node, 3, "bias")
+    activation = node_arg(node, 4, "activation", "none")
     vm = meta(v)
     if vm is None or len(vm[0]) != 2 or not vm[0][0].is_Integer:
         return None  # the template pads the rank to a compile-time block
@@ -462,7 +457,7 @@ def mutates(node: fx.Node) -> bool:
         return getattr(module, "inplace", False) is True
     if node.op not in ("call_function", "call_method"):
         return False
-    if node.target is F.dropout and _arg(node, 2, "training", True) is False:
+    if node.target is F.dropout and node_arg(node, 2, "training", True) is False:
         return False  # eval-mode dropout returns its input untouched, inplace or not
     if _inplace_flag(node) or node.kwargs.get("out") is not None:
         return True
@@ -471,8 +466,9 @@ def mutates(node: fx.Node) -> bool:
                                                    and not node.target.startswith("_"))
     if node.target in (F.batch_norm, torch.batch_norm):  # training updates the running stats
         first = 1 if node.target is F.batch_norm else 3
-        stats = [_arg(node, first, "running_mean"), _arg(node, first + 1, "running_var")]
-        return _arg(node, 5, "training", False) is not False and any(s is not None for s in stats)
+        stats = [node_arg(node, first, "running_mean"), node_arg(node, first + 1, "running_var")]
+        return (node_arg(node, 5, "training", False) is not False
+                and any(s is not None for s in stats))
     if getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return node.target in _INPLACE_OPERATORS  # and_, or_, not_ are pure
     schema = getattr(node.target, "_schema", None)
