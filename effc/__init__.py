@@ -12,8 +12,10 @@ from effc.compiler.config import Config
 from effc.compiler.explain import explain
 from effc.compiler.report import Report
 from effc.compiler.verify import verify_model as verify
+from effc.kernels.phm import phm_linear
+from effc.passes.hypercomplex import HypercomplexConfig
 from effc.passes.low_rank import LowRankConfig
 
 __version__ = "0.1.0"
-__all__ = ["Calibration", "Config", "LowRankConfig", "Report", "calibrate", "explain", "report",
-           "reset", "verify"]
+__all__ = ["Calibration", "Config", "HypercomplexConfig", "LowRankConfig", "Report", "calibrate",
+           "explain", "phm_linear", "report", "reset", "verify"]

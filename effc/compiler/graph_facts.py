@@ -315,3 +315,24 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str) -> fx
         node = gm.graph.get_attr(name)
     node.meta["val"] = torch.empty_like(tensor, device="meta")
     return node
+
+
+def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, swap: dict | None = None) -> Any:
+    """Execute one node with values from `env` (`swap`: node -> value overrides)."""
+    def value(n: fx.Node) -> Any:
+        return swap[n] if swap and n in swap else env[n]
+
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise RuntimeError(f"cannot execute node {node.name} ({node.op})")

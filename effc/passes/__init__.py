@@ -11,12 +11,14 @@ import contextlib
 from collections.abc import Iterator
 
 from effc.passes.base import Pass, PassResult
+from effc.passes.hypercomplex import HypercomplexPass
 from effc.passes.low_rank import LowRankPass
 
 PASSES: list[type[Pass]] = [
     # kv_proj, token_skip: not yet implemented
     LowRankPass,
-    # hypercomplex, shift_add: not yet implemented
+    HypercomplexPass,
+    # shift_add: not yet implemented
 ]
 
 

@@ -24,9 +24,14 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from effc.compiler.graph_facts import GraphFacts, node_value
+from effc.compiler.calibration.observer import graph_key
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module, node_value
+from effc.compiler.log import logger
+from effc.compiler.metrics import sqnr_db
 
 PROBE_ERROR = 0.1  # the own error of the candidate a site's sensitivity is measured with
+DEFAULT_MIN_SQNR_DB = 25.0   # the quality-bounded default with calibration samples (~5.6 %)
+MAX_CHECKS = 3               # re-allocations when the measured output error misses the bound
 
 
 @dataclasses.dataclass
@@ -242,3 +247,152 @@ def measure_sensitivities(sites: Sequence[SiteOptions], e2e: EndToEnd,
         cand = min(near, key=lambda c: c.params) if near else min(lossy, key=lambda c: c.error)
         s.sensitivity = e2e.error2(probe(s, cand), calls) / cand.error ** 2
         s.measured = True
+
+
+def db(error2: float) -> float:
+    """A squared relative error as SQNR in dB."""
+    return sqnr_db(1.0, error2 ** 0.5)
+
+
+def end_to_end(gm: fx.GraphModule, ctx, *, allocated: bool, compensate: bool
+               ) -> EndToEnd | None:
+    """The graph and inputs a weight pass measures on: the calibration's samples of this
+    graph, or, when none runs on it (traced for other shapes) and the pass allocates, the
+    inputs of the call being compiled (independent of the calibration the fits use). None
+    without calibration, or when the pass neither allocates nor compensates."""
+    calib = ctx.calibration
+    if calib is None or not (compensate or allocated):
+        return None
+    names = [gi.name for gi in ctx.facts.inputs if gi.kind in ("parameter", "buffer")]
+    samples = calib.sample_inputs(graph_key(names))
+    moved = [tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in call)
+             for call in samples]
+    graph = copy_graph_module(gm)
+    e2e = EndToEnd(graph, ctx.facts, moved) if moved else None
+    if e2e:
+        e2e.source = "samples"
+        return e2e
+    if not allocated:
+        return None
+    example = [tuple(gi.value for gi in ctx.facts.inputs
+                     if gi.kind not in ("parameter", "buffer"))]
+    e2e = EndToEnd(graph, ctx.facts, example)
+    if not e2e:
+        return None
+    e2e.source = "example"
+    if samples:
+        ctx.warn(f"none of the calibration's {len(samples)} sample inputs of this graph "
+                 f"runs on it (the graph was traced for other shapes), so the end-to-end "
+                 f"effect is measured on the inputs of the call being compiled; calibrate "
+                 f"with batches of the shapes you run to measure on calibration data")
+    return e2e
+
+
+@dataclasses.dataclass
+class Allocation:
+    """What `choose` picked, and what it measured (for the pass's summary)."""
+
+    choice: dict[str, Candidate]
+    measured: float | None     # squared relative output error of the choice (None: no e2e)
+    total: int                 # parameters of the sites, dense
+    kept: int                  # parameters of the choice
+
+
+def choose(options: Sequence[SiteOptions], e2e: EndToEnd | None, ctx, *, pass_name: str,
+           realize: Callable[[dict[str, Candidate]], dict[str, torch.Tensor]],
+           max_params: float | None = None, min_sqnr_db: float | None = None,
+           end_to_end_sensitivity: bool = True, max_forwards: int = 512) -> Allocation:
+    """Measure sensitivities (end to end when `e2e`), then allocate under `max_params`, or
+    to the fewest parameters whose measured output SQNR is at least `min_sqnr_db` (re-
+    allocating up to MAX_CHECKS times when the measurement misses what the sum predicted).
+
+    `realize(choice)` returns the weight replacements that realize a choice of candidates.
+    """
+    if e2e is not None and end_to_end_sensitivity:
+        calls = max(1, max_forwards // max(len(options), 1))
+        if calls < len(e2e.calls):
+            ctx.note(f"{pass_name}: sensitivities measured on {calls} of the {len(e2e.calls)} "
+                     f"sample calls ({len(options)} sites, max_forwards={max_forwards})")
+        measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}), calls)
+    measured = None
+    if max_params is not None:
+        choice = allocate(options, max_params=max_params)
+        measured = e2e.error2(realize(choice)) if e2e is not None else None
+    else:
+        target = 10 ** (-(min_sqnr_db if min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB) / 10)
+        scale = 1.0
+        for _ in range(MAX_CHECKS):
+            choice = allocate(options, max_error2=target * scale)
+            if e2e is None:
+                break
+            measured = e2e.error2(realize(choice))
+            guess = predicted(options, choice)
+            if measured <= target or guess <= 0:
+                break
+            scale *= min(0.5, 0.9 * guess / measured)  # the sum under-predicted: tighten
+    return Allocation(choice, measured, sum(s.candidates[-1].params for s in options),
+                      sum(c.params for c in choice.values()))
+
+
+def allocation_summary(pass_name: str, rule: str, e2e: EndToEnd | None, sites: int,
+                       alloc: Allocation, *, end_to_end_sensitivity: bool,
+                       held_out: bool | None, bound: float | None, default: bool) -> str:
+    """One line for the report and the log: what the allocator kept and how it measured."""
+    head = (f"{pass_name} {rule}: kept {alloc.kept} of {alloc.total} parameters over "
+            f"{sites} sites")
+    if e2e is None:
+        return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
+                f"error, summed), as the calibration holds no sample inputs of this graph")
+    where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples" else
+             "the inputs of the call being compiled (no calibration sample fits its shapes)")
+    how = ("end-to-end sensitivity measured" if end_to_end_sensitivity else
+           "sensitivity: each site's own error (sensitivity='layer'); output measured")
+    text = (f"{head}; {how} on {where} ({e2e.forwards} forward passes); output SQNR "
+            f"{db(alloc.measured):.1f} dB")
+    if e2e.source == "samples" and held_out:
+        text += (" (factors fitted on the other calibration calls, so this is measured on "
+                 "data they were not fitted to; the final factors use every call)")
+    elif e2e.source == "samples" and held_out is False:
+        text += (" (measured on the data the whitened factors were fitted to, which is "
+                 "optimistic: calibrate with more batches than samples)")
+    if bound is not None:
+        text += f" (bound {bound:g} dB)"
+        if default:
+            text += ("; this is the quality-bounded default: min_sqnr_db lower, or "
+                     "param_budget, asks for more compression")
+    logger.info("%s", text)
+    return text
+
+
+def candidate_details(options: SiteOptions) -> dict[str, Any]:
+    """The candidates the allocator chose among, for the report: choice -> [params, bytes,
+    FLOPs, own error] (the FLOPs of the example call)."""
+    return {"sensitivity": round(options.sensitivity, 6),
+            "sensitivity_measured": options.measured,
+            "candidates_columns": ["params", "bytes", "flops", "error"],
+            "candidates": {("dense" if c.choice is None else str(c.choice)):
+                           [c.params, c.bytes, c.flops, round(c.error, 6)]
+                           for c in options.candidates}}
+
+
+def output_sites(gm: fx.GraphModule, sites: set[fx.Node]) -> set[fx.Node]:
+    """The `sites` that reach the main output (the largest float output) through no other
+    site: a classifier, an LM head."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = [n for n in out.all_input_nodes
+              if isinstance(node_value(n), torch.Tensor) and node_value(n).is_floating_point()]
+    if not leaves:
+        return set()
+    main = max(leaves, key=lambda n: node_value(n).numel() if all(
+        isinstance(d, int) for d in node_value(n).shape) else 0)
+    found, seen, stack = set(), {main}, [main]
+    while stack:
+        n = stack.pop()
+        if n in sites:
+            found.add(n)
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return found

@@ -18,12 +18,12 @@ runs. A site whose rows are too few for its input width keeps its independent fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.fx as fx
 
 from effc.compiler.calibration.observer import patch_rows
+from effc.compiler.graph_facts import run_node
 from effc.passes.budget import EndToEnd
 from effc.passes.weight_sites import Site, weight_node
 
@@ -46,27 +46,6 @@ def compensated_target(matrix: torch.Tensor, c_hh: torch.Tensor, c_xh: torch.Ten
         c_hh.shape[0], dtype=c_hh.dtype, device=c_hh.device)
     L = torch.linalg.cholesky(c)
     return torch.cholesky_solve((m @ c_xh).T, L).T
-
-
-def _run(gm: fx.GraphModule, node: fx.Node, env: dict, swap: dict | None = None) -> Any:
-    """Execute one node with values from `env` (`swap`: node -> value overrides)."""
-    def value(n: fx.Node) -> Any:
-        return swap[n] if swap and n in swap else env[n]
-
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    raise RuntimeError(f"cannot execute node {node.name} ({node.op})")
 
 
 def sequential_fit(gm: fx.GraphModule, e2e: EndToEnd, sites: Sequence[Site],
@@ -113,8 +92,8 @@ def sequential_fit(gm: fx.GraphModule, e2e: EndToEnd, sites: Sequence[Site],
                 else:
                     swap = {weight_node(site, e2e.facts): weight}
             for orig, new in runs:
-                orig[node] = _run(gm, node, orig)
-                new[node] = _run(gm, node, new, swap)
+                orig[node] = run_node(gm, node, orig)
+                new[node] = run_node(gm, node, new, swap)
             for a in node.all_input_nodes:  # free what no later node reads
                 if last_use.get(a) == i and a.op != "placeholder":
                     for orig, new in runs:

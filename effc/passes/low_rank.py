@@ -23,27 +23,24 @@ import torch.fx as fx
 
 import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_linear)
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
-from effc.compiler.calibration.observer import graph_key
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import copy_graph_module, copy_node_meta, node_value
-from effc.compiler.log import logger
-from effc.compiler.metrics import sqnr_db
+from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
-from effc.passes.budget import (Candidate, EndToEnd, SiteOptions, allocate,
-                                measure_sensitivities, predicted)
+from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, EndToEnd, SiteOptions,
+                                allocation_summary, candidate_details, choose, db, end_to_end,
+                                output_sites)
 from effc.passes.compensation import compensated_target, sequential_fit
 from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
                                        output_error, round_rank, weight_error)
-from effc.passes.weight_sites import Site, find_sites, replace_site, site_rows, weight_node
+from effc.passes.weight_sites import (Site, find_sites, replace_site, site_bias, site_rows,
+                                      tied_uses)
 
 RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget", "min_sqnr_db")
 FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
 ALLOCATED_RULES = ("param_budget", "min_sqnr_db")  # chosen by the shared allocator
-DEFAULT_MIN_SQNR_DB = 25.0   # default with calibration samples: outputs within ~5.6 %
 DEFAULT_MAX_ERROR = 0.05     # default without: each site's own relative error
 MIN_GAIN = 0.01             # compensation is kept if it lowers the squared output error by 1 %
-MAX_CHECKS = 3               # re-allocations when the measured output error misses the bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +135,7 @@ class LowRankPass(Pass):
         e2e = self._end_to_end(gm, ctx)
         rule = self._rule(e2e)
         sites = list(find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn))
-        heads = _output_sites(gm, {s.node for s in sites if isinstance(s, Site)})
+        heads = output_sites(gm, {s.node for s in sites if isinstance(s, Site)})
         for site in sites:
             if isinstance(site, str):
                 name, _, why = site.partition(": ")
@@ -192,39 +189,10 @@ class LowRankPass(Pass):
 
     # --- decisions -------------------------------------------------------------------------
     def _end_to_end(self, gm: fx.GraphModule, ctx) -> EndToEnd | None:
-        """The graph and inputs to measure it on: the calibration's samples of this graph, or,
-        when none runs on it (traced for other shapes), the inputs of the call being compiled
-        (independent of the calibration the factors are fitted to). None without calibration."""
-        calib = ctx.calibration
         cfg: LowRankConfig = self.config
         allocated = (cfg.rule in ALLOCATED_RULES + ("default",)
                      and cfg.sensitivity == "end_to_end")
-        if calib is None or not (cfg.compensate or allocated):
-            return None
-        names = [gi.name for gi in ctx.facts.inputs if gi.kind in ("parameter", "buffer")]
-        samples = calib.sample_inputs(graph_key(names))
-        device = ctx.device
-        moved = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in call)
-                 for call in samples]
-        graph = copy_graph_module(gm)
-        e2e = EndToEnd(graph, ctx.facts, moved) if moved else None
-        if e2e:
-            e2e.source = "samples"
-            return e2e
-        if not allocated:
-            return None
-        example = [tuple(gi.value for gi in ctx.facts.inputs
-                         if gi.kind not in ("parameter", "buffer"))]
-        e2e = EndToEnd(graph, ctx.facts, example)
-        if not e2e:
-            return None
-        e2e.source = "example"
-        if samples:
-            ctx.warn(f"none of the calibration's {len(samples)} sample inputs of this graph "
-                     f"runs on it (the graph was traced for other shapes), so the end-to-end "
-                     f"effect is measured on the inputs of the call being compiled; calibrate "
-                     f"with batches of the shapes you run to measure on calibration data")
-        return e2e
+        return end_to_end(gm, ctx, allocated=allocated, compensate=cfg.compensate)
 
     def _held_out(self, site: Site, ctx) -> Factorization | None:
         """The whitened factorization from the moments of the non-sample calibration calls."""
@@ -250,9 +218,9 @@ class LowRankPass(Pass):
             return "excluded by include/exclude filters"
         if site.kind == "conv" and not cfg.conv:
             return "conv sites are off (conv=False)"
-        for n in (weight_node(site, ctx.facts), site.view):
-            if n is not None and len(n.users) > 1:
-                return f"weight is used by {len(n.users)} calls (tied weights)"
+        tied = tied_uses(site, ctx.facts)
+        if tied:
+            return tied
         if max_profitable_rank(site.m, site.n, cfg.min_saving) < 1:
             return f"too small to save parameters ({site.m}x{site.n})"
         if head and (cfg.output_layers is False or (
@@ -352,71 +320,30 @@ class LowRankPass(Pass):
             return {k: _approx_weight(by_key[k], c.choice, by_key[k].choosing)
                     for k, c in choice.items() if c.choice is not None}
 
-        if e2e is not None and cfg.sensitivity == "end_to_end":
-            calls = max(1, cfg.max_forwards // max(len(options), 1))
-            if calls < len(e2e.calls):
-                ctx.note(f"low_rank: sensitivities measured on {calls} of the "
-                         f"{len(e2e.calls)} sample calls ({len(options)} sites, max_forwards="
-                         f"{cfg.max_forwards})")
-            measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}), calls)
-        total = sum(s.candidates[-1].params for s in options)
+        bound = None
         if rule == "param_budget":
             budget = cfg.param_budget * sum(w.site.m * w.site.n for w in work)
             budget -= sum(w.site.m * w.site.n for w in work if w.site.weight_name in out)
-            choice = allocate(options, max_params=budget)
+            alloc = choose(options, e2e, ctx, pass_name=self.name, realize=realize,
+                           max_params=budget, max_forwards=cfg.max_forwards,
+                           end_to_end_sensitivity=cfg.sensitivity == "end_to_end")
         else:
             bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
-            target = 10 ** (-bound / 10)
-            scale = 1.0
-            for _ in range(MAX_CHECKS):
-                choice = allocate(options, max_error2=target * scale)
-                measured = e2e.error2(realize(choice))
-                guess = predicted(options, choice)
-                if measured <= target or guess <= 0:
-                    break
-                scale *= min(0.5, 0.9 * guess / measured)  # the sum under-predicted: tighten
-        if rule == "param_budget":  # the bound loop above measured its final choice already
-            measured = e2e.error2(realize(choice)) if e2e is not None else None
-        kept = sum(c.params for c in choice.values())
+            alloc = choose(options, e2e, ctx, pass_name=self.name, realize=realize,
+                           min_sqnr_db=bound, max_forwards=cfg.max_forwards,
+                           end_to_end_sensitivity=cfg.sensitivity == "end_to_end")
         whitened = [w for w in work if w.options in options and w.moment is not None
                     and cfg.whiten]
         held_out = None if not whitened else all(w.held_out is not None for w in whitened)
-        summary = self._summary(rule, e2e, len(options), total, kept, measured, held_out)
-        ctx.note(summary)
-        logger.info("%s", summary)
+        ctx.note(allocation_summary(self.name, rule, e2e, len(options), alloc,
+                                    end_to_end_sensitivity=cfg.sensitivity == "end_to_end",
+                                    held_out=held_out, bound=bound,
+                                    default=cfg.rule == "default"))
         for s in options:
-            c = choice[s.key]
+            c = alloc.choice[s.key]
             out[s.key] = ((c.choice, "") if c.choice is not None else
                           (None, f"kept dense by the {rule} allocator"))
         return out
-
-    def _summary(self, rule: str, e2e, sites: int, total: int, kept: int,
-                 measured: float | None, held_out: bool | None) -> str:
-        cfg: LowRankConfig = self.config
-        head = f"low_rank {rule}: kept {kept} of {total} parameters over {sites} sites"
-        if e2e is None:
-            return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
-                    f"error, summed), as the calibration holds no sample inputs of this graph")
-        sqnr = _db(measured)
-        where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples" else
-                 "the inputs of the call being compiled (no calibration sample fits its shapes)")
-        how = ("end-to-end sensitivity measured" if cfg.sensitivity == "end_to_end" else
-               "sensitivity: each site's own error (sensitivity='layer'); output measured")
-        text = (f"{head}; {how} on {where} ({e2e.forwards} forward passes); output SQNR "
-                f"{sqnr:.1f} dB")
-        if e2e.source == "samples" and held_out:
-            text += (" (factors fitted on the other calibration calls, so this is measured on "
-                     "data they were not fitted to; the final factors use every call)")
-        elif e2e.source == "samples" and held_out is False:
-            text += (" (measured on the data the whitened factors were fitted to, which is "
-                     "optimistic: calibrate with more batches than samples)")
-        if rule == "min_sqnr_db":
-            bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
-            text += f" (bound {bound:g} dB)"
-            if cfg.rule == "default":
-                text += ("; this is the quality-bounded default: min_sqnr_db lower, or "
-                         "param_budget, asks for more compression")
-        return text
 
     def _compensate(self, gm: fx.GraphModule, e2e: EndToEnd, work: list[_Work],
                     ranks: dict[str, tuple[int | None, str]], ctx) -> None:
@@ -446,19 +373,19 @@ class LowRankPass(Pass):
         after = e2e.error2({k: _approx_weight(w, ranks[k][0]) for k, w in chosen.items()})
         if after < (1 - MIN_GAIN) * before:
             ctx.note(f"low_rank: error compensation on the calibration samples: output SQNR "
-                     f"{_db(before):.1f} -> {_db(after):.1f} dB")
+                     f"{db(before):.1f} -> {db(after):.1f} dB")
             return
         for k, (fac, note) in independent.items():
             chosen[k].fac, chosen[k].note = fac, note
         ctx.note(f"low_rank: error compensation did not lower the output error on the "
-                 f"calibration samples by {MIN_GAIN:.0%} ({_db(before):.2f} -> {_db(after):.2f} "
+                 f"calibration samples by {MIN_GAIN:.0%} ({db(before):.2f} -> {db(after):.2f} "
                  f"dB): independent fits kept")
 
     # --- rewriting -------------------------------------------------------------------------
     def _skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
         size = site.m * site.n
         flops = _flops(site, None)
-        details = {} if options is None else _candidate_details(options)
+        details = {} if options is None else candidate_details(options)
         return SiteRow(self.name, site.weight_name, "skipped", why, size, size, flops, flops,
                        details=details)
 
@@ -476,12 +403,8 @@ class LowRankPass(Pass):
                                   name_hint=f"{hint}.lr_v")
         u_node = ctx.add_constant(gm, u.contiguous(), derived_from=site.sources,
                                   name_hint=f"{hint}.lr_u")
-        x, bias = site.operands()
-        if site.bn is not None:
-            value = ctx.facts.weight_value(bias) if isinstance(bias, fx.Node) else None
-            folded = site.folded_bias(value).to(device=device, dtype=dtype)
-            bias = ctx.add_constant(gm, folded.contiguous(), derived_from=site.sources,
-                                    name_hint=f"{hint}.lr_bias")
+        x, _ = site.operands()
+        bias = site_bias(gm, ctx, site, f"{hint}.lr_bias")
         with gm.graph.inserting_before(site.node):
             if site.kind == "conv":
                 new = gm.graph.call_function(torch.ops.effc.low_rank_conv.default,
@@ -496,7 +419,7 @@ class LowRankPass(Pass):
             error.update(output_error(site.matrix, u64, v64, moment))
         details = self._details(site, fac, rank)
         if w.options is not None:
-            details.update(_candidate_details(w.options))
+            details.update(candidate_details(w.options))
         return SiteRow(self.name, site.weight_name, "rewritten", w.note,
                        site.m * site.n, rank * (site.m + site.n),
                        _flops(site, None), _flops(site, rank), error, details)
@@ -518,11 +441,6 @@ class LowRankPass(Pass):
         return out
 
 
-def _db(error2: float) -> float:
-    """A squared relative error as SQNR in dB."""
-    return sqnr_db(1.0, math.sqrt(error2))
-
-
 def _flops(site: Site, rank: int | None) -> int:
     rows, m, n = site_rows(site), site.m, site.n
     if rank is None:
@@ -534,40 +452,6 @@ def _approx_weight(w: _Work, rank: int, fac: Factorization | None = None) -> tor
     """The stored weight whose call computes the rank-`rank` approximation (BatchNorm unfolded)."""
     u, v = (fac or w.fac).factors(rank)
     return w.site.weight_from_matrix(u @ v)
-
-
-def _candidate_details(options: SiteOptions) -> dict[str, Any]:
-    """The candidates the allocator chose among, for the report: rank -> [params, bytes,
-    FLOPs, own error] (the FLOPs of the example call)."""
-    return {"sensitivity": round(options.sensitivity, 6),
-            "sensitivity_measured": options.measured,
-            "candidates_columns": ["params", "bytes", "flops", "error"],
-            "candidates": {("dense" if c.choice is None else str(c.choice)):
-                           [c.params, c.bytes, c.flops, round(c.error, 6)]
-                           for c in options.candidates}}
-
-
-def _output_sites(gm: fx.GraphModule, sites: set[fx.Node]) -> set[fx.Node]:
-    """The `sites` that reach the main output (the largest float output) through no other
-    site: a classifier, an LM head."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    leaves = [n for n in out.all_input_nodes
-              if isinstance(node_value(n), torch.Tensor) and node_value(n).is_floating_point()]
-    if not leaves:
-        return set()
-    main = max(leaves, key=lambda n: node_value(n).numel() if all(
-        isinstance(d, int) for d in node_value(n).shape) else 0)
-    found, seen, stack = set(), {main}, [main]
-    while stack:
-        n = stack.pop()
-        if n in sites:
-            found.add(n)
-            continue
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return found
 
 
 def _full_curve(fac: Factorization) -> torch.Tensor:

@@ -12,6 +12,11 @@ approximates M', the matrix the layer really applies (factorizing M before a Bat
 rescales its rows weighs the rows wrongly), and the rewritten op replaces both calls. The
 folded tensors are derived from the weight and the BatchNorm's tensors, so all of them are
 claimed and watched by the stale-weight guard (`Site.sources`).
+
+Computed weights (`find_site(..., computed=True)`): a linear/conv whose weight is computed in
+the graph from weights alone (a PHM layer's Kronecker sum, however it is written) is a site
+too. The computation is evaluated once at compile time; the site is named after the weights
+it reads (`layers.0.<a,s>`), and all of them are its sources.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import is_transpose, node_arg, node_shape
+from effc.compiler.graph_facts import is_transpose, node_arg, node_shape, run_node
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 CONVS = (torch.conv2d, torch.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv1d)
 BATCH_NORMS = (torch.nn.functional.batch_norm, torch.batch_norm)
+MAX_COMPUTED_NODES = 256  # a weight computation larger than this is not evaluated
 
 
 @dataclasses.dataclass
@@ -55,6 +61,8 @@ class Site:
     view: fx.Node | None = None  # matmul_t: the `W.T` node between the weight and the matmul
     bn: BatchNormFold | None = None
     bias_name: str | None = None  # the call's bias, when it is a weight (folded with the BN)
+    computed: list[str] = dataclasses.field(default_factory=list)  # the weights W is computed from
+    weight_arg: fx.Node | None = None  # computed: the node that holds W
 
     def operands(self) -> tuple[fx.Node, Any]:
         """(x, bias) read from the node now: earlier rewrites may have replaced x's producer."""
@@ -73,6 +81,8 @@ class Site:
     @property
     def sources(self) -> list[str]:
         """Every weight the rewrite is derived from (claimed, and watched for staleness)."""
+        if self.computed:
+            return list(self.computed)
         extra = ([self.bias_name] if self.bias_name and self.bn is not None else [])
         return [self.weight_name, *extra, *(self.bn.names if self.bn is not None else [])]
 
@@ -134,8 +144,69 @@ def _conv_site(node: fx.Node, name: str, w: torch.Tensor) -> Site | str:
     return Site(node, "conv", name, w, w.reshape(w.shape[0], -1), (stride, padding, dilation))
 
 
-def find_site(node: fx.Node, facts) -> Site | str | None:
-    """The Site at `node`, "weight: reason" if it is a site no pass can take, or None."""
+def computed_weight(w_node: Any, facts) -> tuple[str, torch.Tensor, list[str]] | None:
+    """(name, value, source weights) of a weight computed in the graph from weights (and
+    constants) alone, evaluated now; None if it reads an input or is not computed."""
+    if not isinstance(w_node, fx.Node) or w_node.op == "placeholder":
+        return None
+    order, seen, stack = [], {w_node}, [w_node]
+    sources: list[fx.Node] = []
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            if facts.weight_name(n) is None:
+                return None
+            sources.append(n)
+            continue
+        if n.op not in ("call_function", "call_method", "get_attr") or len(seen) > MAX_COMPUTED_NODES:
+            return None
+        order.append(n)
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    if not sources:
+        return None
+    env = {n: facts.weight_value(n) for n in sources}
+    position = {n: i for i, n in enumerate(w_node.graph.nodes)}
+    try:
+        with torch.no_grad():
+            for n in sorted(order, key=position.__getitem__):
+                env[n] = run_node(w_node.graph.owning_module, n, env)
+    except Exception:  # noqa: BLE001 - a computation that does not run here is no site
+        return None
+    value = env[w_node]
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    names = sorted(facts.weight_name(n) for n in sources)
+    prefix = ".".join(names[0].split(".")[:-1])
+    for other in names[1:]:
+        while prefix and not other.startswith(prefix + "."):
+            prefix = ".".join(prefix.split(".")[:-1])
+    leaves = [x[len(prefix) + 1:] if prefix else x for x in names]
+    label = f"<{','.join(leaves)}>"
+    return (f"{prefix}.{label}" if prefix else label), value.detach(), names
+
+
+def _computed_site(node: fx.Node, kind: str, w_node: Any, facts) -> Site | str | None:
+    found = computed_weight(w_node, facts)
+    if found is None:
+        return None
+    name, w, names = found
+    if kind == "linear":
+        site = Site(node, "linear", name, w, w) if w.dim() == 2 else None
+    else:
+        site = _conv_site(node, name, w)
+        if isinstance(site, str):
+            return f"{name}: {site}"
+    if site is not None:
+        site.computed, site.weight_arg = names, w_node
+    return site
+
+
+def find_site(node: fx.Node, facts, computed: bool = False) -> Site | str | None:
+    """The Site at `node`, "weight: reason" if it is a site no pass can take, or None.
+    `computed`: also weights computed in the graph from weights alone."""
     if node.op != "call_function":
         return None
     t = node.target
@@ -143,7 +214,7 @@ def find_site(node: fx.Node, facts) -> Site | str | None:
         w_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         name = facts.weight_name(w_node)
         if name is None:
-            return None
+            return _computed_site(node, "linear", w_node, facts) if computed else None
         w = facts.weight_value(w_node)
         return Site(node, "linear", name, w, w) if w.dim() == 2 else None
     if t is torch.addmm and len(node.args) == 3:
@@ -167,7 +238,7 @@ def find_site(node: fx.Node, facts) -> Site | str | None:
     if t in CONVS:
         name = facts.weight_name(node.args[1])
         if name is None:
-            return None
+            return _computed_site(node, "conv", node.args[1], facts) if computed else None
         site = _conv_site(node, name, facts.weight_value(node.args[1]))
         return site if isinstance(site, Site) else f"{name}: {site}"
     return None
@@ -219,12 +290,14 @@ def fold_batch_norm(site: Site, facts) -> str:
     return ""
 
 
-def find_sites(gm: fx.GraphModule, facts, fold_bn: bool = True) -> Iterator[Site | str]:
+def find_sites(gm: fx.GraphModule, facts, fold_bn: bool = True, computed: bool = False
+               ) -> Iterator[Site | str]:
     """Every site of the graph in order (a Site, or "weight: reason" for one no pass can take),
-    with BatchNorms folded where `fold_bn` (inference graphs)."""
+    with BatchNorms folded where `fold_bn` (inference graphs; not into computed weights,
+    whose structure a row scaling would break)."""
     for node in list(gm.graph.nodes):
-        site = find_site(node, facts)
-        if isinstance(site, Site) and fold_bn:
+        site = find_site(node, facts, computed)
+        if isinstance(site, Site) and fold_bn and not site.computed:
             fold_batch_norm(site, facts)
         if site is not None:
             yield site
@@ -241,7 +314,9 @@ def site_rows(site: Site) -> int:
 
 
 def weight_node(site: Site, facts) -> fx.Node:
-    """The placeholder of the site's weight."""
+    """The placeholder of the site's weight (the node that computes it, for computed ones)."""
+    if site.weight_arg is not None:
+        return site.weight_arg
     if site.view is not None:
         return site.view.args[0]
     return next(a for a in site.node.all_input_nodes if facts.weight_name(a) == site.weight_name)
@@ -249,7 +324,8 @@ def weight_node(site: Site, facts) -> fx.Node:
 
 def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
     """Make `new` (inserted before the site's node) replace the site's output and drop the
-    call, its BatchNorm and a `W.T` view that nothing else reads."""
+    call, its BatchNorm and a `W.T` view (or the weight's computation) that nothing else
+    reads."""
     out = site.output
     out.replace_all_uses_with(new)
     if site.bn is not None:
@@ -257,3 +333,32 @@ def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
     gm.graph.erase_node(site.node)
     if site.view is not None and not site.view.users:
         gm.graph.erase_node(site.view)
+    dead = [site.weight_arg] if site.weight_arg is not None else []
+    while dead:  # the computation of W, up to the weights it reads
+        n = dead.pop()
+        if n.users or n.op == "placeholder" or n.graph is not gm.graph:
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        dead.extend(inputs)
+
+
+def tied_uses(site: Site, facts) -> str:
+    """Why the site's weight cannot be rewritten for this call alone ("" if it can): other
+    calls read the same weight (tied embeddings and heads)."""
+    for n in (weight_node(site, facts), site.view):
+        if n is not None and len(n.users) > 1:
+            return f"weight is used by {len(n.users)} calls (tied weights)"
+    return ""
+
+
+def site_bias(gm: fx.GraphModule, ctx, site: Site, name_hint: str) -> Any:
+    """The bias argument of the op replacing `site`: the call's own, or with a BatchNorm
+    folded in, the folded bias as a constant derived from the site's sources."""
+    _, bias = site.operands()
+    if site.bn is None:
+        return bias
+    value = ctx.facts.weight_value(bias) if isinstance(bias, fx.Node) else None
+    folded = site.folded_bias(value).to(device=site.weight.device, dtype=site.weight.dtype)
+    return ctx.add_constant(gm, folded.contiguous(), derived_from=site.sources,
+                            name_hint=name_hint)
