@@ -23,11 +23,9 @@ import dataclasses
 import torch
 
 from effc.passes.low_rank_math import Factorization, factorize
+from effc.passes.weight_sites import STRUCTURE_TOL
 
 N_CHOICES = (2, 3, 4, 8, 16)
-# a computed weight is a Kronecker sum of T terms if R's tail after T terms is below this
-# (relative): float32 rounding of a sum of n products leaves ~1e-7
-STRUCTURE_TOL = 1e-5
 RIDGE = 1e-6  # relative to the mean diagonal of D and E before their Cholesky
 
 

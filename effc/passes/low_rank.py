@@ -33,8 +33,8 @@ from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, EndToEnd, SiteOp
 from effc.passes.compensation import compensated_target, sequential_fit
 from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
                                        output_error, round_rank, weight_error)
-from effc.passes.weight_sites import (Site, find_sites, replace_site, site_bias, site_rows,
-                                      tied_uses)
+from effc.passes.weight_sites import (STRUCTURE_TOL, Site, find_sites, replace_site, site_bias,
+                                      site_rows, tied_uses)
 
 RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget", "min_sqnr_db")
 FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
@@ -134,12 +134,15 @@ class LowRankPass(Pass):
         misses: list[str] = []  # calibration given but unusable at these sites
         e2e = self._end_to_end(gm, ctx)
         rule = self._rule(e2e)
-        sites = list(find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn))
+        sites = list(find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn, computed=True))
         heads = output_sites(gm, {s.node for s in sites if isinstance(s, Site)})
         for site in sites:
             if isinstance(site, str):
                 name, _, why = site.partition(": ")
                 rows.append(SiteRow(self.name, name, "skipped", why))
+                continue
+            if site.computed:
+                rows.append(self._structured(gm, ctx, site))
                 continue
             why = self._ineligible(site, ctx, site.node in heads, e2e)
             if why:
@@ -186,6 +189,34 @@ class LowRankPass(Pass):
             ctx.warn(f"the calibration serves {served} of {len(work)} sites (the rest "
                      f"fall back to a plain SVD), e.g. {misses[0]}")
         return PassResult(rows)
+
+    def _structured(self, gm: fx.GraphModule, ctx, site: Site) -> SiteRow:
+        """A weight computed in the graph (a trained low-rank product u @ v): rewritten exactly
+        at its numerical rank when that saves parameters, else left to the next pass."""
+        cfg: LowRankConfig = self.config
+        why = ("excluded by include/exclude filters" if not ctx.selected(site.weight_name)
+               else "conv sites are off (conv=False)" if site.kind == "conv" and not cfg.conv
+               else tied_uses(site, ctx.facts))
+        if why:
+            return self._skip(site, why)
+        computed = f"weight computed in the graph from {', '.join(site.computed)}"
+        try:
+            fac = factorize(site.matrix)
+        except (RuntimeError, ValueError) as exc:
+            return self._skip(site, f"{computed}; factorization failed: {exc}")
+        exact = (fac.tail_rel_error() <= STRUCTURE_TOL).nonzero()
+        rank = int(exact[0].item()) if len(exact) else min(site.m, site.n)
+        limit = max_profitable_rank(site.m, site.n, cfg.min_saving)
+        if rank < 1 or rank > limit:
+            return self._skip(site, f"{computed}, not of low rank (numerical rank {rank}, "
+                                    f"above {limit} where r(m+n) <= {1 - cfg.min_saving:g} mn)")
+        denied = ctx.claim(site.weight_name, site.sources)
+        if denied:
+            return self._skip(site, denied)
+        row = self._rewrite(gm, ctx, _Work(site, fac, None, f"{computed}: of rank {rank} "
+                                                            f"(exact)"), rank)
+        row.details.update(rule="structure", computed_from=list(site.computed))
+        return row
 
     # --- decisions -------------------------------------------------------------------------
     def _end_to_end(self, gm: fx.GraphModule, ctx) -> EndToEnd | None:

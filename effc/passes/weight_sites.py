@@ -36,6 +36,9 @@ LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 CONVS = (torch.conv2d, torch.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv1d)
 BATCH_NORMS = (torch.nn.functional.batch_norm, torch.batch_norm)
 MAX_COMPUTED_NODES = 256  # a weight computation larger than this is not evaluated
+# a computed weight has an exact structure (a rank, a Kronecker rank) if what the structure
+# leaves out is below this, relative: float32 rounding of a sum of products leaves ~1e-7
+STRUCTURE_TOL = 1e-5
 
 
 @dataclasses.dataclass

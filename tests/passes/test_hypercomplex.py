@@ -9,31 +9,11 @@ import torch.nn.functional as F
 from helpers import first_tensor, hf_model
 
 import effc
-from effc.compiler.metrics import error_stats
+from benchmarks.models.phm import PHMLinear as HyperNetsPHMLinear
 from effc.compiler.pass_manager import Instrument
 
 PHM = torch.ops.effc.phm_linear.default
 PHC = torch.ops.effc.phm_conv.default
-
-
-class HyperNetsPHMLinear(nn.Module):
-    """A PHM linear written the way HyperNets writes it: a (n, n, n), s (n, out/n, in/n), and
-    W = sum_i kron(a_i, s_i) rebuilt by broadcasting at every forward."""
-
-    def __init__(self, n, fin, fout):
-        super().__init__()
-        self.a = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(n, n, n)))
-        self.s = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(n, fout // n, fin // n)))
-        self.bias = nn.Parameter(torch.zeros(fout))
-
-    @staticmethod
-    def kronecker_product(a, b):
-        res = a.unsqueeze(-1).unsqueeze(-3) * b.unsqueeze(-2).unsqueeze(-4)
-        return res.reshape(res.shape[:-4] + (a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1]))
-
-    def forward(self, x):
-        weight = torch.sum(self.kronecker_product(self.a, self.s), dim=0)
-        return F.linear(x, weight=weight, bias=self.bias)
 
 
 class KronLoopPHMLinear(HyperNetsPHMLinear):

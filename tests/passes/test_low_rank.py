@@ -484,3 +484,37 @@ def test_a_site_whose_factorization_fails_is_skipped_not_fatal(monkeypatch):
     assert rows["fc2.weight"].decision == "rewritten"
     with pytest.raises(Exception, match="svd did not converge"):
         _compile(model, torch.randn(4, 64), low_rank={"rank": 8, "min_saving": 0.0}, strict=True)
+
+
+class _TrainedLowRank(nn.Module):
+    """A layer trained in factored form (LoRA-style): W = u @ v computed at every call."""
+
+    def __init__(self, m, n, r):
+        super().__init__()
+        self.u, self.v = nn.Parameter(torch.randn(m, r) / r), nn.Parameter(torch.randn(r, n) / n)
+        self.bias = nn.Parameter(torch.randn(m))
+        self.full = nn.Parameter(torch.randn(m, m) / m)
+
+    def forward(self, x):
+        y = torch.relu(nn.functional.linear(x, self.u @ self.v, self.bias))
+        return nn.functional.linear(y, self.full * 2)   # computed, but of full rank
+
+
+def test_a_trained_low_rank_product_is_rewritten_exactly_at_its_rank():
+    torch.manual_seed(0)
+    model = _TrainedLowRank(64, 48, 6).eval()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        ref = model(x)
+    compiled, out, rep = _compile(model, x, low_rank=True)
+    rows = {s.site: s for s in rep.sites}
+    exact = rows["<u,v>"]
+    assert exact.decision == "rewritten" and exact.details["rank"] == 6
+    assert exact.details["rule"] == "structure" and exact.details["computed_from"] == ["u", "v"]
+    assert exact.params_after == 6 * (64 + 48) and exact.error["weight_rel_fro"] < 1e-6
+    assert rows["<full>"].decision == "skipped" and "not of low rank" in rows["<full>"].reason
+    assert torch.allclose(out, ref, atol=1e-5)
+    with torch.no_grad():  # the factors are derived from u and v: a change re-derives them
+        model.v.mul_(2)
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert effc.report().graphs[0].rederivations == 1
