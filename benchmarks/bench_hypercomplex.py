@@ -13,7 +13,9 @@
     per layer, the relative weight error of the Kronecker-sum fit against truncated SVD at
     equal parameters; end to end, param_budget 0.9 / 0.8 for hypercomplex and low_rank,
     calibrated, top-1 agreement with the dense model on held-out photo crops.
-Runs on CUDA when one is present (parts a and b), else on CPU.
+(d) PHC conv: the op's materialized weight (built per call, then the library conv) vs the
+    grouped form that never builds it, and vs the dense conv, at MobileNet-like sizes.
+Runs on CUDA when one is present (parts a, b and d), else on CPU.
 """
 
 from __future__ import annotations
@@ -175,13 +177,39 @@ def part_c(quick: bool) -> str:
             f"n=4 for hypercomplex):\n\n{end_to_end}")
 
 
+def part_d(quick: bool) -> str:
+    from effc.kernels.phm_conv import phm_conv, phm_conv_grouped
+
+    torch.manual_seed(0)
+    rows = []
+    shapes = [(8, 64, 64, 28, 3), (8, 128, 128, 14, 3), (8, 256, 256, 7, 1), (1, 96, 96, 56, 3)]
+    for batch, cin, cout, size, k in shapes[:2] if quick else shapes:
+        n = 4
+        x = torch.randn(batch, cin, size, size, device=DEVICE)
+        a = torch.randn(n, n, n, device=DEVICE)
+        s = torch.randn(n, cout // n, cin // n, k, k, device=DEVICE) / (cin * k)
+        w = kron_weight(a, s)
+        pad = [k // 2] * 2
+        args = ([1, 1], pad, [1, 1])
+        cands = {"dense conv": lambda: F.conv2d(x, w, None, 1, pad),
+                 "materialized": lambda: phm_conv(x, a, s, None, *args),
+                 "grouped": lambda: phm_conv_grouped(x, a, s, None, *args)}
+        times = time_interleaved(cands, repeats=5 if quick else 21, warmup=2)
+        rows.append([f"{batch}x{cin}x{size}x{size}, {cout} out, {k}x{k}",
+                     *(times[c] * 1e3 for c in cands),
+                     times["materialized"] / times["grouped"]])
+    return (f"(d) PHC conv (n=4, T=4), fp32, {_where()}\n\n" +
+            table(["input, conv", "dense ms", "materialized ms", "grouped ms",
+                   "materialized / grouped time"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
+    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c}
+    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
     for key in args.part.split(","):
         text = parts[key.strip()](args.quick)
         print(text, "\n", flush=True)

@@ -3,7 +3,9 @@
 #
 # The kernel and lowering tests run with their tensors on the GPU (EFFC_TEST_DEVICE=cuda), so
 # the generated kernels are compiled and autotuned rather than interpreted; then the lowering
-# benchmark times effc-triton against inductor and eager and records into BENCHMARKS.md.
+# benchmark times effc-triton against inductor and eager, and the hypercomplex benchmark times
+# the trained PHM model and phm_linear against dense (the goal at batch 1: >= 0.6 n times
+# faster than dense), both recorded into BENCHMARKS.md.
 # Uses the Python that already holds torch + triton (PYTHON, default python3): GPU machines
 # here have no network, so nothing is installed. Extra arguments go to pytest.
 set -euo pipefail
@@ -18,6 +20,7 @@ status=0  # a failing test must not cost the benchmark numbers: run both, report
     tests/compiler/lowering/test_triton_lowering.py tests/compiler/lowering/test_graph_rewrites.py \
     tests/compiler/test_generate.py tests/test_examples.py "$@" || status=$?
 "$PY" benchmarks/bench_lowering.py --record || status=$?
+"$PY" benchmarks/bench_hypercomplex.py --part a,b,d --record || status=$?
 "$PY" benchmarks/lowering_coverage.py || status=$?
 echo "gpu_check: exit status $status"
 exit $status

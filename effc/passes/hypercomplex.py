@@ -36,7 +36,7 @@ from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fi
                                            kronecker_structure, max_terms, params)
 from effc.passes.low_rank_math import output_error, weight_error
 from effc.passes.weight_sites import (Site, find_sites, replace_site, site_bias, site_rows,
-                                      tied_uses)
+                                      still_built, tied_uses)
 
 RULES = ("terms", "max_error", "param_budget", "min_sqnr_db")
 ALLOCATED_RULES = ("param_budget", "min_sqnr_db")
@@ -293,7 +293,8 @@ class HypercomplexPass(Pass):
         if denied:
             return self._skip(site, denied)
         fit, terms = found
-        note = f"{computed}: a sum of {terms} Kronecker products at n={fit.n} (exact)"
+        note = (f"{computed}: a sum of {terms} Kronecker products at n={fit.n} (exact)"
+                + still_built(site))
         return self._rewrite(gm, ctx, site, fit, terms, note, None, None)
 
     # --- rewriting -------------------------------------------------------------------------

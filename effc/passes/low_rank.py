@@ -34,7 +34,7 @@ from effc.passes.compensation import compensated_target, sequential_fit
 from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
                                        output_error, round_rank, weight_error)
 from effc.passes.weight_sites import (STRUCTURE_TOL, Site, find_sites, replace_site, site_bias,
-                                      site_rows, tied_uses)
+                                      site_rows, still_built, tied_uses)
 
 RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget", "min_sqnr_db")
 FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
@@ -214,7 +214,7 @@ class LowRankPass(Pass):
         if denied:
             return self._skip(site, denied)
         row = self._rewrite(gm, ctx, _Work(site, fac, None, f"{computed}: of rank {rank} "
-                                                            f"(exact)"), rank)
+                                                            f"(exact){still_built(site)}"), rank)
         row.details.update(rule="structure", computed_from=list(site.computed))
         return row
 

@@ -350,8 +350,18 @@ def tied_uses(site: Site, facts) -> str:
     """Why the site's weight cannot be rewritten for this call alone ("" if it can): other
     calls read the same weight (tied embeddings and heads)."""
     for n in (weight_node(site, facts), site.view):
-        if n is not None and len(n.users) > 1:
-            return f"weight is used by {len(n.users)} calls (tied weights)"
+        calls = [u for u in n.users if u.op != "output"] if n is not None else []
+        if len(calls) > 1:
+            return f"weight is used by {len(calls)} calls (tied weights)"
+    return ""
+
+
+def still_built(site: Site) -> str:
+    """For a computed weight the graph also returns (a module that stores it as an attribute
+    in forward, `self.weight = ...`): a note that it is still computed at run time."""
+    if site.weight_arg is not None and any(u.op == "output" for u in site.weight_arg.users):
+        return ("; the graph also returns W (the model stores it, e.g. self.weight = ... in "
+                "forward), so W is still computed at run time for that")
     return ""
 
 

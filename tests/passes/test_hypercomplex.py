@@ -236,3 +236,26 @@ def test_hugging_face_models_compile_with_the_pass(kind):
         out = first_tensor(compiled(**inputs))
     for s in effc.report().sites:  # the default keeps every rewritten site within its bound
         assert s.decision == "skipped" or s.error["weight_rel_fro"] <= 0.05
+
+
+class StoringPHMLinear(HyperNetsPHMLinear):
+    """HyperNets' exact forward: it also stores W on the module (`self.weight = ...`)."""
+
+    def forward(self, x):
+        self.weight = torch.sum(self.kronecker_product(self.a, self.s), dim=0)
+        x = x.type(dtype=self.weight.type())
+        return F.linear(x, weight=self.weight, bias=self.bias)
+
+
+def test_a_layer_that_stores_its_weight_is_rewritten_and_the_report_says_w_is_still_built():
+    torch.manual_seed(0)
+    model = nn.Sequential(StoringPHMLinear(4, 64, 128), nn.ReLU(), StoringPHMLinear(4, 128, 64))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    _, out, rep, targets = _compile(model, x, hypercomplex=True)
+    assert [s.decision for s in rep.sites] == ["rewritten", "rewritten"]
+    assert all("W is still computed at run time" in s.reason for s in rep.sites)
+    assert targets.count(PHM) == 2 and torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(model[0].weight, torch.sum(model[0].kronecker_product(
+        model[0].a, model[0].s), dim=0))   # the attribute the model stores is still right
