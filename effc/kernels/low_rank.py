@@ -203,7 +203,7 @@ def dot_constexprs(x: Tensor) -> dict:
 
 
 # The op's epilogue: bias, the activation (codes index ACTIVATIONS), one store through strides.
-_OP_EPILOGUE = [
+OP_EPILOGUE = [
     "if HAS_BIAS:",
     "    " + BIAS_ADD,
     "acc = _apply_activation(acc, ACTIVATION)",
@@ -222,7 +222,7 @@ def _op_kernel():
     text = kernel_source(name, ["bias_ptr", "out_ptr"],
                          ["stride_om", "stride_on", "stride_b", "HAS_BIAS: tl.constexpr",
                           "ACTIVATION: tl.constexpr"],
-                         "t.to(x_ptr.dtype.element_ty)", _OP_EPILOGUE)
+                         "t.to(x_ptr.dtype.element_ty)", OP_EPILOGUE)
     filename = f"<effc.kernels.low_rank {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
     namespace = {"__name__": __name__, "triton": triton, "tl": tl,

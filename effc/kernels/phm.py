@@ -3,15 +3,22 @@
 A PHM layer (PHNNs) holds W = sum_t a_t kron s_t with a: [T, n, n] and s: [T, p, q]
 (out = n p, in = n q): T (n^2 + p q) parameters instead of n^2 p q. Reference
 implementations rebuild W at every call, so a trained PHM model runs slower than the dense
-one. Here x is viewed as n blocks of q features: one GEMM against the stacked s ([T p, q],
-read once) gives z[m, j, t, a] = s_t[a, :] . x[m, j, :], and the small mixing
-y[m, i, a] = sum_{t, j} a_t[i, j] z[m, j, t, a] finishes it. FLOPs equal the dense layer's
-when T = n; weight bytes are 1/n.
+one. Here x is viewed as n blocks of q features: the small mixing
+xt[m, i, t, :] = sum_j a_t[i, j] x[m, j, :] comes first, then one GEMM of xt ([m n, T q])
+against the stacked s ([p, T q], read once) gives every output block row. Measured on CPU
+(benchmarks/bench_hypercomplex.py) this order beats the reverse one (s first, then the
+mixing), which needs a transposed copy of an n-times-larger intermediate. FLOPs equal
+the dense layer's when T = n; weight bytes are 1/n.
 
 The Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) works per output block-row i
-instead: y_i = sum_t (sum_j a_t[i, j] x_j) @ s_t.T, mixing x's blocks in registers before
-each tl.dot, so neither W nor z touches memory and bias and activation are fused into the
+the same way per output block-row i: y_i = sum_t (sum_j a_t[i, j] x_j) @ s_t.T, mixing x's
+blocks in registers before each tl.dot, so neither W nor xt touches memory and bias and activation are fused into the
 store. Its bias, activation and dot options are low_rank's, imported from there.
+
+As low_rank's, the kernel is written once, as the text TEMPLATE with an epilogue slot: this
+module fills the slot with the op's epilogue (bias, activation, one store), and the Triton
+lowering (effc/compiler/lowering/codegen/phm_template.py) fills it with the fused pointwise
+nodes that follow the op in a graph, so a fix to the algorithm reaches both.
 
 Registration follows DESIGN: the torch reference is the CPU implementation and the test
 oracle; a fake implementation propagates shapes for Dynamo; on CUDA the op runs the kernel
@@ -24,13 +31,14 @@ from __future__ import annotations
 import hashlib
 import linecache
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import wrap_triton  # bare name: triton_op's source scan looks for it
 
-from effc.kernels.low_rank import ACTIVATIONS, BIAS_ADD, dot_constexprs
+from effc.kernels.low_rank import ACTIVATIONS, OP_EPILOGUE, dot_constexprs
 
 try:
     import triton
@@ -68,10 +76,13 @@ def phm_linear_reference(x: Tensor, a: Tensor, s: Tensor, bias: Optional[Tensor]
     _, p, q = s.shape
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    z = torch.matmul(x.reshape(m, n, q), s.reshape(terms * p, q).T)  # [m, n_j, T p]
-    z = z.view(m, n, terms, p).permute(0, 3, 2, 1).reshape(m, p, terms * n)  # [m, p, (t, j)]
-    y = torch.matmul(z, a.permute(0, 2, 1).reshape(terms * n, n))  # [m, p, n_i]
-    y = y.transpose(1, 2).reshape(lead + (n_out,))
+    # mix x's n input blocks first: xt[m, (i, t), :] = sum_j a_t[i, j] x[m, j, :] (small),
+    mix = a.permute(1, 0, 2).reshape(n * terms, n)
+    xt = torch.matmul(mix, x.reshape(m, n, q))                       # [m, (i, t), q]
+    # then one GEMM over (t, q) against the stacked s: rows (m, i), columns a of block row i
+    # (a free view when s is stored [p, T, q]-contiguous, as the hypercomplex pass stores it)
+    stacked = s.transpose(0, 1).reshape(p, terms * q)                # [p, (t, b)]
+    y = torch.matmul(xt.reshape(m * n, terms * q), stacked.T).view(lead + (n_out,))
     return y + bias if bias is not None else y
 
 
@@ -83,17 +94,22 @@ def kron_weight(a: Tensor, s: Tensor) -> Tensor:
     return w.reshape(n * p, n * q, *k)
 
 
-# One program: rows offs_m x the columns i * P + offs_p of output block-row i. For each term t
-# and K chunk it mixes x's n blocks with a_t[i, :] (fp32, in registers) into xt and adds
-# xt @ s_t[offs_p, chunk].T. Masked lanes read zeros, so ragged M, p and q add nothing.
-_KERNEL = """
+# The kernel's one source. One program: rows offs_m x the columns i * P + offs_p of output
+# block-row i. For each term t and K chunk it mixes x's n blocks with a_t[i, :] (fp32, in
+# registers) into xt and adds xt @ s_t[offs_p, chunk].T. Masked lanes read zeros, so ragged M,
+# p and q add nothing. Slots: {operand_params} (pointers after x, a, s), {scalar_params}
+# (after s's strides), {round_xt} (the fp32 mix xt rounded to the input dtype) and {epilogue}
+# (run once on the fp32 output tile `acc`; offs_m/offs_n, mask_m/mask_n, `mask` and N = n p are
+# in scope). Fill it with kernel_source(); this module fills it with the op's epilogue, the
+# Triton lowering (effc/compiler/lowering/codegen/phm_template.py) with the fused pointwise
+# nodes that follow the op in a graph.
+TEMPLATE = '''
 @triton.jit
-def _phm_linear_kernel(
-    x_ptr, a_ptr, s_ptr, bias_ptr, out_ptr,
+def {name}(
+    x_ptr, a_ptr, s_ptr, {operand_params}
     M, NB, P, Q, T,
     stride_xm, stride_xk, stride_at, stride_ai, stride_aj, stride_st, stride_sp, stride_sq,
-    stride_b, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    {scalar_params}
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -119,32 +135,43 @@ def _phm_linear_kernel(
                               mask=mask_k[:, None] & mask_p[None, :], other=0.0)
             # rounded to the input dtype so half types take the tensor-core dot; UPCAST_DOT as in
             # low_rank (the interpreter's dot mishandles bf16 tiles)
-            xt_in = xt.to(x_ptr.dtype.element_ty)
+            xt_in = {round_xt}
             if UPCAST_DOT:
                 xt_in = xt_in.to(tl.float32)
                 s_t_blk = s_t_blk.to(tl.float32)
             acc = tl.dot(xt_in, s_t_blk, acc, input_precision=INPUT_PRECISION)
-    # ---- epilogue: output columns i * P + offs_p ----
+    # ---- epilogue: output columns i * P + offs_p of the [M, N] output ----
+    N = NB * P
     offs_n = i * P + offs_p
     mask_n = mask_p
-    if HAS_BIAS:
-        {bias_add}
-    acc = _apply_activation(acc, ACTIVATION)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-"""
+    mask = mask_m[:, None] & mask_n[None, :]
+{epilogue}'''
+
+
+def kernel_source(name: str, operand_params: Sequence[str], scalar_params: Sequence[str],
+                  round_xt: str, epilogue: Sequence[str]) -> str:
+    """TEMPLATE filled in; `epilogue` lines are indented to the kernel's body here."""
+    return TEMPLATE.format(name=name, operand_params="".join(p + ", " for p in operand_params),
+                           scalar_params="".join(p + ", " for p in scalar_params),
+                           round_xt=round_xt, epilogue="".join(f"    {line}\n" for line in epilogue))
 
 
 def _make_kernel():
-    """Compiles _KERNEL (BIAS_ADD filled in) under a linecache pseudo file, as low_rank's
-    `_op_kernel` does: `@triton.jit` and the interpreter read the source through `inspect`."""
-    text = _KERNEL.replace("{bias_add}", BIAS_ADD)
-    filename = f"<effc.kernels.phm _phm_linear_kernel {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+    """The op's kernel: TEMPLATE with low_rank's op epilogue (bias, activation, one store
+    through strides), xt rounded by a cast to x's dtype. Compiled under a linecache pseudo file,
+    as low_rank's `_op_kernel` does: `@triton.jit` and the interpreter read the source through
+    `inspect`."""
+    name = "_phm_linear_kernel"
+    text = kernel_source(name, ["bias_ptr", "out_ptr"],
+                         ["stride_b", "stride_om", "stride_on", "HAS_BIAS: tl.constexpr",
+                          "ACTIVATION: tl.constexpr"],
+                         "xt.to(x_ptr.dtype.element_ty)", OP_EPILOGUE)
+    filename = f"<effc.kernels.phm {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
     namespace = {"__name__": __name__, "triton": triton, "tl": tl,
                  "_apply_activation": _apply_activation}
     exec(compile(text, filename, "exec"), namespace)
-    return namespace["_phm_linear_kernel"]
+    return namespace[name]
 
 
 if triton is not None:

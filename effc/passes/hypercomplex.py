@@ -308,14 +308,15 @@ class HypercomplexPass(Pass):
                  moment: torch.Tensor | None, options: SiteOptions | None) -> SiteRow:
         a64, s64 = fit.factors(terms)
         dtype, device = site.weight.dtype, site.weight.device
-        a, s = a64.to(device=device, dtype=dtype), s64.to(device=device, dtype=dtype)
+        a = a64.to(device=device, dtype=dtype).contiguous()
         if site.kind == "conv":
-            s = s.reshape(terms, fit.p, site.weight.shape[1] // fit.n, *site.weight.shape[2:])
+            s = s64.to(device=device, dtype=dtype).reshape(
+                terms, fit.p, site.weight.shape[1] // fit.n, *site.weight.shape[2:]).contiguous()
+        else:  # stored [p, T, q]-contiguous: phm_linear's stacked GEMM reads it as a free view
+            s = s64.to(device=device, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)
         hint = site.weight_name.removesuffix(".weight")
-        a_node = ctx.add_constant(gm, a.contiguous(), derived_from=site.sources,
-                                  name_hint=f"{hint}.phm_a")
-        s_node = ctx.add_constant(gm, s.contiguous(), derived_from=site.sources,
-                                  name_hint=f"{hint}.phm_s")
+        a_node = ctx.add_constant(gm, a, derived_from=site.sources, name_hint=f"{hint}.phm_a")
+        s_node = ctx.add_constant(gm, s, derived_from=site.sources, name_hint=f"{hint}.phm_s")
         x, _ = site.operands()
         bias = site_bias(gm, ctx, site, f"{hint}.phm_bias")
         with gm.graph.inserting_before(site.node):

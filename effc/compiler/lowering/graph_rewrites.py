@@ -14,7 +14,8 @@ Both views only relabel the leading dims of row-major data, so the same values a
 
 which the partitioner sees as a GEMM on `x` with a bias epilogue. The dense rewrite is made only
 when a pointwise op reads `z`: a GEMM with nothing to fuse stays the library's `addmm`
-(cuBLAS beats a Triton template there). The low-rank one is always made: it is the same op.
+(cuBLAS beats a Triton template there). The low-rank one is always made: it is the same op;
+so is `effc.phm_linear(x2, a, s, b)`, the hypercomplex pass's rewrite of such a site.
 
 Empty cat operands. `torch.cat` skips a legacy empty 1-d operand (`torch.tensor([])`, shape
 (0,)) whatever the other operands' rank; Hugging Face's KV cache starts as one, so the first
@@ -38,6 +39,7 @@ from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.lowering.ops import classify, meta
 
 LOW_RANK = "low_rank_linear"
+EFFC_GEMMS = (LOW_RANK, "phm_linear")  # effc ops: any leading dims, the op itself on x
 _VIEW_METHODS = ("view", "reshape")
 
 
@@ -61,14 +63,14 @@ def _flattened_input(x2: Any) -> fx.Node | None:
 
 
 def _gemm_of(y: fx.Node) -> tuple[str, fx.Node] | None:
-    """("addmm" | LOW_RANK, its flattened input node x2) if `y` is one of the two GEMMs."""
+    """("addmm" | an EFFC_GEMMS name, its flattened input node x2) if `y` is such a GEMM."""
     if y.op != "call_function":
         return None
     if y.target is torch.addmm and len(y.args) == 3 and not y.kwargs:
         return "addmm", y.args[1]
     op = classify(y)
-    if op is not None and op.kind == "gemm" and op.name == LOW_RANK:
-        return LOW_RANK, y.args[0]
+    if op is not None and op.kind == "gemm" and op.name in EFFC_GEMMS:
+        return op.name, y.args[0]
     return None
 
 

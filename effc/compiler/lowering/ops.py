@@ -36,7 +36,8 @@ class Op:
     output element is one operand's element at a shifted index), "reduction"
     (over the last dim: keeps it as size 1, or, for softmax/norms, a row-wise op whose output
     has the input's shape) or "gemm" (a GEMM-like op with a Triton template: effc's
-    `low_rank_linear`, or the dense `linear`, which the partitioner keeps only with an epilogue).
+    `low_rank_linear` and `phm_linear`, or the dense `linear`, which the partitioner keeps only
+    with an epilogue).
     operands: the values read, in the order the code generators expect (fx.Node, a Python
     number, or None for an absent optional tensor).
     """
@@ -77,10 +78,14 @@ LIBRARY_GEMMS = ("linear",)  # a library call (cuBLAS) beats our template when n
 
 
 def _gemm_targets() -> dict[Any, str]:
-    import effc.kernels.low_rank  # noqa: F401  (registers the op)
+    import effc.kernels.low_rank  # noqa: F401  (registers the ops)
+    import effc.kernels.phm  # noqa: F401
 
-    op = torch.ops.effc.low_rank_linear
-    return {op: "low_rank_linear", op.default: "low_rank_linear"}
+    targets = {}
+    for name in ("low_rank_linear", "phm_linear"):
+        op = getattr(torch.ops.effc, name)
+        targets.update({op: name, op.default: name})
+    return targets
 
 
 def _exact_quotient(e: sympy.Expr) -> sympy.Expr:
@@ -382,6 +387,22 @@ def _matmul(node: fx.Node) -> Op | None:
     return Op("gemm", "linear", (x, b, None), {"weight": "kn"})
 
 
+def _phm_linear(node: fx.Node) -> Op | None:
+    """`effc.phm_linear(x, a, s, bias)`: x [..., n q], a [T, n, n], s [T, p, q], bias [n p] or
+    None, all of one float dtype (the op's fake implementation checked the shapes when it was
+    traced). The template takes n, p, q and T at run time."""
+    if not _only(node, {"bias"}, 4) or len(node.args) < 3:
+        return None
+    x, a, s = node.args[:3]
+    bias = node_arg(node, 3, "bias")
+    ms = [meta(t) for t in (x, a, s, bias) if t is not None]
+    if any(m is None for m in ms) or len({m[1] for m in ms}) != 1:
+        return None
+    if len(ms[0][0]) == 0 or len(ms[1][0]) != 3 or len(ms[2][0]) != 3:
+        return None
+    return Op("gemm", "phm_linear", (x, a, s, bias))
+
+
 def _gemm(node: fx.Node) -> Op | None:
     if node.target in _LINEAR:
         return _linear(node)
@@ -390,6 +411,8 @@ def _gemm(node: fx.Node) -> Op | None:
     name = _gemm_targets().get(node.target)
     if name is None:
         return None
+    if name == "phm_linear":
+        return _phm_linear(node)
     x, v, u = node.args[:3]
     bias = node_arg(node, 3, "bias")
     activation = node_arg(node, 4, "activation", "none")

@@ -1,10 +1,11 @@
 """The partitioner: which FX nodes become one generated kernel.
 
 Three kinds of group (DESIGN.md, Lowering):
-- `gemm`: a GEMM-like op (effc's `low_rank_linear`, or a dense `linear`) and the pointwise
-  epilogue computed on its output tile. A dense linear is kept only when it has an epilogue
-  that computes something: alone (bias included), a library call (cuBLAS/oneDNN) is faster
-  than a generic Triton template, and fusing saves nothing, so it stays eager;
+- `gemm`: a GEMM-like op (effc's `low_rank_linear` and `phm_linear`, or a dense `linear`)
+  and the pointwise epilogue computed on its output tile. effc's ops are kept even alone (their
+  template is what the op runs on CUDA anyway). A dense linear is kept only when it has an
+  epilogue that computes something: alone (bias included), a library call (cuBLAS/oneDNN) is
+  faster than a generic Triton template, and fusing saves nothing, so it stays eager;
 - `row`: row reductions over the last dim (mean/sum/amax keepdim, softmax, layer_norm,
   rms_norm) with their pointwise prologue and epilogue, one row held in registers;
 - `pointwise`: a chain of elementwise ops that all have the group's output shape (inputs
@@ -88,7 +89,8 @@ class Group:
         return ", ".join(n.name for n in self.nodes)
 
     def kernel_name(self) -> str:
-        """What the kernel computes: `fused_mul_add_gelu`, `row_rmsnorm`, `low_rank_linear_silu_mul`."""
+        """What the kernel computes: `fused_mul_add_gelu`, `row_rmsnorm`, `low_rank_linear_silu_mul`,
+        `phm_linear_gelu`."""
         parts: list[str] = []
         square = False
         gemm = self.gemm

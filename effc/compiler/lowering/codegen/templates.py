@@ -1,6 +1,7 @@
-"""GEMM-like templates with an epilogue slot: `low_rank_linear`, dense `linear`, and what follows.
+"""GEMM-like templates with an epilogue slot: `low_rank_linear`, `phm_linear`, dense `linear`,
+and what follows.
 
-Two templates share one epilogue generator:
+Three templates share one epilogue generator:
 - low rank, the effc low-rank GEMM: each program computes t = x_rows @ v.T ([BLOCK_M, R_PAD],
   fp32) once, keeps it in registers, and produces its output tiles acc = t @ u.T (+ bias).
   Its text is TEMPLATE in effc/kernels/low_rank.py, which the op's own kernel fills with a
@@ -13,7 +14,11 @@ Two templates share one epilogue generator:
   program computes one [BLOCK_M, BLOCK_N] tile acc = x @ W.T (+ bias), accumulating in fp32
   with `tl.dot` (IEEE fp32 products unless TF32 is allowed), masked for ragged M, N and K;
   its K loop is the low-rank template's first product (`x_times_wt`). The partitioner only
-  hands over a dense linear that has an epilogue: alone, cuBLAS wins.
+  hands over a dense linear that has an epilogue: alone, cuBLAS wins;
+- phm, `effc.phm_linear(x, a, s, b)`, W = sum_t a_t kron s_t never built: each program mixes
+  x's n blocks with a_t's row in registers and multiplies the mix by s_t's tile, for one
+  block-row of the output. Its text is TEMPLATE in effc/kernels/phm.py, filled with the op's
+  own epilogue there; its launch rules and tiling are in phm_template.py.
 
 The slot after `acc` receives generated code: the op's own activation, then the fused
 pointwise nodes (activation, scale, residual add, gating multiply by another tensor, casts),
@@ -41,6 +46,7 @@ import triton
 from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           memory_order, module_text, next_pow2, operand, rounded,
                                           row_major, strides_of)
+from effc.compiler.lowering.codegen import phm_template
 from effc.compiler.lowering.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
                                           single_or_tuple)
 from effc.compiler.lowering.ops import Op, meta
@@ -66,7 +72,11 @@ LOW_RANK_CONFIGS = [
 ]
 # autotuning is keyed on the row count's bucket, not the row count: a new prompt length or
 # batch size reuses the tuning of its power-of-two bucket instead of benchmarking every config
-AUTOTUNE_KEYS = {"dense": ["M_BUCKET", "N", "K"], "low_rank": ["M_BUCKET", "N", "K", "R"]}
+AUTOTUNE_KEYS = {"dense": ["M_BUCKET", "N", "K"], "low_rank": ["M_BUCKET", "N", "K", "R"],
+                 "phm": phm_template.AUTOTUNE_KEY}
+_CONFIGS = {"dense": (DENSE_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+            "low_rank": (LOW_RANK_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+            "phm": (phm_template.PHM_CONFIGS, phm_template.BLOCKS)}
 M_BUCKET_MAX = 4096
 
 
@@ -109,11 +119,11 @@ _ROUND_T = {torch.float32: "t", torch.float16: "t.to(tl.float16)",
 
 @dataclasses.dataclass
 class GemmPlan:
-    template: str              # "low_rank" or "dense"
+    template: str              # "low_rank", "phm" or "dense"
     target: str                # "interpreter" (fixed config) or "cuda" (autotuned)
     shape: tuple               # output shape (sympy)
     x: int                     # positions of the GEMM operands among the launcher's inputs
-    weights: list[int]         # [v, u] (low_rank) or [w] (dense); the last one is [N, *]
+    weights: list[int]         # [v, u] (low_rank), [a, s] (phm) or [w] (dense)
     bias: int | None
     epilogue: list[int]        # positions of the epilogue's extra operands
     out_dtypes: list[torch.dtype]
@@ -130,15 +140,17 @@ def _tuned(text: str, template: str, target: str) -> str:
     """A template's kernel text, wrapped in its autotuner for CUDA."""
     if target != "cuda":
         return text.strip("\n")
-    configs = LOW_RANK_CONFIGS if template == "low_rank" else DENSE_CONFIGS
-    return _autotune_decorator(configs, AUTOTUNE_KEYS[template]) + "\n" + text.strip("\n")
+    configs, blocks = _CONFIGS[template]
+    return _autotune_decorator(configs, AUTOTUNE_KEYS[template], blocks) + "\n" + text.strip("\n")
 
 
-def _autotune_decorator(configs: list[tuple], key: list[str]) -> str:
-    """`@triton.autotune(...)` over `configs`, one readable line per config; the best config
-    is kept in Triton's cache across processes where this Triton can (`cache_results`)."""
-    rows = [f"        triton.Config({{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'BLOCK_K': {bk}}}, "
-            f"num_warps={w}, num_stages={st})," for bm, bn, bk, w, st in configs]
+def _autotune_decorator(configs: list[tuple], key: list[str],
+                        blocks: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")) -> str:
+    """`@triton.autotune(...)` over `configs` (`blocks`' sizes, num_warps, num_stages), one
+    readable line per config; the best config is kept in Triton's cache across processes
+    where this Triton can (`cache_results`)."""
+    rows = ["        triton.Config({" + ", ".join(f"'{b}': {v}" for b, v in zip(blocks, c[:3]))
+            + f"}}, num_warps={c[3]}, num_stages={c[4]})," for c in configs]
     return ("@triton.autotune(\n    configs=[\n" + "\n".join(rows) + "\n    ],\n"
             f"    key={key!r},\n" + ("    cache_results=True,\n" if _AUTOTUNE_CACHES else "") + ")")
 
@@ -208,6 +220,9 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     elif op.name == "linear":
         template, (x, w, bias) = "dense", op.operands
         weights = [w]
+    elif op.name == "phm_linear":
+        template, (x, a, s, bias) = "phm", op.operands
+        weights = [a, s]
     else:
         raise CodegenError(f"no template for {op.name}")
     weight_kn = op.params.get("weight") == "kn"  # x @ B: the weight is B^T, a strided view
@@ -259,6 +274,10 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                       "low_rank", target) + "\n\n" + dense(two_step)
         what = (f"low_rank_linear ({gemm.name}: x={x.name}, rank {int(meta(v)[0][0])}; {name} "
                 f"keeps x @ v.T in registers, {two_step} reads it from a library GEMM)")
+    elif template == "phm":
+        body = _tuned(phm_template.source(name, operand_params, stride_params, lines, dtype),
+                      "phm", target)
+        what = phm_template.what(gemm.name, x.name, tuple(meta(a)[0]), tuple(meta(s)[0]))
     else:
         body = dense(name)
         what = (f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])}"
@@ -288,9 +307,11 @@ class GemmLauncher(Launcher):
         weights = [inputs[i] for i in p.weights]
         if p.weight_kn:
             weights = [w.t() for w in weights]
-        shape = tuple(x.shape[:-1]) + (weights[-1].shape[0],)
+        phm = p.template == "phm"
+        n = phm_template.out_features(*weights) if phm else weights[-1].shape[0]
+        shape = tuple(x.shape[:-1]) + (n,)
         check_static(shape, p.shape)
-        m, k, n = math.prod(shape[:-1]), x.shape[-1], shape[-1]
+        m, k = math.prod(shape[:-1]), x.shape[-1]
         orders = p.out_orders or [None] * len(p.out_dtypes)
         outs = [alloc(shape, dtype, x.device, order) for dtype, order in zip(p.out_dtypes, orders)]
         if m == 0 or n == 0:
@@ -305,7 +326,8 @@ class GemmLauncher(Launcher):
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
         args = [x2, *weights, *bias, *extra,
-                *[o.view(m, n) if order is None else o for o, order in zip(outs, orders)], m, n, k]
+                *[o.view(m, n) if order is None else o for o, order in zip(outs, orders)]]
+        args += phm_template.sizes(m, *weights) if phm else [m, n, k]
         if template == "low_rank":
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
@@ -319,6 +341,8 @@ class GemmLauncher(Launcher):
             consts["R_PAD"] = rank_block(weights[0].shape[0])
 
         def grid(meta):
+            if phm:  # a program per row block and column block of one output block-row
+                return phm_template.grid(m, *weights, meta)
             rows, cols = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
             if template == "low_rank":  # a program loops over its share of column blocks
                 return rows, column_splits(rows, cols, x.device)
@@ -328,7 +352,7 @@ class GemmLauncher(Launcher):
             kernel[grid](*args, **consts)
             self.last_config = None
         else:
-            config = dict(INTERPRETER_CONFIG)
+            config = dict(phm_template.INTERPRETER_CONFIG if phm else INTERPRETER_CONFIG)
             kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
             self.last_config = config
         return single_or_tuple(outs)
