@@ -264,8 +264,12 @@ class HypercomplexPass(Pass):
                                     default=cfg.rule == "default"))
         for s in options:
             c = alloc.choice[s.key]
+            best = max(s.candidates[:-1], key=lambda c: c.choice)
             out[s.key] = ((c.choice, "") if c.choice is not None else
-                          (None, f"kept dense by the {rule} allocator"))
+                          (None, f"kept dense by the {rule} allocator (its largest fit, "
+                                 f"{best.choice} terms, keeps {best.params / s.candidates[-1].params:.0%}"
+                                 f" of the parameters at {best.error:.3g} relative error; "
+                                 f"sensitivity {s.sensitivity:.3g})"))
         return out
 
     def _candidates(self, w: _Work) -> SiteOptions:
