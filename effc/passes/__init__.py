@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from effc.passes.base import Pass, PassResult
 from effc.passes.hypercomplex import HypercomplexPass
 from effc.passes.low_rank import LowRankPass
+from effc.passes.shift_add import ShiftAddPass
 
 PASSES: list[type[Pass]] = [
     # kv_proj, token_skip: not yet implemented
     LowRankPass,
     HypercomplexPass,
-    # shift_add: not yet implemented
+    ShiftAddPass,
 ]
 
 

@@ -54,23 +54,24 @@ class SiteOptions:
     sensitivity: float = 1.0
     measured: bool = False   # sensitivity measured end to end (else the data-free 1.0)
 
-    def hull(self) -> list[Candidate]:
-        """The candidates on the lower convex hull of (params, s e^2): the only ones a
-        greedy walk by marginal gain can stop at, in increasing parameters."""
-        pts = sorted(self.candidates, key=lambda c: (c.params, c.error))
+    def hull(self, cost: str = "params") -> list[Candidate]:
+        """The candidates on the lower convex hull of (cost, s e^2): the only ones a greedy
+        walk by marginal gain can stop at, in increasing cost ("params" or "bytes")."""
+        pts = sorted(self.candidates, key=lambda c: (getattr(c, cost), c.error))
         out: list[Candidate] = []
         for c in pts:
             if out and c.error >= out[-1].error:
-                continue  # more parameters for no less error
-            while len(out) >= 2 and _cross(out[-2], out[-1], c) <= 0:
+                continue  # more cost for no less error
+            while len(out) >= 2 and _cross(out[-2], out[-1], c, cost) <= 0:
                 out.pop()
             out.append(c)
         return out
 
 
-def _cross(a: Candidate, b: Candidate, c: Candidate) -> float:
-    """> 0 if b lies below the segment a-c in (params, error^2): b stays on the hull."""
-    ax, ay, bx, by, cx, cy = a.params, a.error ** 2, b.params, b.error ** 2, c.params, c.error ** 2
+def _cross(a: Candidate, b: Candidate, c: Candidate, cost: str = "params") -> float:
+    """> 0 if b lies below the segment a-c in (cost, error^2): b stays on the hull."""
+    ax, bx, cx = getattr(a, cost), getattr(b, cost), getattr(c, cost)
+    ay, by, cy = a.error ** 2, b.error ** 2, c.error ** 2
     return (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
 
 
@@ -80,18 +81,21 @@ def predicted(sites: Sequence[SiteOptions], choice: dict[str, Candidate]) -> flo
 
 
 def allocate(sites: Sequence[SiteOptions], *, max_params: float | None = None,
-             max_error2: float | None = None) -> dict[str, Candidate]:
+             max_error2: float | None = None, cost: str = "params") -> dict[str, Candidate]:
     """One candidate per site, walking every site up its hull from the cheapest candidate.
 
-    Each step buys the move with the largest drop of predicted squared output error per
-    parameter. With `max_params` it stops when no move fits the budget; with `max_error2`
-    as soon as the predicted squared error is at most that bound (fewest parameters for it).
+    Each step buys the move with the largest drop of predicted squared output error per unit
+    of `cost` ("params", or "bytes" for a bytes budget). With `max_params` (a budget in that
+    unit) it stops when no move fits the budget; with `max_error2` as soon as the predicted
+    squared error is at most that bound (the least cost for it).
     """
-    hulls = {s.key: s.hull() for s in sites}
+    hulls = {s.key: s.hull(cost) for s in sites}
     pos = {s.key: 0 for s in sites}
-    spent = sum(hulls[s.key][0].params for s in sites)
+    size = lambda c: getattr(c, cost)  # noqa: E731
+    spent = sum(size(hulls[s.key][0]) for s in sites)
     if max_params is not None and spent > max_params:
-        raise ValueError(f"param_budget too small: it allows {int(max_params)} parameters, but "
+        budget = "param_budget" if cost == "params" else f"{cost}_budget"
+        raise ValueError(f"{budget} too small: it allows {int(max_params)} {cost}, but "
                          f"the cheapest candidate of every site needs {spent}")
     error2 = sum(s.sensitivity * hulls[s.key][0].error ** 2 for s in sites)
     while max_error2 is None or error2 > max_error2:
@@ -100,16 +104,16 @@ def allocate(sites: Sequence[SiteOptions], *, max_params: float | None = None,
             h, i = hulls[s.key], pos[s.key]
             if i + 1 >= len(h):
                 continue
-            cost = h[i + 1].params - h[i].params
-            if max_params is not None and spent + cost > max_params:
+            step = size(h[i + 1]) - size(h[i])
+            if max_params is not None and spent + step > max_params:
                 continue
-            gain = s.sensitivity * (h[i].error ** 2 - h[i + 1].error ** 2) / max(cost, 1)
+            gain = s.sensitivity * (h[i].error ** 2 - h[i + 1].error ** 2) / max(step, 1)
             if gain > best_gain:
                 best, best_gain = s, gain
         if best is None:
             break
         h, i = hulls[best.key], pos[best.key]
-        spent += h[i + 1].params - h[i].params
+        spent += size(h[i + 1]) - size(h[i])
         error2 -= best.sensitivity * (h[i].error ** 2 - h[i + 1].error ** 2)
         pos[best.key] = i + 1
     return {k: hulls[k][i] for k, i in pos.items()}
@@ -294,14 +298,16 @@ class Allocation:
 
     choice: dict[str, Candidate]
     measured: float | None     # squared relative output error of the choice (None: no e2e)
-    total: int                 # parameters of the sites, dense
-    kept: int                  # parameters of the choice
+    total: int                 # cost of the sites, dense
+    kept: int                  # cost of the choice
+    cost: str = "params"       # what total and kept count: "params" or "bytes"
 
 
 def choose(options: Sequence[SiteOptions], e2e: EndToEnd | None, ctx, *, pass_name: str,
            realize: Callable[[dict[str, Candidate]], dict[str, torch.Tensor]],
            max_params: float | None = None, min_sqnr_db: float | None = None,
-           end_to_end_sensitivity: bool = True, max_forwards: int = 512) -> Allocation:
+           end_to_end_sensitivity: bool = True, max_forwards: int = 512,
+           cost: str = "params") -> Allocation:
     """Measure sensitivities (end to end when `e2e`), then allocate under `max_params`, or
     to the fewest parameters whose measured output SQNR is at least `min_sqnr_db` (re-
     allocating up to MAX_CHECKS times when the measurement misses what the sum predicted).
@@ -316,13 +322,13 @@ def choose(options: Sequence[SiteOptions], e2e: EndToEnd | None, ctx, *, pass_na
         measure_sensitivities(options, e2e, lambda s, c: realize({s.key: c}), calls)
     measured = None
     if max_params is not None:
-        choice = allocate(options, max_params=max_params)
+        choice = allocate(options, max_params=max_params, cost=cost)
         measured = e2e.error2(realize(choice)) if e2e is not None else None
     else:
         target = 10 ** (-(min_sqnr_db if min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB) / 10)
         scale = 1.0
         for _ in range(MAX_CHECKS):
-            choice = allocate(options, max_error2=target * scale)
+            choice = allocate(options, max_error2=target * scale, cost=cost)
             if e2e is None:
                 break
             measured = e2e.error2(realize(choice))
@@ -330,15 +336,16 @@ def choose(options: Sequence[SiteOptions], e2e: EndToEnd | None, ctx, *, pass_na
             if measured <= target or guess <= 0:
                 break
             scale *= min(0.5, 0.9 * guess / measured)  # the sum under-predicted: tighten
-    return Allocation(choice, measured, sum(s.candidates[-1].params for s in options),
-                      sum(c.params for c in choice.values()))
+    return Allocation(choice, measured, sum(getattr(s.candidates[-1], cost) for s in options),
+                      sum(getattr(c, cost) for c in choice.values()), cost)
 
 
 def allocation_summary(pass_name: str, rule: str, e2e: EndToEnd | None, sites: int,
                        alloc: Allocation, *, end_to_end_sensitivity: bool,
                        held_out: bool | None, bound: float | None, default: bool) -> str:
     """One line for the report and the log: what the allocator kept and how it measured."""
-    head = (f"{pass_name} {rule}: kept {alloc.kept} of {alloc.total} parameters over "
+    unit = "parameters" if alloc.cost == "params" else alloc.cost
+    head = (f"{pass_name} {rule}: kept {alloc.kept} of {alloc.total} {unit} over "
             f"{sites} sites")
     if e2e is None:
         return (f"{head}; sensitivity: data-free proxy (each site's own squared relative "
@@ -350,10 +357,10 @@ def allocation_summary(pass_name: str, rule: str, e2e: EndToEnd | None, sites: i
     text = (f"{head}; {how} on {where} ({e2e.forwards} forward passes); output SQNR "
             f"{db(alloc.measured):.1f} dB")
     if e2e.source == "samples" and held_out:
-        text += (" (factors fitted on the other calibration calls, so this is measured on "
-                 "data they were not fitted to; the final factors use every call)")
+        text += (" (fits from the other calibration calls, so this is measured on data they "
+                 "were not fitted to; the final fits use every call)")
     elif e2e.source == "samples" and held_out is False:
-        text += (" (measured on the data the whitened factors were fitted to, which is "
+        text += (" (measured on the data the calibration-aware fits used, which is "
                  "optimistic: calibrate with more batches than samples)")
     if bound is not None:
         text += f" (bound {bound:g} dB)"
