@@ -13,10 +13,12 @@ from effc.compiler.explain import explain
 from effc.compiler.report import Report
 from effc.compiler.verify import verify_model as verify
 from effc.kernels.phm import phm_linear
+from effc.kernels.shift import shift_linear
 from effc.passes.hypercomplex import HypercomplexConfig
 from effc.passes.low_rank import LowRankConfig
 from effc.passes.shift_add import ShiftAddConfig
 
 __version__ = "0.1.0"
 __all__ = ["Calibration", "Config", "HypercomplexConfig", "LowRankConfig", "Report", "calibrate",
-           "explain", "phm_linear", "report", "reset", "ShiftAddConfig", "verify"]
+           "explain", "phm_linear", "report", "reset", "ShiftAddConfig", "shift_linear",
+           "verify"]

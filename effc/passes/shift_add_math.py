@@ -31,6 +31,7 @@ ROUNDS = 3                 # scale refits alternating with re-encoding
 DAMP = 0.01                # GPTQ damping, relative to the mean diagonal of C
 BLOCK = 128                # GPTQ columns per lazy update
 EXACT_TOL = 1e-6           # relative residual under which a weight "is" a sum of powers of two
+INIT_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25)  # initial scales tried, as fractions of max|w|
 
 
 def lut(dtype=torch.float64, device=None) -> torch.Tensor:
@@ -167,6 +168,28 @@ def _gptq_ordered(w: torch.Tensor, scale_cols: torch.Tensor, moment: torch.Tenso
     return codes
 
 
+def _initial_scale(w: torch.Tensor, amax: torch.Tensor, cols: torch.Tensor, groups: int,
+                   terms: int, moment: torch.Tensor | None) -> torch.Tensor:
+    """The best of a few fractions of max|w| (T terms can sum past 1, so a scale below the
+    largest weight can fit the many small ones better), by the greedy codes' error weighted
+    by the input energies diag(C) (cheap: no GPTQ)."""
+    energy = moment.diagonal()[None, :] if moment is not None else torch.ones_like(w[:1])
+    best, best_err = amax, None
+    for frac in INIT_FRACTIONS:
+        scale = amax * frac
+        d = decode(encode(w / scale[:, cols], terms))
+        scale = _refit_scale(w, d, cols, groups, None, scale)
+        err = ((w - decode(encode(w / scale[:, cols], terms)) * scale[:, cols]) ** 2
+               * energy).sum(1)
+        if best_err is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            rows = better[:, None].expand_as(best)
+            best, best_err = torch.where(rows, scale, best), torch.minimum(err, best_err)
+    return best
+
+
 def fit(matrix: torch.Tensor, terms: int, group: int | None = None,
         moment: torch.Tensor | None = None) -> ShiftFit:
     """T-term codes and scales of `matrix` [m, n]: weight-error fit, or output-aware with C."""
@@ -176,8 +199,9 @@ def fit(matrix: torch.Tensor, terms: int, group: int | None = None,
     groups = int(cols[-1].item()) + 1
     amax = torch.zeros(m, groups, dtype=w.dtype, device=w.device)
     amax.scatter_reduce_(1, cols.expand(m, n), w.abs(), reduce="amax")
-    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
     c = moment.double().to(w.device) if moment is not None else None
+    scale = _initial_scale(w, torch.where(amax > 0, amax, torch.ones_like(amax)), cols, groups,
+                           terms, c)
     best, best_err = None, math.inf
     for _ in range(ROUNDS):
         codes = _gptq(w, _expand(scale, cols), c, terms) if c is not None else \
