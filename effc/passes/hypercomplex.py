@@ -28,19 +28,14 @@ import effc.kernels.phm_conv  # noqa: F401  (registers torch.ops.effc.phm_conv)
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
-from effc.passes.base import Pass, PassResult
-from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, SiteOptions,
-                                allocation_summary, candidate_details, choose, end_to_end,
-                                output_sites)
+from effc.passes.budget import Candidate, SiteOptions, candidate_details
+from effc.passes.fitting_pass import Fitted, FittingPass
 from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fit,
                                            kronecker_structure, max_terms, params)
 from effc.passes.low_rank_math import output_error, weight_error
-from effc.passes.weight_sites import (Site, find_sites, replace_site, site_bias, site_rows,
-                                      still_built, tied_uses)
+from effc.passes.weight_sites import Site, replace_site, site_bias, site_rows, still_built
 
 RULES = ("terms", "max_error", "param_budget", "min_sqnr_db")
-ALLOCATED_RULES = ("param_budget", "min_sqnr_db")
-DEFAULT_MAX_ERROR = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,94 +83,28 @@ class HypercomplexConfig(PassConfig):
         return next((r for r in RULES if getattr(self, r) is not None), "default")
 
 
-@dataclasses.dataclass
-class _Work:
-    """One dense site on its way through the pass."""
-
-    site: Site
-    fit: KroneckerFit
-    moment: torch.Tensor | None
-    note: str
-    options: SiteOptions | None = None
-
-
-class HypercomplexPass(Pass):
+class HypercomplexPass(FittingPass):
     """Kronecker-sum rewrites; see the module docstring."""
 
     name = "hypercomplex"
     config_cls = HypercomplexConfig
-    rewrites_weights = True
+    ALLOCATED_RULES = ("param_budget", "min_sqnr_db")
 
-    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+    def ineligible(self, site: Site, ctx) -> str:
         cfg: HypercomplexConfig = self.config
-        rows: list[SiteRow] = []
-        work: list[_Work] = []
-        allocated = cfg.rule in ALLOCATED_RULES + ("default",) and cfg.sensitivity == "end_to_end"
-        e2e = end_to_end(gm, ctx, allocated=allocated, compensate=False)
-        rule = cfg.rule if cfg.rule != "default" else ("min_sqnr_db" if e2e else "max_error")
-        if rule == "min_sqnr_db" and e2e is None:
-            rule = "max_error"
-        sites = list(find_sites(gm, ctx.facts, fold_bn=cfg.fold_bn, computed=True))
-        heads = output_sites(gm, {s.node for s in sites if isinstance(s, Site)})
-        for site in sites:
-            if isinstance(site, str):
-                name, _, why = site.partition(": ")
-                rows.append(SiteRow(self.name, name, "skipped", why))
-                continue
-            why = self._ineligible(site, ctx, site.node in heads, e2e)
-            if why:
-                rows.append(self._skip(site, why))
-            elif site.computed:
-                rows.append(self._structured(gm, ctx, site))
-            else:
-                w = self._fit(site, ctx)
-                if isinstance(w, str):
-                    rows.append(self._skip(site, w))
-                else:
-                    work.append(w)
-        chosen = self._choose(work, rule, e2e, ctx)
-        for w in work:
-            terms, why = chosen[w.site.weight_name]
-            denied = ctx.claim(w.site.weight_name, w.site.sources) if terms else None
-            if terms is None or denied:
-                rows.append(self._skip(w.site, why or denied, w.options))
-            else:
-                rows.append(self._rewrite(gm, ctx, w.site, w.fit, terms, w.note, w.moment,
-                                          w.options))
-        return PassResult(rows)
-
-    # --- decisions -------------------------------------------------------------------------
-    def _ineligible(self, site: Site, ctx, head: bool, e2e) -> str:
-        cfg: HypercomplexConfig = self.config
-        if not ctx.selected(site.weight_name):
-            return "excluded by include/exclude filters"
-        if site.kind == "conv" and not cfg.conv:
-            return "conv sites are off (conv=False)"
-        tied = tied_uses(site, ctx.facts)
-        if tied or site.computed:
-            return tied
         n, cin = cfg.n, site.weight.shape[1] if site.kind == "conv" else site.n
         if site.m % n or cin % n:
-            return (f"n={n} does not divide the weight's {'channels' if site.kind == 'conv' else 'shape'}"
-                    f" ({site.m} out, {cin} in)")
+            what = "channels" if site.kind == "conv" else "shape"
+            return f"n={n} does not divide the weight's {what} ({site.m} out, {cin} in)"
         if max_terms(site.m, site.n, n, cfg.min_saving) < 1:
             return f"too small to save parameters at n={n} ({site.m}x{site.n})"
-        if head and (cfg.output_layers is False or (
-                cfg.output_layers == "auto" and cfg.rule == "default" and e2e is None)):
-            return ("output layer (feeds the main output directly): the default keeps it "
-                    "dense without end-to-end measurements (calibrate with sample inputs, ask "
-                    "for a rule, or set output_layers=True)")
         return ""
 
-    def _fit(self, site: Site, ctx) -> _Work | str:
+    def fit_site(self, site: Site, ctx, rule: str, e2e) -> Fitted | str:
         cfg: HypercomplexConfig = self.config
-        moment, note = None, "plain Kronecker fit (no calibration given)"
-        if ctx.calibration is not None:
-            moment, why = ctx.calibration.lookup(site.weight_name, tuple(site.weight.shape))
-            if moment is not None and moment.shape != (site.n, site.n):
-                moment, why = None, f"calibration moment is {tuple(moment.shape)}"
-            note = ("Kronecker fit whitened by the calibration" if moment is not None and
-                    cfg.whiten else f"plain Kronecker fit ({why or 'whiten=False'})")
+        moment, why = self.moment(site, ctx)
+        note = ("Kronecker fit whitened by the calibration" if moment is not None and cfg.whiten
+                else f"plain Kronecker fit ({why or 'whiten=False'})")
         if site.bn is not None:
             note += "; BatchNorm folded"
         try:
@@ -184,132 +113,73 @@ class HypercomplexPass(Pass):
             if ctx.config.strict:
                 raise
             return f"Kronecker fit failed: {exc}"
-        return _Work(site, fit, moment, note)
+        return Fitted(site, moment, note, fit)
 
-    def _choose(self, work: list[_Work], rule: str, e2e, ctx
-                ) -> dict[str, tuple[int | None, str]]:
+    def local_choice(self, w: Fitted, rule: str, bound: float, label: str
+                     ) -> tuple[int | None, str]:
         cfg: HypercomplexConfig = self.config
-        out: dict[str, tuple[int | None, str]] = {}
-        if rule in ALLOCATED_RULES:
-            return self._allocate(work, rule, e2e, ctx)
-        bound = cfg.max_error if cfg.max_error is not None else DEFAULT_MAX_ERROR
-        label = rule if cfg.rule != "default" else f"the default bound max_error={bound:g}"
-        for w in work:
-            limit = max_terms(w.site.m, w.site.n, cfg.n, cfg.min_saving)
-            err = w.fit.tail_rel_error()
-            if rule == "terms":
-                t = cfg.terms
-                out[w.site.weight_name] = ((t, "") if t <= limit else (
-                    None, f"not profitable: terms={t} is above {limit}, the most that keep "
-                          f"{1 - cfg.min_saving:g} of the parameters at n={cfg.n}"))
-                continue
-            ok = [t for t in range(1, limit + 1) if err[t] <= bound]
-            t = ok[0] if ok else None
-            if t is not None and w.moment is not None:  # the curve is exact only for
-                while t <= limit and self._out_error(w, t) > bound:  # Kronecker inputs
-                    t += 1
-                t = t if t <= limit else None
-            out[w.site.weight_name] = (t, "") if t else (
-                None, f"over {label}: {err[limit].item():.3g} relative error at the most "
-                      f"profitable {limit} terms (n={cfg.n})")
-        if cfg.rule in ("default", "min_sqnr_db") and work:
-            why = ("no calibration" if ctx.calibration is None
-                   else "the calibration holds no sample inputs of this graph")
-            ctx.note(f"hypercomplex: {why}, so fitted sites meet a per-site error bound of "
-                     f"{bound:g} instead of an end-to-end bound; dense pretrained weights are "
-                     f"rarely that close to a Kronecker sum (param_budget asks for a size)")
-        return out
+        limit = max_terms(w.site.m, w.site.n, cfg.n, cfg.min_saving)
+        err = w.fit.tail_rel_error()
+        if rule == "terms":
+            t = cfg.terms
+            return (t, "") if t <= limit else (
+                None, f"not profitable: terms={t} is above {limit}, the most that keep "
+                      f"{1 - cfg.min_saving:g} of the parameters at n={cfg.n}")
+        ok = [t for t in range(1, limit + 1) if err[t] <= bound]
+        t = ok[0] if ok else None
+        if t is not None and w.moment is not None:  # the curve is exact only for Kronecker
+            while t <= limit and self._out_error(w, t) > bound:  # input covariances
+                t += 1
+            t = t if t <= limit else None
+        return (t, "") if t else (
+            None, f"over {label}: {err[limit].item():.3g} relative error at the most "
+                  f"profitable {limit} terms (n={cfg.n})")
 
-    def _out_error(self, w: _Work, terms: int) -> float:
+    def _out_error(self, w: Fitted, terms: int) -> float:
         approx = w.fit.matrix(terms)
         eye = torch.eye(w.site.n, dtype=torch.float64, device=approx.device)
         return output_error(w.site.matrix, approx, eye, w.moment)["out_rel_fro"]
 
-    def _allocate(self, work: list[_Work], rule: str, e2e, ctx
-                  ) -> dict[str, tuple[int | None, str]]:
-        cfg: HypercomplexConfig = self.config
-        out: dict[str, tuple[int | None, str]] = {}
-        options = []
-        for w in work:
-            w.options = self._candidates(w)
-            if len(w.options.candidates) == 1:
-                out[w.site.weight_name] = (None, f"not profitable at n={cfg.n}")
-            else:
-                options.append(w.options)
-        if not options:
-            return out
-        by_key = {w.site.weight_name: w for w in work}
-
-        def realize(choice: dict[str, Candidate]) -> dict[str, torch.Tensor]:
-            return {k: by_key[k].site.weight_from_matrix(by_key[k].fit.matrix(c.choice))
-                    for k, c in choice.items() if c.choice is not None}
-
-        e2e_sens = cfg.sensitivity == "end_to_end"
-        bound = None
-        if rule == "param_budget":
-            budget = cfg.param_budget * sum(w.site.m * w.site.n for w in work)
-            budget -= sum(w.site.m * w.site.n for w in work if w.site.weight_name in out)
-            alloc = choose(options, e2e, ctx, pass_name=self.name, realize=realize,
-                           max_params=budget, max_forwards=cfg.max_forwards,
-                           end_to_end_sensitivity=e2e_sens)
-        else:
-            bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
-            alloc = choose(options, e2e, ctx, pass_name=self.name, realize=realize,
-                           min_sqnr_db=bound, max_forwards=cfg.max_forwards,
-                           end_to_end_sensitivity=e2e_sens)
-        whitened = any(w.fit.whitened for w in work)
-        ctx.note(allocation_summary(self.name, rule, e2e, len(options), alloc,
-                                    end_to_end_sensitivity=e2e_sens,
-                                    held_out=False if whitened else None, bound=bound,
-                                    default=cfg.rule == "default"))
-        for s in options:
-            c = alloc.choice[s.key]
-            best = max(s.candidates[:-1], key=lambda c: c.choice)
-            out[s.key] = ((c.choice, "") if c.choice is not None else
-                          (None, f"kept dense by the {rule} allocator (its largest fit, "
-                                 f"{best.choice} terms, keeps {best.params / s.candidates[-1].params:.0%}"
-                                 f" of the parameters at {best.error:.3g} relative error; "
-                                 f"sensitivity {s.sensitivity:.3g})"))
-        return out
-
-    def _candidates(self, w: _Work) -> SiteOptions:
-        """T = 1 .. the most profitable number of terms, and dense."""
+    def candidates(self, w: Fitted) -> list[Candidate]:
+        """T = 1 .. the most profitable number of terms."""
         site, cfg = w.site, self.config
         err, size = w.fit.tail_rel_error(), site.weight.element_size()
-        dense = Candidate(None, site.m * site.n, 0.0, bytes=site.m * site.n * size,
-                          flops=_flops(site, None))
-        cands = []
+        out = []
         for t in range(1, max_terms(site.m, site.n, cfg.n, cfg.min_saving) + 1):
             cost = params(site.m, site.n, cfg.n, t)
-            cands.append(Candidate(t, cost, err[t].item(), bytes=cost * size,
-                                   flops=_flops(site, t, cfg.n)))
-        return SiteOptions(site.weight_name, cands + [dense])
+            out.append(Candidate(t, cost, err[t].item(), bytes=cost * size,
+                                 flops=_flops(site, t, cfg.n)))
+        return out
 
-    def _structured(self, gm: fx.GraphModule, ctx, site: Site) -> SiteRow:
+    def approx(self, fit: KroneckerFit, choice: int) -> torch.Tensor:
+        return fit.matrix(choice)
+
+    def structured(self, gm: fx.GraphModule, ctx, site: Site) -> SiteRow | None:
         """A weight computed in the graph: rewritten exactly if it is a Kronecker sum."""
+        if not site.computed:
+            return None
         cin = site.weight.shape[1] if site.kind == "conv" else None
         found = kronecker_structure(site.matrix, in_features=cin)
         computed = f"weight computed in the graph from {', '.join(site.computed)}"
         if found is None:
-            return self._skip(site, f"{computed}, not a sum of at most n Kronecker products "
-                                    f"for any n in {N_CHOICES} dividing it")
+            return self.skip(site, f"{computed}, not a sum of at most n Kronecker products "
+                                   f"for any n in {N_CHOICES} dividing it")
         denied = ctx.claim(site.weight_name, site.sources)
         if denied:
-            return self._skip(site, denied)
+            return self.skip(site, denied)
         fit, terms = found
         note = (f"{computed}: a sum of {terms} Kronecker products at n={fit.n} (exact)"
                 + still_built(site))
-        return self._rewrite(gm, ctx, site, fit, terms, note, None, None)
+        return self.rewrite(gm, ctx, Fitted(site, None, note, fit), terms, "exact")
 
     # --- rewriting -------------------------------------------------------------------------
-    def _skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
-        size, flops = site.m * site.n, _flops(site, None)
-        details = {} if options is None else candidate_details(options)
-        return SiteRow(self.name, site.weight_name, "skipped", why, size, size, flops, flops,
-                       details=details)
+    def skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
+        row = super().skip(site, why, options)
+        row.flops_before = row.flops_after = _flops(site, None)
+        return row
 
-    def _rewrite(self, gm, ctx, site: Site, fit: KroneckerFit, terms: int, note: str,
-                 moment: torch.Tensor | None, options: SiteOptions | None) -> SiteRow:
+    def rewrite(self, gm, ctx, w: Fitted, terms: int, why: str) -> SiteRow:
+        site, fit, note, moment, options = w.site, w.fit, w.note, w.moment, w.options
         a64, s64 = fit.factors(terms)
         dtype, device = site.weight.dtype, site.weight.device
         a = a64.to(device=device, dtype=dtype).contiguous()
@@ -340,7 +210,7 @@ class HypercomplexPass(Pass):
         err = fit.tail_rel_error()
         details: dict[str, Any] = {
             "kind": site.kind, "n": fit.n, "terms": terms, "shape": [site.m, site.n],
-            "rule": "structure" if site.computed else self.config.rule,
+            "rule": "structure" if site.computed else self.config.rule, "why": why,
             ("out" if fit.whitened else "weight") + "_rel_fro_at_terms":
                 {str(t): round(err[t].item(), 6) for t in range(1, min(len(err) - 1, 2 * terms) + 1)}}
         if site.computed:
