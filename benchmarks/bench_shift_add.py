@@ -6,8 +6,9 @@
 (a) quality vs bits/weight on torchvision's pretrained MobileNetV2 (top-1 agreement with the
     dense model on held-out photo crops) and on the byte-level Llama trained here (validation
     perplexity): 1 / 2 / 3 power-of-two terms (4 / 8 / 12 bits), naive (weight-error rounding,
-    no calibration) and output-aware (calibrated), against int8 and int4 per-channel
-    round-to-nearest at equal bits (torchao is not installed here), and the default.
+    no calibration) and output-aware (calibrated), a per-site mix of 1-3 terms and dense at
+    8 bits on average (bytes_budget 0.25), against int8 and int4 per-channel round-to-nearest
+    at equal bits (torchao is not installed here), and the default.
 (b) CPU time of one 4096 x 4096 linear at batch 1 and 64: dense, shift_linear decoding its
     packed codes per call (memory saved), and the decoded weight cached (memory not saved).
 (c) CUDA only: the two Triton variants (exponent-add shifts; decode to the dot) vs cuBLAS.
@@ -79,6 +80,9 @@ def part_a(quick: bool) -> str:
                              {"shift_add": {"terms": t, "output_aware": False, **scope}}, None))
             variants.append((f"shift {t} term{'s' * (t > 1)}, output-aware", 4 * t,
                              {"shift_add": {"terms": t, **scope}, "calibration": calib}, None))
+        variants.append(("shift mixed 1-3 terms or dense, bytes_budget 0.25", 8,
+                         {"shift_add": {"bytes_budget": 0.25, **scope}, "calibration": calib},
+                         None))
         variants += [("int8 per-channel RTN", 8, None, 8), ("int4 per-channel RTN", 4, None, 4),
                      ("shift default (calibrated)", None,
                       {"shift_add": {**scope}, "calibration": calib}, None)]

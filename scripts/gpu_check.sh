@@ -21,6 +21,7 @@ status=0  # a failing test must not cost the benchmark numbers: run both, report
     tests/compiler/test_generate.py tests/test_examples.py "$@" || status=$?
 "$PY" benchmarks/bench_lowering.py --record || status=$?
 "$PY" benchmarks/bench_hypercomplex.py --part a,b,d --record || status=$?
+"$PY" benchmarks/bench_shift_add.py --part c --record || status=$?
 "$PY" benchmarks/lowering_coverage.py || status=$?
 echo "gpu_check: exit status $status"
 exit $status

@@ -235,6 +235,13 @@ def _magnitudes(terms: int) -> torch.Tensor:
     return total[total > 0]
 
 
+def _row_exact(row: torch.Tensor, terms: int) -> bool:
+    """Whether one row is max|row| / v times a T-term sum for some v, all v in one batch."""
+    x = row[None, :] / row.abs().max() * _magnitudes(terms)[:, None].to(row.device)
+    residual = (x - decode(encode(x, terms))).norm(dim=1) / x.norm(dim=1)
+    return bool((residual <= EXACT_TOL).any())
+
+
 def exact_codes(matrix: torch.Tensor, max_terms: int = 3) -> ShiftFit | None:
     """Per-channel codes and scales that reproduce `matrix` (to float rounding) with the
     fewest terms <= max_terms; None if there are none (greedy codes, so a representable row
@@ -252,6 +259,9 @@ def exact_codes(matrix: torch.Tensor, max_terms: int = 3) -> ShiftFit | None:
         distinct = int(((sorted_abs[:, 1:] != sorted_abs[:, :-1]).sum(1) + 1).max().item())
         if distinct > len(_magnitudes(max_terms)) + 1:
             return None
+    first = int(amax[:, 0].argmax().item())  # then one row against every scale at once
+    if not any(_row_exact(w[first], t) for t in range(1, max_terms + 1)):
+        return None
     rownorm = w.norm(dim=1).clamp_min(1e-300)
     for terms in range(1, max_terms + 1):
         codes = torch.full((terms, m, n), ZERO_CODE, dtype=torch.uint8, device=w.device)

@@ -15,7 +15,8 @@ Both views only relabel the leading dims of row-major data, so the same values a
 which the partitioner sees as a GEMM on `x` with a bias epilogue. The dense rewrite is made only
 when a pointwise op reads `z`: a GEMM with nothing to fuse stays the library's `addmm`
 (cuBLAS beats a Triton template there). The low-rank one is always made: it is the same op;
-so is `effc.phm_linear(x2, a, s, b)`, the hypercomplex pass's rewrite of such a site.
+so are `effc.phm_linear(x2, a, s, b)` and `effc.shift_linear(x2, codes, scale, b, group)`, the
+hypercomplex and shift_add passes' rewrites of such a site.
 
 Empty cat operands. `torch.cat` skips a legacy empty 1-d operand (`torch.tensor([])`, shape
 (0,)) whatever the other operands' rank; Hugging Face's KV cache starts as one, so the first
@@ -39,7 +40,7 @@ from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.lowering.ops import classify, meta
 
 LOW_RANK = "low_rank_linear"
-EFFC_GEMMS = (LOW_RANK, "phm_linear")  # effc ops: any leading dims, the op itself on x
+EFFC_GEMMS = (LOW_RANK, "phm_linear", "shift_linear")  # effc ops: any leading dims, the op on x
 _VIEW_METHODS = ("view", "reshape")
 
 

@@ -36,8 +36,8 @@ class Op:
     output element is one operand's element at a shifted index), "reduction"
     (over the last dim: keeps it as size 1, or, for softmax/norms, a row-wise op whose output
     has the input's shape) or "gemm" (a GEMM-like op with a Triton template: effc's
-    `low_rank_linear` and `phm_linear`, or the dense `linear`, which the partitioner keeps only
-    with an epilogue).
+    `low_rank_linear`, `phm_linear` and `shift_linear`, or the dense `linear`, which the
+    partitioner keeps only with an epilogue).
     operands: the values read, in the order the code generators expect (fx.Node, a Python
     number, or None for an absent optional tensor).
     """
@@ -80,9 +80,10 @@ LIBRARY_GEMMS = ("linear",)  # a library call (cuBLAS) beats our template when n
 def _gemm_targets() -> dict[Any, str]:
     import effc.kernels.low_rank  # noqa: F401  (registers the ops)
     import effc.kernels.phm  # noqa: F401
+    import effc.kernels.shift  # noqa: F401
 
     targets = {}
-    for name in ("low_rank_linear", "phm_linear"):
+    for name in ("low_rank_linear", "phm_linear", "shift_linear"):
         op = getattr(torch.ops.effc, name)
         targets.update({op: name, op.default: name})
     return targets
@@ -403,6 +404,30 @@ def _phm_linear(node: fx.Node) -> Op | None:
     return Op("gemm", "phm_linear", (x, a, s, bias))
 
 
+def _shift_linear(node: fx.Node) -> Op | None:
+    """`effc.shift_linear(x, codes, scale, bias, group)`: x [..., n] and bias [m] or None of one
+    float dtype, codes uint8 [T, m, ceil(n / 2)] (the one operand that is not a float tensor:
+    classify lets it through), scale [m, G] of a float dtype, `group` a Python int (0: one
+    scale per row) kept in params (the op's fake implementation checked the shapes when it was
+    traced). The template takes m, n, T and G at run time."""
+    if not _only(node, {"bias", "group"}, 5) or len(node.args) < 3:
+        return None
+    x, codes, scale = node.args[:3]
+    bias = node_arg(node, 3, "bias")
+    group = node_arg(node, 4, "group", 0)
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        return None
+    xm, cm, sm = meta(x), meta(codes), meta(scale)
+    bm = meta(bias) if bias is not None else None
+    if xm is None or cm is None or sm is None or (bias is not None and bm is None):
+        return None
+    if len(xm[0]) == 0 or xm[1] not in FLOAT_DTYPES or cm[1] != torch.uint8 or \
+            len(cm[0]) != 3 or len(sm[0]) != 2 or sm[1] not in FLOAT_DTYPES or \
+            (bm is not None and bm[1] != xm[1]):
+        return None
+    return Op("gemm", "shift_linear", (x, codes, scale, bias), {"group": group})
+
+
 def _gemm(node: fx.Node) -> Op | None:
     if node.target in _LINEAR:
         return _linear(node)
@@ -413,6 +438,8 @@ def _gemm(node: fx.Node) -> Op | None:
         return None
     if name == "phm_linear":
         return _phm_linear(node)
+    if name == "shift_linear":
+        return _shift_linear(node)
     x, v, u = node.args[:3]
     bias = node_arg(node, 3, "bias")
     activation = node_arg(node, 4, "activation", "none")
@@ -440,6 +467,8 @@ def classify(node: fx.Node) -> Op | None:
     if op is None:
         return None
     for a in op.operands:
+        if op.name == "shift_linear" and a is op.operands[1]:
+            continue  # the packed uint8 codes, checked by _shift_linear
         if isinstance(a, fx.Node):
             if not _float_tensor(a) and not (meta(a) is not None and meta(a)[0] == ()
                                              and meta(a)[1] == torch.float64):

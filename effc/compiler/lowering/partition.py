@@ -1,11 +1,12 @@
 """The partitioner: which FX nodes become one generated kernel.
 
 Three kinds of group (DESIGN.md, Lowering):
-- `gemm`: a GEMM-like op (effc's `low_rank_linear` and `phm_linear`, or a dense `linear`)
-  and the pointwise epilogue computed on its output tile. effc's ops are kept even alone (their
-  template is what the op runs on CUDA anyway). A dense linear is kept only when it has an
-  epilogue that computes something: alone (bias included), a library call (cuBLAS/oneDNN) is
-  faster than a generic Triton template, and fusing saves nothing, so it stays eager;
+- `gemm`: a GEMM-like op (effc's `low_rank_linear`, `phm_linear` and `shift_linear`, or a
+  dense `linear`) and the pointwise epilogue computed on its output tile. effc's ops are kept
+  even alone (their template is what the op runs on CUDA anyway). A dense linear is kept only
+  when it has an epilogue that computes something: alone (bias included), a library call
+  (cuBLAS/oneDNN) is faster than a generic Triton template, and fusing saves nothing, so it
+  stays eager;
 - `row`: row reductions over the last dim (mean/sum/amax keepdim, softmax, layer_norm,
   rms_norm) with their pointwise prologue and epilogue, one row held in registers;
 - `pointwise`: a chain of elementwise ops that all have the group's output shape (inputs

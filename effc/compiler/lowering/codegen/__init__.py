@@ -4,7 +4,7 @@
 what it computes); `build(group, ...)` also loads it through the source-hash cache and wraps it
 in the launcher that replaces the group in the FX graph. Generators: pointwise.py (elementwise
 chains), reduction.py (row reductions), templates.py (GEMM-like ops with an epilogue slot;
-the phm op's launch rules and tiling are in phm_template.py).
+the phm and shift ops' launch rules and tiling are in phm_template.py and shift_template.py).
 """
 
 from __future__ import annotations

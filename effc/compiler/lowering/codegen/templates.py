@@ -1,7 +1,7 @@
-"""GEMM-like templates with an epilogue slot: `low_rank_linear`, `phm_linear`, dense `linear`,
-and what follows.
+"""GEMM-like templates with an epilogue slot: `low_rank_linear`, `phm_linear`, `shift_linear`,
+dense `linear`, and what follows.
 
-Three templates share one epilogue generator:
+Four templates share one epilogue generator:
 - low rank, the effc low-rank GEMM: each program computes t = x_rows @ v.T ([BLOCK_M, R_PAD],
   fp32) once, keeps it in registers, and produces its output tiles acc = t @ u.T (+ bias).
   Its text is TEMPLATE in effc/kernels/low_rank.py, which the op's own kernel fills with a
@@ -18,7 +18,12 @@ Three templates share one epilogue generator:
 - phm, `effc.phm_linear(x, a, s, b)`, W = sum_t a_t kron s_t never built: each program mixes
   x's n blocks with a_t's row in registers and multiplies the mix by s_t's tile, for one
   block-row of the output. Its text is TEMPLATE in effc/kernels/phm.py, filled with the op's
-  own epilogue there; its launch rules and tiling are in phm_template.py.
+  own epilogue there; its launch rules and tiling are in phm_template.py;
+- shift, `effc.shift_linear(x, codes, scale, b, group)`, W packed as 4-bit power-of-two codes
+  and never decoded in memory: two kernels in one module, as the op has, picked per launch by
+  the row count: exponent-add products for up to 16 rows, tiles decoded in registers for
+  `tl.dot` above. The text is effc/kernels/shift.py's; launch rules and tiling in
+  shift_template.py.
 
 The slot after `acc` receives generated code: the op's own activation, then the fused
 pointwise nodes (activation, scale, residual add, gating multiply by another tensor, casts),
@@ -46,7 +51,7 @@ import triton
 from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenError, Source, describe, expr,
                                           memory_order, module_text, next_pow2, operand, rounded,
                                           row_major, strides_of)
-from effc.compiler.lowering.codegen import phm_template
+from effc.compiler.lowering.codegen import phm_template, shift_template
 from effc.compiler.lowering.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
                                           single_or_tuple)
 from effc.compiler.lowering.ops import Op, meta
@@ -73,10 +78,13 @@ LOW_RANK_CONFIGS = [
 # autotuning is keyed on the row count's bucket, not the row count: a new prompt length or
 # batch size reuses the tuning of its power-of-two bucket instead of benchmarking every config
 AUTOTUNE_KEYS = {"dense": ["M_BUCKET", "N", "K"], "low_rank": ["M_BUCKET", "N", "K", "R"],
-                 "phm": phm_template.AUTOTUNE_KEY}
+                 "phm": phm_template.AUTOTUNE_KEY, "shift": shift_template.AUTOTUNE_KEY,
+                 "shift_dot": shift_template.AUTOTUNE_KEY}
 _CONFIGS = {"dense": (DENSE_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
             "low_rank": (LOW_RANK_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-            "phm": (phm_template.PHM_CONFIGS, phm_template.BLOCKS)}
+            "phm": (phm_template.PHM_CONFIGS, phm_template.BLOCKS),
+            "shift": (shift_template.SHIFT_CONFIGS, shift_template.BLOCKS),
+            "shift_dot": (shift_template.DOT_CONFIGS, shift_template.BLOCKS)}
 M_BUCKET_MAX = 4096
 
 
@@ -119,17 +127,19 @@ _ROUND_T = {torch.float32: "t", torch.float16: "t.to(tl.float16)",
 
 @dataclasses.dataclass
 class GemmPlan:
-    template: str              # "low_rank", "phm" or "dense"
+    template: str              # "low_rank", "phm", "shift" or "dense"
     target: str                # "interpreter" (fixed config) or "cuda" (autotuned)
     shape: tuple               # output shape (sympy)
     x: int                     # positions of the GEMM operands among the launcher's inputs
-    weights: list[int]         # [v, u] (low_rank), [a, s] (phm) or [w] (dense)
+    weights: list[int]         # [v, u] (low_rank), [a, s] (phm), [codes, scale] (shift), [w]
     bias: int | None
     epilogue: list[int]        # positions of the epilogue's extra operands
     out_dtypes: list[torch.dtype]
     weight_kn: bool = False    # dense `x @ B`: the weight [N, K] is B.t(), passed as a view
     out_orders: list = dataclasses.field(default_factory=list)  # None: row-major; else strided
     two_step: str | None = None  # low_rank: the kernel taking t = x @ v.T from a library GEMM
+    dot: str | None = None     # shift: the decode-to-dot kernel, for more than 16 rows
+    group: int = 0             # shift: input columns per scale (0: one scale per row)
 
 
 # whether this Triton's autotuner can keep its choice on disk (triton.autotune(cache_results=))
@@ -223,6 +233,9 @@ def generate(group: Group, target: str = "interpreter") -> Source:
     elif op.name == "phm_linear":
         template, (x, a, s, bias) = "phm", op.operands
         weights = [a, s]
+    elif op.name == "shift_linear":
+        template, (x, codes, scale, bias) = "shift", op.operands
+        weights = [codes, scale]
     else:
         raise CodegenError(f"no template for {op.name}")
     weight_kn = op.params.get("weight") == "kn"  # x @ B: the weight is B^T, a strided view
@@ -265,7 +278,7 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                             epilogue="".join(f"    {line}\n" for line in lines))
         return _tuned(text, "dense", target)
 
-    two_step = None
+    two_step = dot = None
     if template == "low_rank":
         # fused: t = x @ v.T kept in registers; two-step (`_t`): t from a library GEMM, then
         # the dense template over (t, u) with the same epilogue (see fused_fills_gpu)
@@ -278,6 +291,13 @@ def generate(group: Group, target: str = "interpreter") -> Source:
         body = _tuned(phm_template.source(name, operand_params, stride_params, lines, dtype),
                       "phm", target)
         what = phm_template.what(gemm.name, x.name, tuple(meta(a)[0]), tuple(meta(s)[0]))
+    elif template == "shift":  # both of the op's kernels, the launch picks one by rows
+        dot = name + shift_template.DOT_SUFFIX
+        body = "\n\n".join([shift_template.helpers()] + [_tuned(shift_template.source(
+            kind, kernel_name, operand_params, stride_params, lines, dtype), tuning, target)
+            for kind, kernel_name, tuning in (("shift", name, "shift"), ("dot", dot, "shift_dot"))])
+        what = shift_template.what(gemm.name, x.name, tuple(meta(codes)[0]), meta(x)[0][-1],
+                                   op.params["group"], name)
     else:
         body = dense(name)
         what = (f"linear ({gemm.name}: x={x.name}, weight={w.name} {tuple(meta(w)[0])}"
@@ -292,14 +312,16 @@ def generate(group: Group, target: str = "interpreter") -> Source:
                + f"; {tiling}")
     plan = GemmPlan(template, target, group.shape, position[x], [position[t] for t in weights],
                     position[bias] if bias is not None else None,
-                    [position[n] for n in extra], out_dtypes, weight_kn, orders, two_step)
+                    [position[n] for n in extra], out_dtypes, weight_kn, orders, two_step, dot,
+                    op.params.get("group", 0))
     return Source(name, "gemm", module_text(name, "gemm", summary, body, needs_bf16), plan)
 
 
 class GemmLauncher(Launcher):
     kind = "gemm"
     last_config: dict | None = None  # the fixed tiling of the last interpreter launch
-    last_variant: str | None = None  # low_rank: "fused" or "two_step", what the last launch ran
+    last_variant: str | None = None  # what the last launch ran: low_rank "fused" or "two_step",
+    # shift "shift" or "dot"
 
     def launch(self, *inputs):
         p = self.plan
@@ -323,11 +345,18 @@ class GemmLauncher(Launcher):
             if self.last_variant == "two_step":  # t from the library; then a dense GEMM over u
                 x2, weights, k = F.linear(x2, weights[0]), weights[1:], weights[0].shape[0]
                 kernel, template = sibling(self.kernel, p.two_step), "dense"
+        elif template == "shift":  # exponent-add for few rows, decode-to-dot above
+            self.last_variant = shift_template.variant(m)
+            if self.last_variant == "dot":
+                kernel = sibling(self.kernel, p.dot)
         extra = [inputs[i].expand(shape).reshape(m, n) for i in p.epilogue]
         bias = [inputs[p.bias]] if p.bias is not None else []
         args = [x2, *weights, *bias, *extra,
                 *[o.view(m, n) if order is None else o for o, order in zip(outs, orders)]]
-        args += phm_template.sizes(m, *weights) if phm else [m, n, k]
+        if template == "shift":
+            args += shift_template.sizes(m, k, *weights, p.group)
+        else:
+            args += phm_template.sizes(m, *weights) if phm else [m, n, k]
         if template == "low_rank":
             args.append(weights[0].shape[0])  # R
         args += [x2.stride(0), x2.stride(1)] + [s for t in weights for s in t.stride()]
@@ -343,6 +372,8 @@ class GemmLauncher(Launcher):
         def grid(meta):
             if phm:  # a program per row block and column block of one output block-row
                 return phm_template.grid(m, *weights, meta)
+            if template == "shift":
+                return shift_template.grid(m, n, meta)
             rows, cols = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
             if template == "low_rank":  # a program loops over its share of column blocks
                 return rows, column_splits(rows, cols, x.device)
@@ -352,7 +383,9 @@ class GemmLauncher(Launcher):
             kernel[grid](*args, **consts)
             self.last_config = None
         else:
-            config = dict(phm_template.INTERPRETER_CONFIG if phm else INTERPRETER_CONFIG)
+            config = dict(phm_template.INTERPRETER_CONFIG if phm else
+                          shift_template.INTERPRETER_CONFIGS[self.last_variant]
+                          if template == "shift" else INTERPRETER_CONFIG)
             kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
             self.last_config = config
         return single_or_tuple(outs)
