@@ -12,8 +12,9 @@ terms whose own error is at most 0.05 (output layers kept dense).
 Weights that already are scaled sums of powers of two (a DeepShift model, in the graph or as
 parameters) convert exactly, whatever the rule. A rewritten linear calls
 `effc.shift_linear(x, codes, scale, bias, group)`, a conv `effc.shift_conv`, both decoding the
-packed codes per call (weight memory really shrinks), or, with `cache_decoded=True`, the
-library op on the weight decoded once (fast on CPU, no memory saved).
+packed codes per call (weight memory really shrinks; the default on CUDA, where Triton
+kernels read the codes), or the library op on the weight decoded once (`cache_decoded`; the
+default on CPU, where decoding per call is far slower than the dense op; no memory saved).
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ class ShiftAddConfig(PassConfig):
                              "one per output channel)", min=1)
     output_aware: bool = knob(True, "with calibration, round to minimize the layer's output "
                               "error (GPTQ-style), not the weight's")
-    cache_decoded: bool = knob(False, "decode the codes once at compile time and run the "
-                               "library op (faster on CPU; weight memory is not saved)")
+    cache_decoded: Literal["auto"] | bool = knob(
+        "auto", "decode the codes once at compile time and run the library op (fast, but "
+                "weight memory is not saved); False: decode per call from the packed codes "
+                "(memory really shrinks); auto: cached on CPU, where decoding per call costs "
+                "25-50x a dense matrix-vector product, per call on CUDA (Triton kernels)")
     conv: bool = knob(True, "also take conv1d/conv2d sites")
     fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the conv/linear before it")
     sensitivity: Literal["end_to_end", "layer"] = knob(
@@ -168,7 +172,6 @@ class ShiftAddPass(FittingPass):
         return row
 
     def rewrite(self, gm, ctx, w: Fitted, terms: int, why: str) -> SiteRow:
-        cfg: ShiftAddConfig = self.config
         site, f, note, moment, options = w.site, w.fit.fits[terms], w.note, w.moment, w.options
         errors = w.fit.errors if len(w.fit.errors) > 1 else None
         dtype, device = site.weight.dtype, site.weight.device
@@ -176,7 +179,7 @@ class ShiftAddPass(FittingPass):
         x, _ = site.operands()
         bias = site_bias(gm, ctx, site, f"{hint}.shift_bias")
         approx = f.matrix()
-        if cfg.cache_decoded:
+        if self._cached(ctx):
             w = approx.to(device=device, dtype=dtype)   # [out, in]: what F.linear takes
             if site.kind == "conv":
                 w = w.reshape(site.m, *site.weight.shape[1:])
@@ -211,7 +214,9 @@ class ShiftAddPass(FittingPass):
             "kind": site.kind, "primitive": f"shift ({f.terms} terms)", "terms": f.terms,
             "why": why, "shape": [site.m, site.n], "group": f.group,
             "bits_per_weight": 4 * f.terms, "bytes_before": size * elem,
-            "bytes_after": f.bytes(elem), "weight": decoded}
+            "bytes_after": f.bytes(elem), "weight": decoded,
+            # what the compiled graph holds: the packed codes, or the decoded weight
+            "runtime_bytes": size * elem if self._cached(ctx) else f.bytes(elem)}
         if errors:
             details["error_at_terms"] = {str(t): round(e, 6) for t, e in errors.items()}
         if site.computed:
@@ -228,8 +233,13 @@ class ShiftAddPass(FittingPass):
         if done:
             before = sum(r.details["bytes_before"] for r in done)
             after = sum(r.details["bytes_after"] for r in done)
-            cached = sum(self.config.cache_decoded for _ in done)
+            cached = self._cached(ctx)
             ctx.note(f"shift_add: weight bytes of the {len(done)} rewritten sites {before} -> "
                      f"{after} ({after / before:.1%})" + (
                          "; decoded once at compile time (cache_decoded), so runtime weight "
-                         "memory is not saved" if cached else "; decoded per call"))
+                         "memory is not saved: cache_decoded=False keeps only the packed codes"
+                         if cached else "; decoded per call"))
+
+    def _cached(self, ctx) -> bool:
+        choice = self.config.cache_decoded
+        return ctx.device.type != "cuda" if choice == "auto" else choice

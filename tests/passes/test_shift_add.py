@@ -49,7 +49,7 @@ def test_a_deepshift_model_converts_exactly_and_follows_its_parameters():
     x = torch.randn(6, 24)
     with torch.no_grad():
         ref = model(x)
-    compiled, out, rep, graph = _compile(model, x, shift_add=True)
+    compiled, out, rep, graph = _compile(model, x, shift_add={"cache_decoded": False})
     assert [s.decision for s in rep.sites] == ["rewritten", "rewritten"]
     for s in rep.sites:
         assert "already a scaled sum of 1 powers of two" in s.reason
@@ -130,7 +130,8 @@ def test_max_error_takes_the_fewest_terms_within_the_bound(digits_mlp):
 @pytest.mark.parametrize("terms,group", [(1, None), (2, None), (3, 16)])
 def test_packed_bytes_in_the_graph_are_what_the_report_says(digits_mlp, terms, group):
     model, _, xte, _ = digits_mlp
-    _, _, rep, graph = _compile(model, xte, shift_add={"terms": terms, "group": group})
+    _, _, rep, graph = _compile(model, xte, shift_add={"terms": terms, "group": group,
+                                                                "cache_decoded": False})
     for s in rep.sites:
         hint = s.site.removesuffix(".weight").replace(".", "_")
         codes = next(b for k, b in graph.buffers.items() if k.startswith(f"_effc_{hint}_shift_codes"))
@@ -147,8 +148,15 @@ def test_cache_decoded_runs_the_library_linear_and_says_memory_is_not_saved(digi
     _, cached, rep, graph = _compile(model, xte, shift_add={"terms": 2, "cache_decoded": True})
     assert SHIFT not in graph.targets
     assert all("runtime weight memory is not saved" in s.reason for s in rep.sites)
-    _, per_call, _, _ = _compile(model, xte, shift_add={"terms": 2})
+    assert all(s.details["runtime_bytes"] == s.details["bytes_before"] for s in rep.sites)
+    _, per_call, rep, graph = _compile(model, xte, shift_add={"terms": 2,
+                                                              "cache_decoded": False})
+    assert graph.targets.count(SHIFT) == 3
+    assert all("decoded per call" in s.reason for s in rep.sites)
+    assert all(s.details["runtime_bytes"] == s.details["bytes_after"] for s in rep.sites)
     assert torch.allclose(cached, per_call, atol=1e-5)
+    _, default, rep, graph = _compile(model, xte, shift_add={"terms": 2})  # auto, on CPU
+    assert SHIFT not in graph.targets and torch.equal(default, cached)
 
 
 def test_bytes_budget_is_kept_with_calibration(digits_mlp):
