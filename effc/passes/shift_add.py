@@ -29,6 +29,8 @@ import effc.kernels.shift  # noqa: F401  (registers torch.ops.effc.shift_linear 
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
+from effc.passes.base import PassResult
+from effc.passes.binary_attention import binary_attention_sites
 from effc.passes.budget import Candidate, SiteOptions, candidate_details
 from effc.passes.fitting_pass import Fitted, FittingPass
 from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack, rel_error
@@ -71,6 +73,11 @@ class ShiftAddConfig(PassConfig):
         "end_to_end", "how bytes_budget / min_sqnr_db weigh a site's error: end_to_end: its "
         "measured effect on the graph's outputs (calibration needed); layer: its own error")
     max_forwards: int = knob(512, "bound on the graph runs that measure sensitivities", min=1)
+    attention: Literal["off", "binary"] = knob(
+        "off", "binary: replace scaled_dot_product_attention by Hamming-similarity attention "
+               "on b-bit codes of queries and keys (training-free, lossy: the report gives "
+               "its end-to-end error)")
+    attention_bits: int = knob(64, "bits of the query/key codes of binary attention", min=8)
     output_layers: Literal["auto"] | bool = knob(
         "auto", "sites that feed the main output directly: auto: the default rule takes them "
                 "only when measured end to end; True: always; False: never")
@@ -104,6 +111,13 @@ class ShiftAddPass(FittingPass):
     config_cls = ShiftAddConfig
     ALLOCATED_RULES = ("bytes_budget", "min_sqnr_db")
     BUDGET, COST = "bytes_budget", "bytes"
+
+    def run(self, gm, ctx) -> PassResult:
+        result = super().run(gm, ctx)
+        if self.config.attention == "binary":
+            result.sites.extend(binary_attention_sites(gm, ctx, self.name,
+                                                       self.config.attention_bits))
+        return result
 
     def structured(self, gm, ctx, site: Site) -> SiteRow | None:
         """A weight that already is a scaled sum of powers of two converts exactly; a

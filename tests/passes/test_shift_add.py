@@ -196,3 +196,37 @@ def test_hugging_face_models_compile_with_the_pass(kind):
     rewritten = [s for s in effc.report().sites if s.decision == "rewritten"]
     assert len(rewritten) >= 6
     assert (out - ref).norm() / ref.norm() < 0.1
+
+
+class _Attention(nn.Module):
+    def __init__(self, masked=False):
+        super().__init__()
+        self.qkv, self.masked = nn.Linear(32, 96), masked
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril() if self.masked else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not self.masked)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def test_binary_attention_is_opt_in_and_reports_its_measured_error():
+    torch.manual_seed(0)
+    model, x = _Attention().eval(), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        ref = model(x)
+    _, _, rep, _ = _compile(model, x, shift_add={"include": ["attention:*"]})
+    assert not [s for s in rep.sites if s.site.startswith("attention:")]     # off by default
+    _, out, rep, graph = _compile(model, x, shift_add={"attention": "binary",
+                                                       "include": ["attention:*"]})
+    row = next(s for s in rep.sites if s.site.startswith("attention:"))
+    assert row.decision == "rewritten" and "64 bits" in row.reason
+    assert torch.ops.effc.binary_attention.default in graph.targets
+    measured = (out - ref).norm() / ref.norm()
+    assert row.error["graph_rel_fro"] == pytest.approx(measured.item(), rel=1e-4)
+    assert 0 < measured < 1 and any("binary attention at 1 sites" in n
+                                    for n in rep.graphs[0].notes)
+    _, _, rep, _ = _compile(_Attention(masked=True).eval(), x,
+                            shift_add={"attention": "binary", "include": ["attention:*"]})
+    row = next(s for s in rep.sites if s.site.startswith("attention:"))
+    assert row.decision == "skipped" and "attention mask" in row.reason
