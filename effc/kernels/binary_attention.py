@@ -31,9 +31,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, proj: Tensor) -> None:
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, proj {tuple(proj.shape)}")
 
 
-@torch.library.custom_op("effc::binary_attention", mutates_args=())
-def binary_attention(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, causal: bool) -> Tensor:
-    """Hamming-similarity attention; see the module docstring."""
+def binary_attention_reference(q: Tensor, k: Tensor, v: Tensor, proj: Tensor,
+                               causal: bool) -> Tensor:
+    """Plain torch: the CPU implementation and the oracle of the Triton kernel."""
     _check(q, k, v, proj)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -50,6 +50,23 @@ def binary_attention(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, causal: bool
                               0.0)
         num, den = sim @ vf, sim.sum(-1, keepdim=True)
     return (num / den.clamp_min(1e-6)).to(v.dtype)
+
+
+@torch.library.custom_op("effc::binary_attention", mutates_args=())
+def binary_attention(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, causal: bool) -> Tensor:
+    """Hamming-similarity attention; see the module docstring."""
+    return binary_attention_reference(q, k, v, proj, causal)
+
+
+@binary_attention.register_kernel("cuda")
+def _binary_attention_cuda(q, k, v, proj, causal):
+    """The Triton kernel (effc/kernels/binary_attention_triton.py; imported here, lazily, as it
+    imports this module); the reference where Triton is missing."""
+    try:
+        from effc.kernels.binary_attention_triton import binary_attention_triton
+    except ImportError:
+        return binary_attention_reference(q, k, v, proj, causal)
+    return binary_attention_triton(q, k, v, proj, causal)
 
 
 @binary_attention.register_fake
