@@ -15,11 +15,12 @@ A pass supplies the hooks below and its config: `rule` (the rule given, or "defa
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
+from effc.compiler.config import PassConfig, knob
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, SiteOptions,
@@ -31,6 +32,41 @@ DEFAULT_MAX_ERROR = 0.05  # the default's per-site bound when nothing is measure
 HEAD_REASON = ("output layer (feeds the main output directly): the default keeps it dense "
                "without end-to-end measurements (calibrate with sample inputs, ask for a rule, "
                "or set output_layers=True)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FittingConfig(PassConfig):
+    """The knobs every fitting pass has; a pass adds its own and lists its RULES (at most one
+    may be given; none means the quality-bounded default)."""
+
+    RULES: ClassVar[tuple[str, ...]] = ()
+
+    max_error: float | None = knob(None, "the least cost whose relative output error (weight "
+                                   "error without calibration) is at most this", min=0.0,
+                                   max=1.0, min_exclusive=True)
+    min_sqnr_db: float | None = knob(None, "as little cost as keeps the graph's outputs at this "
+                                     "SQNR (dB) on the calibration's sample inputs (default 25 "
+                                     "when no rule is given and samples exist)", min=0.0)
+    conv: bool = knob(True, "also take conv1d/conv2d sites (grouped convs are skipped)")
+    fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the dense conv/linear before it")
+    sensitivity: Literal["end_to_end", "layer"] = knob(
+        "end_to_end", "how the budget and min_sqnr_db weigh a site's error: end_to_end: its "
+        "measured effect on the graph's outputs (calibration needed); layer: its own error")
+    max_forwards: int = knob(512, "bound on the graph runs that measure sensitivities", min=1)
+    output_layers: Literal["auto"] | bool = knob(
+        "auto", "sites that feed the main output directly: auto: the default rule takes them "
+                "only when measured end to end; True: always; False: never")
+
+    def validate(self, key: str) -> None:
+        given = [r for r in self.RULES if getattr(self, r) is not None]
+        if len(given) > 1:
+            raise ValueError(f"effc option {key!r}: give one rule, got {', '.join(given)}; "
+                             f"accepted rules: {', '.join(self.RULES)}")
+
+    @property
+    def rule(self) -> str:
+        """The rule given, or "default" (quality-bounded) when none is."""
+        return next((r for r in self.RULES if getattr(self, r) is not None), "default")
 
 
 @dataclasses.dataclass

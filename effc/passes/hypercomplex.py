@@ -25,62 +25,37 @@ import torch.fx as fx
 
 import effc.kernels.phm  # noqa: F401  (registers torch.ops.effc.phm_linear)
 import effc.kernels.phm_conv  # noqa: F401  (registers torch.ops.effc.phm_conv)
-from effc.compiler.config import PassConfig, knob
+from effc.compiler.config import knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
 from effc.passes.budget import Candidate, SiteOptions, candidate_details
-from effc.passes.fitting_pass import Fitted, FittingPass
+from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fit,
                                            kronecker_structure, max_terms, params)
 from effc.passes.low_rank_math import output_error, weight_error
 from effc.passes.weight_sites import Site, replace_site, site_bias, site_rows, still_built
 
-RULES = ("terms", "max_error", "param_budget", "min_sqnr_db")
 
 
 @dataclasses.dataclass(frozen=True)
-class HypercomplexConfig(PassConfig):
+class HypercomplexConfig(FittingConfig):
     """hypercomplex's knobs: `options={"hypercomplex": effc.HypercomplexConfig(n=4)}`."""
 
     option_key: ClassVar[str] = "hypercomplex"
+    RULES: ClassVar[tuple[str, ...]] = ("terms", "max_error", "param_budget", "min_sqnr_db")
 
     n: Literal[2, 3, 4, 8, 16] = knob(4, "the hypercomplex dimension of fitted dense weights "
                                       "(A_t: n x n, S_t: out/n x in/n); trained PHM layers are "
                                       "recognized at whichever n they have")
     terms: int | None = knob(None, "fixed number of Kronecker terms per fitted site (a PHM "
                              "layer has n); None: the rule chooses per site", min=1)
-    max_error: float | None = knob(None, "fewest terms whose relative output error (weight "
-                                   "error without calibration) is at most this", min=0.0,
-                                   max=1.0, min_exclusive=True)
     param_budget: float | None = knob(None, "fraction of the eligible weights' parameters to "
                                       "keep, allocated across sites by end-to-end sensitivity",
                                       min=0.0, max=1.0, min_exclusive=True)
-    min_sqnr_db: float | None = knob(None, "fit as far as the graph's outputs keep this SQNR "
-                                     "(dB) on the calibration's sample inputs (default 25 "
-                                     "when no rule is given and samples exist)", min=0.0)
     min_saving: float = knob(0.1, "rewrite a fitted site only if it keeps at most "
                              "(1 - min_saving) of its parameters", min=0.0, max=0.99)
     whiten: bool = knob(True, "fit to the layer's outputs on the calibration inputs (input "
                         "covariance approximated by its nearest Kronecker product)")
-    conv: bool = knob(True, "also take conv1d/conv2d sites (PHC)")
-    fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into a dense conv/linear before it")
-    sensitivity: Literal["end_to_end", "layer"] = knob(
-        "end_to_end", "how param_budget / min_sqnr_db weigh a site's error: end_to_end: its "
-        "measured effect on the graph's outputs (calibration needed); layer: its own error")
-    max_forwards: int = knob(512, "bound on the graph runs that measure sensitivities", min=1)
-    output_layers: Literal["auto"] | bool = knob(
-        "auto", "sites that feed the main output directly: auto: the default rule takes them "
-                "only when measured end to end; True: always; False: never")
-
-    def validate(self, key: str) -> None:
-        given = [r for r in RULES if getattr(self, r) is not None]
-        if len(given) > 1:
-            raise ValueError(f"effc option {key!r}: give one rule, got {', '.join(given)}; "
-                             f"accepted rules: {', '.join(RULES)}")
-
-    @property
-    def rule(self) -> str:
-        return next((r for r in RULES if getattr(self, r) is not None), "default")
 
 
 class HypercomplexPass(FittingPass):

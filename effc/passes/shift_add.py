@@ -26,38 +26,32 @@ import torch
 import torch.nn.functional as F
 
 import effc.kernels.shift  # noqa: F401  (registers torch.ops.effc.shift_linear / shift_conv)
-from effc.compiler.config import PassConfig, knob
+from effc.compiler.config import knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
 from effc.passes.base import PassResult
 from effc.passes.binary_attention import binary_attention_sites
 from effc.passes.budget import Candidate, SiteOptions, candidate_details
-from effc.passes.fitting_pass import Fitted, FittingPass
+from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack, rel_error
 from effc.passes.weight_sites import Site, replace_site, site_bias, still_built
 
-RULES = ("terms", "max_error", "bytes_budget", "min_sqnr_db")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclasses.dataclass(frozen=True)
-class ShiftAddConfig(PassConfig):
+class ShiftAddConfig(FittingConfig):
     """shift_add's knobs: `options={"shift_add": effc.ShiftAddConfig(terms=2)}`."""
 
     option_key: ClassVar[str] = "shift_add"
+    RULES: ClassVar[tuple[str, ...]] = ("terms", "max_error", "bytes_budget", "min_sqnr_db")
 
     terms: int | None = knob(None, "fixed power-of-two terms per weight (4 bits each) at every "
                              "site; None: the rule chooses per site", min=1, max=3)
     max_terms: int = knob(3, "the most terms a rule may choose", min=1, max=3)
-    max_error: float | None = knob(None, "fewest terms whose relative output error (weight "
-                                   "error without calibration) is at most this", min=0.0,
-                                   max=1.0, min_exclusive=True)
     bytes_budget: float | None = knob(None, "fraction of the eligible weights' bytes to keep, "
                                       "allocated across sites by end-to-end sensitivity",
                                       min=0.0, max=1.0, min_exclusive=True)
-    min_sqnr_db: float | None = knob(None, "as few bytes as keep this output SQNR (dB) on the "
-                                     "calibration's sample inputs (default 25 when no rule is "
-                                     "given and samples exist)", min=0.0)
     group: int | None = knob(None, "one scale per this many input columns of a row (None: "
                              "one per output channel)", min=1)
     output_aware: bool = knob(True, "with calibration, round to minimize the layer's output "
@@ -67,33 +61,17 @@ class ShiftAddConfig(PassConfig):
                 "weight memory is not saved); False: decode per call from the packed codes "
                 "(memory really shrinks); auto: cached on CPU, where decoding per call costs "
                 "25-50x a dense matrix-vector product, per call on CUDA (Triton kernels)")
-    conv: bool = knob(True, "also take conv1d/conv2d sites")
-    fold_bn: bool = knob(True, "fold an eval-mode BatchNorm into the conv/linear before it")
-    sensitivity: Literal["end_to_end", "layer"] = knob(
-        "end_to_end", "how bytes_budget / min_sqnr_db weigh a site's error: end_to_end: its "
-        "measured effect on the graph's outputs (calibration needed); layer: its own error")
-    max_forwards: int = knob(512, "bound on the graph runs that measure sensitivities", min=1)
     attention: Literal["off", "binary"] = knob(
         "off", "binary: replace scaled_dot_product_attention by Hamming-similarity attention "
                "on b-bit codes of queries and keys (training-free, lossy: the report gives "
                "its end-to-end error)")
     attention_bits: int = knob(64, "bits of the query/key codes of binary attention", min=8)
-    output_layers: Literal["auto"] | bool = knob(
-        "auto", "sites that feed the main output directly: auto: the default rule takes them "
-                "only when measured end to end; True: always; False: never")
 
     def validate(self, key: str) -> None:
-        given = [r for r in RULES if getattr(self, r) is not None]
-        if len(given) > 1:
-            raise ValueError(f"effc option {key!r}: give one rule, got {', '.join(given)}; "
-                             f"accepted rules: {', '.join(RULES)}")
+        super().validate(key)
         if self.terms is not None and self.terms > self.max_terms:
             raise ValueError(f"effc option {key + '.terms'!r}: {self.terms} is above "
                              f"max_terms={self.max_terms}")
-
-    @property
-    def rule(self) -> str:
-        return next((r for r in RULES if getattr(self, r) is not None), "default")
 
 
 @dataclasses.dataclass
