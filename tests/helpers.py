@@ -174,3 +174,16 @@ def first_tensor(out):
     if isinstance(out, (tuple, list)):
         return out[0]
     return out[0] if not hasattr(out, "logits") else out.logits
+
+
+def run_in_batches(model, x, options, batch: int = 16):
+    """(outputs, report) of `model` compiled by effc with `options`, run on `x` in batches
+    of `batch` (one graph for all of them), from a fresh Dynamo and effc state."""
+    import effc
+
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", options=options)
+    with torch.no_grad():
+        out = torch.cat([compiled(b) for b in x.split(batch)])
+    return out, effc.report()

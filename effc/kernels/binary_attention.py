@@ -5,7 +5,8 @@ The opt-in attention of the shift_add pass (ShiftAddViT, EcoFormer): phi(x) = si
 bits their codes share, b - Hamming(phi(q), phi(k)) = (phi(q) . phi(k) + b) / 2, which is
 non-negative, so it can weight the values directly, without a softmax:
 out_i = sum_j sim_ij v_j / sum_j sim_ij over the keys j the query may see (all, or j <= i when
-causal, aligned top-left as scaled_dot_product_attention's is_causal). Without a mask this is linear attention: with s = sum_j v_j and Phi = phi(K)^T V,
+causal, aligned top-left as scaled_dot_product_attention's is_causal). Without a mask this
+is linear attention: with s = sum_j v_j and Phi = phi(K)^T V,
 out_i = (phi(q_i) Phi + b s) / (phi(q_i) . sum_j phi(k_j) + b L), O(L b D) instead of O(L^2 D);
 the causal form is computed quadratically here (the reference). Keys and values with fewer
 heads than the queries (grouped-query attention) are shared by consecutive query heads.

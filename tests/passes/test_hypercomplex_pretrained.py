@@ -7,6 +7,7 @@ here and say why, and an asked-for budget must report the loss it costs.
 
 import pytest
 import torch
+from helpers import run_in_batches
 
 import effc
 from benchmarks.models import mobilenet_v2
@@ -24,15 +25,6 @@ def mobilenet():
     return model, calib, mobilenet_v2.crops(right, 32, 96, seed=1)
 
 
-def _run(model, x, options):
-    torch._dynamo.reset()
-    effc.reset()
-    compiled = torch.compile(model, backend="effc", options=options)
-    with torch.no_grad():
-        out = torch.cat([compiled(b) for b in x.split(16)])
-    return out, effc.report()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_the_default_stays_within_its_bound_and_says_why(mobilenet, calibrated):
@@ -40,7 +32,7 @@ def test_the_default_stays_within_its_bound_and_says_why(mobilenet, calibrated):
     with torch.no_grad():
         ref = model(x)
     options = {"hypercomplex": True, **({"calibration": calib} if calibrated else {})}
-    out, rep = _run(model, x, options)
+    out, rep = run_in_batches(model, x, options)
     sites = rep.sites
     assert len(sites) == 53 and all(s.decision == "skipped" for s in sites)
     assert error_stats(ref, out)["sqnr_db"] > 60
@@ -59,7 +51,8 @@ def test_an_asked_for_budget_reports_what_it_costs(mobilenet):
     model, calib, x = mobilenet
     with torch.no_grad():
         ref = model(x)
-    out, rep = _run(model, x, {"hypercomplex": {"param_budget": 0.9}, "calibration": calib})
+    out, rep = run_in_batches(model, x, {"hypercomplex": {"param_budget": 0.9},
+                                         "calibration": calib})
     sites = [s for s in rep.sites if "grouped" not in s.reason]
     assert sum(s.params_after for s in sites) <= 0.9 * sum(s.params_before for s in sites)
     note = next(n for n in rep.graphs[0].notes if n.startswith("hypercomplex param_budget"))

@@ -7,6 +7,7 @@ full measurement is benchmarks/low_rank_quality.py.
 
 import pytest
 import torch
+from helpers import run_in_batches
 
 import effc
 from benchmarks.models import mobilenet_v2
@@ -24,15 +25,6 @@ def mobilenet():
     return model, list(calib_x.split(16)), test_x
 
 
-def _run(model, x, options):
-    torch._dynamo.reset()
-    effc.reset()
-    compiled = torch.compile(model, backend="effc", options=options)
-    with torch.no_grad():
-        out = torch.cat([compiled(b) for b in x.split(16)])
-    return out, effc.report()
-
-
 @pytest.mark.slow
 def test_end_to_end_allocation_beats_uniform_ranks_on_the_pretrained_model(mobilenet):
     model, batches, test_x = mobilenet
@@ -40,14 +32,14 @@ def test_end_to_end_allocation_beats_uniform_ranks_on_the_pretrained_model(mobil
     with torch.no_grad():
         ref = model(test_x).argmax(-1)
     agreement = {}
-    uniform, rep = _run(model, test_x, {"low_rank": {"rank_ratio": 0.45, "min_saving": 0.0,
-                                                     "compensate": False},
-                                        "calibration": calib})
+    uniform, rep = run_in_batches(model, test_x, {
+        "low_rank": {"rank_ratio": 0.45, "min_saving": 0.0, "compensate": False},
+        "calibration": calib})
     kept = sum(s.params_after for s in rep.sites) / sum(s.params_before for s in rep.sites)
     folded = [s for s in rep.sites if "batch_norm_folded" in s.details]
     assert len(folded) >= 30  # the stem and the 1x1 convs, each with its BatchNorm folded
-    allocated, rep = _run(model, test_x, {"low_rank": {"param_budget": kept, "min_saving": 0.0},
-                                          "calibration": calib})
+    allocated, rep = run_in_batches(model, test_x, {
+        "low_rank": {"param_budget": kept, "min_saving": 0.0}, "calibration": calib})
     for name, out in (("uniform", uniform), ("allocated", allocated)):
         agreement[name] = (out.argmax(-1) == ref).float().mean().item()
     assert 0.5 < kept < 0.9
@@ -62,7 +54,7 @@ def test_the_default_keeps_the_pretrained_model_within_its_bound(mobilenet):
     calib = effc.calibrate(model, batches, progress=False, samples=1)
     with torch.no_grad():
         ref = model(test_x)
-    out, rep = _run(model, test_x, {"low_rank": True, "calibration": calib})
+    out, rep = run_in_batches(model, test_x, {"low_rank": True, "calibration": calib})
     note = next(n for n in rep.graphs[0].notes if "output SQNR" in n)
     assert "(bound 25 dB)" in note
     assert error_stats(ref, out)["sqnr_db"] >= 25.0

@@ -6,6 +6,7 @@ output-aware rounding on calibration data is the lever, and the default must kee
 
 import pytest
 import torch
+from helpers import run_in_batches
 
 import effc
 from benchmarks.models import mobilenet_v2
@@ -26,20 +27,11 @@ def mobilenet():
     return model, calib, test_x, ref
 
 
-def _run(model, x, options):
-    torch._dynamo.reset()
-    effc.reset()
-    compiled = torch.compile(model, backend="effc", options=options)
-    with torch.no_grad():
-        out = torch.cat([compiled(b) for b in x.split(16)])
-    return out, effc.report()
-
-
 @pytest.mark.slow
 def test_output_aware_rounding_beats_naive_rounding_at_eight_bits(mobilenet):
     model, calib, x, ref = mobilenet
-    naive, _ = _run(model, x, {"shift_add": {"terms": 2}})
-    aware, rep = _run(model, x, {"shift_add": {"terms": 2}, "calibration": calib})
+    naive, _ = run_in_batches(model, x, {"shift_add": {"terms": 2}})
+    aware, rep = run_in_batches(model, x, {"shift_add": {"terms": 2}, "calibration": calib})
     assert sum(s.decision == "rewritten" for s in rep.sites) == 36
     sqnr = {k: error_stats(ref, out)["sqnr_db"] for k, out in (("naive", naive), ("aware", aware))}
     assert sqnr["aware"] > sqnr["naive"] + 6, sqnr   # measured: about 10 dB -> 20 dB
@@ -48,7 +40,7 @@ def test_output_aware_rounding_beats_naive_rounding_at_eight_bits(mobilenet):
 @pytest.mark.slow
 def test_the_calibrated_default_keeps_its_bound_on_held_out_photos(mobilenet):
     model, calib, x, ref = mobilenet
-    out, rep = _run(model, x, {"shift_add": True, "calibration": calib})
+    out, rep = run_in_batches(model, x, {"shift_add": True, "calibration": calib})
     note = next(n for n in rep.graphs[0].notes if n.startswith("shift_add min_sqnr_db"))
     assert "(bound 25 dB)" in note and "were not fitted to" in note
     # the bound holds on the calibration's sample call; these are other photos (3 dB slack)
