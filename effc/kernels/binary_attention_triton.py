@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from effc.kernels.binary_attention import _check, binary_attention_reference
+from effc.kernels.low_rank import output_buffer
 
 try:
     import triton
@@ -149,11 +150,7 @@ def binary_attention_triton(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, causa
     bsz, heads, lq, _ = q.shape
     kv_heads, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     shape = (bsz, heads, lq, dv)
-    if out is None:
-        out = torch.empty(shape, dtype=v.dtype, device=v.device)
-    elif tuple(out.shape) != shape or out.dtype != v.dtype or out.device != v.device:
-        raise ValueError(f"out must be {shape} {v.dtype} on {v.device}; got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = output_buffer(out, shape, v)
     bits = proj.shape[1]
     if triton is None or bits == 0 or bits % 32 or dv > 256:
         out.copy_(binary_attention_reference(q, k, v, proj, causal))

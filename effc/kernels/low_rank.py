@@ -212,6 +212,28 @@ OP_EPILOGUE = [
 ]
 
 
+def compile_kernel_text(module: str, name: str, text: str, namespace: dict):
+    """The function `name` defined by kernel `text`, compiled under a linecache pseudo file
+    (one per distinct text): `@triton.jit` and the interpreter read a kernel's source through
+    `inspect`, which finds it there, so no file is written. `namespace` holds what the text
+    uses besides triton and tl (helper jit functions)."""
+    filename = f"<{module} {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    scope = {"__name__": module, "triton": triton, "tl": tl, **namespace}
+    exec(compile(text, filename, "exec"), scope)
+    return scope[name]
+
+
+def output_buffer(out: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
+    """`out` checked to be `shape` in `like`'s dtype and device, or a new such tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be {tuple(shape)} {like.dtype} on {like.device}; got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def _op_kernel():
     """The op's kernel: TEMPLATE with the op's epilogue, t rounded by a cast to x's dtype.
 
@@ -223,12 +245,7 @@ def _op_kernel():
                          ["stride_om", "stride_on", "stride_b", "HAS_BIAS: tl.constexpr",
                           "ACTIVATION: tl.constexpr"],
                          "t.to(x_ptr.dtype.element_ty)", OP_EPILOGUE)
-    filename = f"<effc.kernels.low_rank {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
-    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
-    namespace = {"__name__": __name__, "triton": triton, "tl": tl,
-                 "_apply_activation": _apply_activation}
-    exec(compile(text, filename, "exec"), namespace)
-    return namespace[name]
+    return compile_kernel_text(__name__, name, text, {"_apply_activation": _apply_activation})
 
 
 if triton is not None:
@@ -297,12 +314,7 @@ def low_rank_linear_triton(
         raise ValueError(f"low_rank_linear_triton fuses ranks up to {MAX_FUSED_RANK}; got r={rank} (use the op, which falls back)")
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    if out is None:
-        out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != lead + (n,) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(
-            f"out must be {lead + (n,)} {x.dtype} on {x.device}; got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
+    out = output_buffer(out, lead + (n,), x)
     if m == 0 or n == 0:
         return out
     x2 = x.reshape(m, k)

@@ -28,8 +28,6 @@ still registered, with the reference only.
 
 from __future__ import annotations
 
-import hashlib
-import linecache
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -38,7 +36,8 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton  # bare name: triton_op's source scan looks for it
 
-from effc.kernels.low_rank import ACTIVATIONS, OP_EPILOGUE, dot_constexprs
+from effc.kernels.low_rank import (ACTIVATIONS, OP_EPILOGUE, compile_kernel_text, dot_constexprs,
+                                   output_buffer)
 
 try:
     import triton
@@ -166,12 +165,7 @@ def _make_kernel():
                          ["stride_b", "stride_om", "stride_on", "HAS_BIAS: tl.constexpr",
                           "ACTIVATION: tl.constexpr"],
                          "xt.to(x_ptr.dtype.element_ty)", OP_EPILOGUE)
-    filename = f"<effc.kernels.phm {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
-    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
-    namespace = {"__name__": __name__, "triton": triton, "tl": tl,
-                 "_apply_activation": _apply_activation}
-    exec(compile(text, filename, "exec"), namespace)
-    return namespace[name]
+    return compile_kernel_text(__name__, name, text, {"_apply_activation": _apply_activation})
 
 
 if triton is not None:
@@ -202,11 +196,7 @@ def phm_linear_triton(x: Tensor, a: Tensor, s: Tensor, bias: Optional[Tensor] = 
     _, p, q = s.shape
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    if out is None:
-        out = torch.empty(lead + (n_out,), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != lead + (n_out,) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {lead + (n_out,)} {x.dtype} on {x.device}; got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = output_buffer(out, lead + (n_out,), x)
     if m == 0 or n_out == 0:
         return out
     block_m = block_m or (16 if m <= 16 else 64)

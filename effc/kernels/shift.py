@@ -35,8 +35,6 @@ op is registered with the reference only.
 
 from __future__ import annotations
 
-import hashlib
-import linecache
 import math
 from collections.abc import Sequence
 from typing import Optional
@@ -46,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import wrap_triton  # bare name: triton_op's source scan looks for it
 
-from effc.kernels.low_rank import ACTIVATIONS, OP_EPILOGUE, dot_constexprs
+from effc.kernels.low_rank import (ACTIVATIONS, OP_EPILOGUE, compile_kernel_text, dot_constexprs,
+                                   output_buffer)
 
 try:
     import triton
@@ -195,13 +194,9 @@ def _make_kernel(variant: str):
     text = kernel_source(variant, name, ["bias_ptr", "out_ptr"],
                          ["stride_b", "stride_om", "stride_on", "HAS_BIAS: tl.constexpr",
                           "ACTIVATION: tl.constexpr"], OP_EPILOGUE)
-    filename = f"<effc.kernels.shift {name} {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
-    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
-    namespace = {"__name__": __name__, "triton": triton, "tl": tl, "_nibbles": _nibbles,
-                 "_shift_mul": _shift_mul, "_code_value": _code_value,
-                 "_apply_activation": _apply_activation}
-    exec(compile(text, filename, "exec"), namespace)
-    return namespace[name]
+    return compile_kernel_text(__name__, name, text, {
+        "_nibbles": _nibbles, "_shift_mul": _shift_mul, "_code_value": _code_value,
+        "_apply_activation": _apply_activation})
 
 
 if triton is not None:
@@ -282,11 +277,7 @@ def shift_linear_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[
         raise RuntimeError("shift_linear_triton needs the `triton` package, which is not importable")
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    if out is None:
-        out = torch.empty(lead + (n_out,), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != lead + (n_out,) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {lead + (n_out,)} {x.dtype} on {x.device}; got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = output_buffer(out, lead + (n_out,), x)
     if m == 0 or n_out == 0:
         return out
     group_size = group if group > 0 else max(k, 1)
