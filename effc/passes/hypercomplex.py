@@ -88,7 +88,16 @@ class HypercomplexPass(FittingPass):
             if ctx.config.strict:
                 raise
             return f"Kronecker fit failed: {exc}"
-        return Fitted(site, moment, note, fit)
+        held = None  # for allocation: fitted without the sample calls it is measured on
+        if moment is not None and cfg.whiten and rule in self.ALLOCATED_RULES and \
+                e2e is not None and e2e.source == "samples":
+            rest = ctx.calibration.held_out_moment(site.weight_name)
+            if rest is not None and rest.shape == moment.shape:
+                try:
+                    held = kronecker_fit(site.matrix, cfg.n, rest)
+                except (RuntimeError, ValueError):
+                    held = None
+        return Fitted(site, moment, note, fit, held_out=held)
 
     def local_choice(self, w: Fitted, rule: str, bound: float, label: str
                      ) -> tuple[int | None, str]:
@@ -118,7 +127,7 @@ class HypercomplexPass(FittingPass):
     def candidates(self, w: Fitted) -> list[Candidate]:
         """T = 1 .. the most profitable number of terms."""
         site, cfg = w.site, self.config
-        err, size = w.fit.tail_rel_error(), site.weight.element_size()
+        err, size = w.choosing.tail_rel_error(), site.weight.element_size()
         out = []
         for t in range(1, max_terms(site.m, site.n, cfg.n, cfg.min_saving) + 1):
             cost = params(site.m, site.n, cfg.n, t)
