@@ -342,8 +342,10 @@ def choose(options: Sequence[SiteOptions], e2e: EndToEnd | None, ctx, *, pass_na
 
 def allocation_summary(pass_name: str, rule: str, e2e: EndToEnd | None, sites: int,
                        alloc: Allocation, *, end_to_end_sensitivity: bool,
-                       held_out: bool | None, bound: float | None, default: bool) -> str:
-    """One line for the report and the log: what the allocator kept and how it measured."""
+                       held_out: bool | None, bound: float | None, default: bool,
+                       budget: str = "param_budget") -> str:
+    """One line for the report and the log: what the allocator kept and how it measured
+    (`budget`: the pass's size knob, named where the default asks for more)."""
     unit = "parameters" if alloc.cost == "params" else alloc.cost
     head = (f"{pass_name} {rule}: kept {alloc.kept} of {alloc.total} {unit} over "
             f"{sites} sites")
@@ -365,8 +367,8 @@ def allocation_summary(pass_name: str, rule: str, e2e: EndToEnd | None, sites: i
     if bound is not None:
         text += f" (bound {bound:g} dB)"
         if default:
-            text += ("; this is the quality-bounded default: min_sqnr_db lower, or "
-                     "param_budget, asks for more compression")
+            text += (f"; this is the quality-bounded default: min_sqnr_db lower, or "
+                     f"{budget}, asks for more compression")
     logger.info("%s", text)
     return text
 

@@ -26,7 +26,7 @@ from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, SiteOptions,
                                 allocation_summary, candidate_details, choose, end_to_end,
                                 output_sites)
-from effc.passes.weight_sites import Site, find_sites, tied_uses
+from effc.passes.weight_sites import Site, find_sites, skip_reason
 
 DEFAULT_MAX_ERROR = 0.05  # the default's per-site bound when nothing is measured end to end
 HEAD_REASON = ("output layer (feeds the main output directly): the default keeps it dense "
@@ -150,7 +150,7 @@ class FittingPass(Pass):
                 name, _, why = site.partition(": ")
                 rows.append(SiteRow(self.name, name, "skipped", why))
                 continue
-            why = self._shared_checks(site, ctx)
+            why = skip_reason(site, ctx, cfg.conv)
             exact = None if why else self.structured(gm, ctx, site)
             if why or exact is not None:
                 rows.append(exact or self.skip(site, why))
@@ -175,13 +175,6 @@ class FittingPass(Pass):
                 rows.append(self.rewrite(gm, ctx, w, choice, why))
         self.finish(rows, ctx)
         return PassResult(rows)
-
-    def _shared_checks(self, site: Site, ctx) -> str:
-        if not ctx.selected(site.weight_name):
-            return "excluded by include/exclude filters"
-        if site.kind == "conv" and not self.config.conv:
-            return "conv sites are off (conv=False)"
-        return tied_uses(site, ctx.facts)
 
     def moment(self, site: Site, ctx) -> tuple[torch.Tensor | None, str]:
         """(E[x x^T] of the site's input, "") from the calibration, or (None, why not)."""
@@ -241,7 +234,8 @@ class FittingPass(Pass):
         held_out = None if not aware else all(w.held_out is not None for w in aware)
         ctx.note(allocation_summary(self.name, rule, e2e, len(options), alloc,
                                     end_to_end_sensitivity=e2e_sens, held_out=held_out,
-                                    bound=bound, default=cfg.rule == "default"))
+                                    bound=bound, default=cfg.rule == "default",
+                                    budget=self.BUDGET))
         for s in options:
             c = alloc.choice[s.key]
             if c.choice is not None:

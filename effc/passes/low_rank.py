@@ -34,7 +34,7 @@ from effc.passes.compensation import compensated_target, sequential_fit
 from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
                                        output_error, round_rank, weight_error)
 from effc.passes.weight_sites import (STRUCTURE_TOL, Site, find_sites, replace_site, site_bias,
-                                      site_rows, still_built, tied_uses)
+                                      site_rows, skip_reason, still_built)
 
 RULES = ("rank", "rank_ratio", "energy", "max_error", "param_budget", "min_sqnr_db")
 FIXED_RULES = ("rank", "rank_ratio")   # rank known from the shape alone, before any SVD
@@ -194,9 +194,7 @@ class LowRankPass(Pass):
         """A weight computed in the graph (a trained low-rank product u @ v): rewritten exactly
         at its numerical rank when that saves parameters, else left to the next pass."""
         cfg: LowRankConfig = self.config
-        why = ("excluded by include/exclude filters" if not ctx.selected(site.weight_name)
-               else "conv sites are off (conv=False)" if site.kind == "conv" and not cfg.conv
-               else tied_uses(site, ctx.facts))
+        why = skip_reason(site, ctx, cfg.conv)
         if why:
             return self._skip(site, why)
         computed = f"weight computed in the graph from {', '.join(site.computed)}"
@@ -245,13 +243,9 @@ class LowRankPass(Pass):
 
     def _ineligible(self, site: Site, ctx, head: bool, e2e) -> str:
         cfg: LowRankConfig = self.config
-        if not ctx.selected(site.weight_name):
-            return "excluded by include/exclude filters"
-        if site.kind == "conv" and not cfg.conv:
-            return "conv sites are off (conv=False)"
-        tied = tied_uses(site, ctx.facts)
-        if tied:
-            return tied
+        why = skip_reason(site, ctx, cfg.conv)
+        if why:
+            return why
         if max_profitable_rank(site.m, site.n, cfg.min_saving) < 1:
             return f"too small to save parameters ({site.m}x{site.n})"
         if head and (cfg.output_layers is False or (

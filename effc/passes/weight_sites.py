@@ -346,6 +346,16 @@ def replace_site(gm: fx.GraphModule, site: Site, new: fx.Node) -> None:
         dead.extend(inputs)
 
 
+def skip_reason(site: Site, ctx, conv: bool) -> str:
+    """Why no weight pass may rewrite `site` ("" if one may): the include/exclude filters,
+    conv sites turned off (`conv`), or a weight other calls read too."""
+    if not ctx.selected(site.weight_name):
+        return "excluded by include/exclude filters"
+    if site.kind == "conv" and not conv:
+        return "conv sites are off (conv=False)"
+    return tied_uses(site, ctx.facts)
+
+
 def tied_uses(site: Site, facts) -> str:
     """Why the site's weight cannot be rewritten for this call alone ("" if it can): other
     calls read the same weight (tied embeddings and heads)."""
