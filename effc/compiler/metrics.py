@@ -43,3 +43,17 @@ def sqnr_db(signal_norm: float, noise_norm: float) -> float:
     if signal_norm == 0.0:
         return -math.inf
     return 20.0 * math.log10(signal_norm / noise_norm)
+
+
+def matrix_rel_error(matrix: torch.Tensor, approx: torch.Tensor,
+                     moment: torch.Tensor | None = None) -> float:
+    """||(M - M^) L|| / ||M L|| for an input second moment C = L L^T (the layer's relative
+    output error over those inputs), or the weight's relative error ||M - M^|| / ||M||."""
+    mat = matrix.double()
+    diff = mat - approx.double().to(mat.device)
+    if moment is None:
+        return (diff.norm() / mat.norm().clamp_min(1e-300)).item()
+    c = moment.double().to(mat.device)
+    num = torch.einsum("ij,jk,ik->", diff, c, diff).clamp_min(0)
+    den = torch.einsum("ij,jk,ik->", mat, c, mat).clamp_min(1e-300)
+    return (num / den).sqrt().item()

@@ -32,6 +32,7 @@ from effc.passes.budget import Candidate, SiteOptions, candidate_details
 from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fit,
                                            kronecker_structure, max_terms, params)
+from effc.compiler.metrics import matrix_rel_error
 from effc.passes.low_rank_math import output_error, weight_error
 from effc.passes.weight_sites import Site, replace_site, site_bias, site_rows, still_built
 
@@ -120,9 +121,7 @@ class HypercomplexPass(FittingPass):
                   f"profitable {limit} terms (n={cfg.n})")
 
     def _out_error(self, w: Fitted, terms: int) -> float:
-        approx = w.fit.matrix(terms)
-        eye = torch.eye(w.site.n, dtype=torch.float64, device=approx.device)
-        return output_error(w.site.matrix, approx, eye, w.moment)["out_rel_fro"]
+        return matrix_rel_error(w.site.matrix, w.fit.matrix(terms), w.moment)
 
     def candidates(self, w: Fitted) -> list[Candidate]:
         """T = 1 .. the most profitable number of terms."""
@@ -187,10 +186,9 @@ class HypercomplexPass(FittingPass):
         copy_node_meta(new, site.output)
         replace_site(gm, site, new)
         approx = fit.matrix(terms)
-        eye = torch.eye(site.n, dtype=torch.float64, device=approx.device)
-        error = weight_error(site.matrix, approx, eye)
+        error = weight_error(site.matrix, approx)
         if moment is not None:
-            error.update(output_error(site.matrix, approx, eye, moment))
+            error.update(output_error(site.matrix, approx, None, moment))
         err = fit.tail_rel_error()
         details: dict[str, Any] = {
             "kind": site.kind, "n": fit.n, "terms": terms, "shape": [site.m, site.n],

@@ -150,15 +150,3 @@ def kronecker_structure(matrix: torch.Tensor, choices=N_CHOICES, in_features: in
         if cost < m * k and (best is None or cost < params(m, k, best[0].n, best[1])):
             best = (fit, terms)
     return best
-
-
-def output_rel_error(matrix: torch.Tensor, approx: torch.Tensor,
-                     moment: torch.Tensor | None) -> float:
-    """||(M - M^) L|| / ||M L|| (C = L L^T), or the weight's relative error without C."""
-    mat, diff = matrix.double(), matrix.double() - approx.double().to(matrix.device)
-    if moment is None:
-        return (diff.norm() / mat.norm().clamp_min(1e-300)).item()
-    c = moment.double().to(mat.device)
-    num = torch.einsum("ij,jk,ik->", diff, c, diff).clamp_min(0)
-    den = torch.einsum("ij,jk,ik->", mat, c, mat).clamp_min(1e-300)
-    return (num / den).sqrt().item()

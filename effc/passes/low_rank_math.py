@@ -184,28 +184,38 @@ def factorize(weight: torch.Tensor, moment: torch.Tensor | None = None, rank: in
     return Factorization(p * root, v, s, whitened=True)
 
 
-def weight_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
-    """Relative Frobenius error and SQNR of u @ v against the weight."""
+def weight_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
+                 ) -> dict[str, float]:
+    """Relative Frobenius error and SQNR of u @ v (of u itself when v is None: any other
+    approximation of the weight) against the weight."""
     w = weight.detach().double()
-    diff, ref = (w - u.double() @ v.double()).norm().item(), w.norm().item()
+    approx = u.double() if v is None else u.double() @ v.double()
+    diff, ref = (w - approx).norm().item(), w.norm().item()
     return {"weight_rel_fro": diff / ref if ref else 0.0, "weight_sqnr_db": sqnr_db(ref, diff)}
 
 
-def output_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+def output_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
                  moment: torch.Tensor) -> dict[str, float]:
     """Expected layer-output error over the calibration inputs (bias excluded), from C alone.
 
     ||Mx||^2, ||(M-uv)x||^2 and <Mx, uvx> averaged over inputs are traces against C = E[xx^T].
     Only M C costs m n^2; the factored side goes through v C (r n^2), which matters at n = 11008.
+    With v None, u is the whole approximation (then u C costs m n^2 too).
     """
     w = weight.detach().double()
-    u, v = u.double(), v.double()
     c = moment.double().to(w.device)
-    wc, vc = w @ c, v @ c
-    approx = u @ v
+    wc = w @ c
+    if v is None:
+        approx = u.double()
+        ac = approx @ c
+        out2 = (ac * approx).sum().item()
+    else:
+        u, v = u.double(), v.double()
+        vc = v @ c
+        approx, ac = u @ v, u @ vc
+        out2 = ((vc @ v.T) * (u.T @ u)).sum().item()    # trace(u (v C v^T) u^T)
     ref2 = (wc * w).sum().item()
-    out2 = ((vc @ v.T) * (u.T @ u)).sum().item()        # trace(u (v C v^T) u^T)
-    diff2 = max(((wc - u @ vc) * (w - approx)).sum().item(), 0.0)
+    diff2 = max(((wc - ac) * (w - approx)).sum().item(), 0.0)
     dot = (wc * approx).sum().item()
     ref, diff = math.sqrt(max(ref2, 0.0)), math.sqrt(diff2)
     cosine = dot / math.sqrt(ref2 * out2) if ref2 > 0 and out2 > 0 else float(ref2 == out2)

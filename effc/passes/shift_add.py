@@ -33,7 +33,8 @@ from effc.passes.base import PassResult
 from effc.passes.binary_attention import binary_attention_sites
 from effc.passes.budget import Candidate, SiteOptions, candidate_details
 from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
-from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack, rel_error
+from effc.compiler.metrics import matrix_rel_error
+from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack
 from effc.passes.weight_sites import Site, replace_site, site_bias, still_built
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -128,7 +129,7 @@ class ShiftAddPass(FittingPass):
 
         def fits(c: torch.Tensor | None) -> _Fits:
             done = {t: fit(site.matrix, t, cfg.group, c) for t in wanted}
-            return _Fits(done, {t: rel_error(site.matrix, f.matrix(), moment)
+            return _Fits(done, {t: matrix_rel_error(site.matrix, f.matrix(), moment)
                                 for t, f in done.items()})
 
         held = None
@@ -198,9 +199,9 @@ class ShiftAddPass(FittingPass):
         copy_node_meta(new, site.output)
         replace_site(gm, site, new)
         size = site.m * site.n
-        error = {"weight_rel_fro": rel_error(site.matrix, approx, None)}
+        error = {"weight_rel_fro": matrix_rel_error(site.matrix, approx, None)}
         if moment is not None:
-            error["out_rel_fro"] = rel_error(site.matrix, approx, moment)
+            error["out_rel_fro"] = matrix_rel_error(site.matrix, approx, moment)
         elem = site.weight.element_size()
         details: dict[str, Any] = {
             "kind": site.kind, "primitive": f"shift ({f.terms} terms)", "terms": f.terms,

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from effc.compiler.metrics import matrix_rel_error
 from effc.kernels.shift import code_values
 
 MAX_EXPONENT = 6           # levels 2^0 .. 2^-6; exponent code 7 is zero
@@ -209,21 +210,10 @@ def fit(matrix: torch.Tensor, terms: int, group: int | None = None,
         d = decode(codes)
         scale = _refit_scale(w, d, cols, groups, c, scale)
         candidate = ShiftFit(codes, scale.clone(), group)
-        err = rel_error(w, candidate.matrix(), c)
+        err = matrix_rel_error(w, candidate.matrix(), c)
         if err < best_err:
             best, best_err = candidate, err
     return best
-
-
-def rel_error(matrix: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor | None) -> float:
-    """||(M - M^) L|| / ||M L|| for C = L L^T, or the weight's relative error without C."""
-    diff = matrix.double() - approx.double()
-    if moment is None:
-        return (diff.norm() / matrix.double().norm().clamp_min(1e-300)).item()
-    c = moment.double()
-    num = torch.einsum("ij,jk,ik->", diff, c, diff).clamp_min(0)
-    den = torch.einsum("ij,jk,ik->", matrix.double(), c, matrix.double()).clamp_min(1e-300)
-    return (num / den).sqrt().item()
 
 
 def _magnitudes(terms: int) -> torch.Tensor:

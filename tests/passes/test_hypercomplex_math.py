@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from effc.compiler.metrics import matrix_rel_error as output_rel_error
 from effc.passes.hypercomplex_math import (kron_sum, kronecker_fit, kronecker_structure,
-                                           max_terms, output_rel_error, params)
+                                           max_terms, params)
 
 
 def _kron_loop(a, s):

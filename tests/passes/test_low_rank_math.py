@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import effc
 import effc.passes.low_rank_math as lrm
-from effc.passes.low_rank_math import factorize, svd_method
+from effc.passes.low_rank_math import factorize, output_error, svd_method, weight_error
 
 CHECKPOINT = Path(__file__).parents[2] / "benchmarks" / "models" / "checkpoints" / "text_llama.pt"
 
@@ -202,3 +202,16 @@ def test_randomized_with_a_spectrum_rule_is_rejected(rule):
 def test_bad_svd_value_names_the_key_and_values():
     with pytest.raises(ValueError, match=r"low_rank\.svd.*'auto', 'full', 'randomized'"):
         effc.Config.from_options({"low_rank": {"svd": "lanczos"}}, env={})
+
+
+def test_errors_of_a_whole_approximation_equal_those_of_its_factors():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    u, v = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(3, 9, generator=g,
+                                                                             dtype=torch.float64)
+    x = torch.randn(50, 9, generator=g, dtype=torch.float64)
+    c = x.T @ x / 50
+    for key, value in weight_error(w, u @ v).items():
+        assert value == pytest.approx(weight_error(w, u, v)[key], rel=1e-9)
+    for key, value in output_error(w, u @ v, None, c).items():
+        assert value == pytest.approx(output_error(w, u, v, c)[key], rel=1e-9)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from effc.compiler.metrics import matrix_rel_error as rel_error
 from effc.passes.shift_add_math import (ZERO_CODE, decode, encode, exact_codes, fit, lut,
-                                        nearest, pack, rel_error, unpack)
+                                        nearest, pack, unpack)
 
 
 def test_levels_and_nearest_rounding():
