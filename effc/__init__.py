@@ -17,8 +17,9 @@ from effc.kernels.shift import shift_linear
 from effc.passes.hypercomplex import HypercomplexConfig
 from effc.passes.low_rank import LowRankConfig
 from effc.passes.shift_add import ShiftAddConfig
+from effc.passes.token_skip import TokenSkipConfig
 
 __version__ = "0.1.0"
 __all__ = ["Calibration", "Config", "HypercomplexConfig", "LowRankConfig", "Report", "calibrate",
            "explain", "phm_linear", "report", "reset", "ShiftAddConfig", "shift_linear",
-           "verify"]
+           "TokenSkipConfig", "verify"]

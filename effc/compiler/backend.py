@@ -127,5 +127,9 @@ def session_report() -> Report:
 
 
 def reset() -> None:
-    """Forget the session report (compiled models keep working)."""
+    """Forget the session report and token_skip's routing plans (compiled models keep
+    working)."""
+    from effc.passes.token_skip import clear_plans
+
     SESSION.graphs.clear()
+    clear_plans()

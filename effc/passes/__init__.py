@@ -14,9 +14,11 @@ from effc.passes.base import Pass, PassResult
 from effc.passes.hypercomplex import HypercomplexPass
 from effc.passes.low_rank import LowRankPass
 from effc.passes.shift_add import ShiftAddPass
+from effc.passes.token_skip import TokenSkipPass
 
 PASSES: list[type[Pass]] = [
-    # kv_proj, token_skip: not yet implemented
+    # kv_proj: not yet implemented
+    TokenSkipPass,
     LowRankPass,
     HypercomplexPass,
     ShiftAddPass,

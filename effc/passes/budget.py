@@ -187,34 +187,62 @@ class EndToEnd:
     def __bool__(self) -> bool:
         return bool(self.calls)
 
-    def _outputs(self, args: list[Any], replace: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _outputs(self, args: list[Any], replace: dict[str, torch.Tensor],
+                 graph: fx.GraphModule | None = None) -> list[torch.Tensor]:
         run = self.facts.fresh(args)
         for name, value in replace.items():
             run[self.index[name]] = value
         self.forwards += 1
         with torch.no_grad():
-            out = pytree.tree_leaves(self.gm(*run))
+            out = pytree.tree_leaves((graph or self.gm)(*run))
         return [o.detach().double() for o in out
                 if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
     @property
     def main(self) -> int:
-        """Index (among the float outputs) of the main output: the largest."""
+        """Index (among the float outputs) of the main output: the one computed from the most
+        of the graph (the logits, not a layer's keys returned for a cache, even when
+        generate() keeps the logits of one position only), the largest among equals."""
         first = self.reference[0]
-        return max(range(len(first)), key=lambda i: first[i].numel()) if first else 0
+        if not first:
+            return 0
+        depth = _output_depths(self.gm)
+        if len(depth) != len(first):
+            depth = [0] * len(first)
+        return max(range(len(first)), key=lambda i: (depth[i], first[i].numel()))
 
-    def error2(self, replace: dict[str, torch.Tensor], calls: int | None = None) -> float:
+    def error2(self, replace: dict[str, torch.Tensor], calls: int | None = None,
+               graph: fx.GraphModule | None = None) -> float:
         """Squared relative error of the main output with `replace`d weights (over the first
-        `calls` sample calls, or all)."""
+        `calls` sample calls, or all), or of `graph`, a rewritten copy of the graph."""
         num = den = 0.0
         i = self.main
         for args, ref in zip(self.calls[:calls], self.reference[:calls]):
-            out = self._outputs(args, replace)
+            out = self._outputs(args, replace, graph)
             if not ref:
                 continue
             num += (ref[i] - out[i]).pow(2).sum().item()
             den += ref[i].pow(2).sum().item()
         return num / den if den > 0 else 0.0
+
+
+def _output_depths(gm: fx.GraphModule) -> list[int]:
+    """For each float tensor output of `gm` (in the order `_outputs` lists them), the number
+    of graph nodes it is computed from."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    depths = []
+    for leaf in pytree.tree_leaves(out.args[0]):
+        val = node_value(leaf) if isinstance(leaf, fx.Node) else leaf
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            continue
+        seen, stack = set(), [leaf] if isinstance(leaf, fx.Node) else []
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    stack.append(a)
+        depths.append(len(seen))
+    return depths
 
 
 def _size_of(symbol: Any, fakes: Sequence[Any], tensors: Sequence[torch.Tensor]) -> int | None:

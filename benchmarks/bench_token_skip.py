@@ -1,0 +1,181 @@
+"""token_skip benchmarks: quality vs MLP token work, and CPU time vs sequence length.
+
+    .venv/bin/python benchmarks/bench_token_skip.py                 # both parts, prints tables
+    .venv/bin/python benchmarks/bench_token_skip.py --part a --record   # also BENCHMARKS.md
+
+(a) Quality, training-free, on the byte-level Llama trained here (held-out text: next-token
+    agreement with the unmodified model, perplexity) and the digits ViT (test accuracy,
+    agreement): capacity x layers, the allocator's budget, the default, and dropping whole
+    MLP blocks (capacity 0) at equal work. Routers and thresholds come from calibration on
+    training data; every number is measured on held-out data.
+(b) CPU time of one forward at 128..2048 tokens (batch 1) vs eager, with the FLOP ratio of
+    the whole model and how much of the FLOP saving the time realizes. Timed with top-k
+    routing (exactly ceil(c T) tokens per routed block, so the FLOP ratio is exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import effc  # noqa: E402
+from benchmarks.common import machine, main_output, record, table, time_interleaved  # noqa: E402
+
+
+def _compiled(model, options):
+    torch._dynamo.reset()
+    effc.reset()
+    return torch.compile(model, backend="effc", options=options)
+
+
+def _routed(pass_name="token_skip"):
+    """{layer: capacity} of the blocks the last compile routed (threshold: the fraction of
+    calibration tokens above it)."""
+    out = {}
+    for s in effc.report().sites:
+        if s.pass_name == pass_name and s.decision == "rewritten":
+            d = s.details
+            out[d["layer"]] = d.get("kept_fraction", d["capacity"])
+    return out
+
+
+def _llama(quick: bool):
+    from benchmarks.models import text_lm
+
+    model, (train_ids, val_ids) = text_lm.get_model("text_llama")
+    ctx = text_lm.CONTEXT
+    starts = torch.linspace(0, len(train_ids) - ctx - 1, 32 if quick else 64).long()
+    batches = list(torch.stack([train_ids[s:s + ctx] for s in starts]).split(8))
+    n_win = min(len(val_ids) // (ctx + 1), 32 if quick else 256) // 8 * 8
+    windows = val_ids[: n_win * (ctx + 1)].view(n_win, ctx + 1)
+    with torch.no_grad():
+        ref = [main_output(model(w[:, :-1].contiguous())).argmax(-1) for w in windows.split(8)]
+
+    def metrics(m):
+        nll, count, agree = 0.0, 0, 0
+        with torch.no_grad():
+            for w, r in zip(windows.split(8), ref):
+                logits = main_output(m(w[:, :-1].contiguous())).float()
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       w[:, 1:].reshape(-1), reduction="sum").item()
+                agree += (logits.argmax(-1) == r).sum().item()
+                count += w[:, 1:].numel()
+        return {"agreement": agree / count, "val perplexity": math.exp(nll / count)}
+
+    return "text_llama (4 layers)", model, batches, metrics, 4
+
+
+def _vit(quick: bool):
+    from benchmarks.models import digits
+
+    model, (xtr, _, xte, yte) = digits.get_model("digits_vit")
+    n = len(xte) // 100 * 100
+    xte, yte = xte[:n], yte[:n]
+    with torch.no_grad():
+        ref = torch.cat([main_output(model(x)).argmax(-1) for x in xte.split(100)])
+
+    def metrics(m):
+        with torch.no_grad():
+            pred = torch.cat([main_output(m(x)).argmax(-1) for x in xte.split(100)])
+        return {"agreement": (pred == ref).float().mean().item(),
+                "test accuracy": (pred == yte).float().mean().item()}
+
+    return "digits_vit (3 layers)", model, list(xtr[:400].split(100)), metrics, 3
+
+
+def _variants(layers: int) -> list[tuple[str, dict]]:
+    middle = list(range(1, layers - 1))
+    every = list(range(layers))
+    out = []
+    for c in (0.875, 0.75, 0.5):
+        out.append((f"capacity {c}, layers {middle}", {"capacity": c}))
+    for c in (0.875, 0.75):
+        out.append((f"capacity {c}, layers {every}", {"capacity": c, "layers": every}))
+    for k in middle:
+        out.append((f"drop MLP of layer {k} (capacity 0)", {"capacity": 0.0, "layers": [k]}))
+    out.append(("budget 0.5 of the eligible blocks' work", {"budget": 0.5}))
+    out.append(("default (min_sqnr_db 25)", {}))
+    return out
+
+
+def part_a(quick: bool) -> str:
+    out = []
+    for make in (_llama, _vit):
+        name, model, batches, metrics, layers = make(quick)
+        calib = effc.calibrate(model, batches, progress=False, samples=4)
+        rows = [["unmodified", 1.0, *metrics(model).values()]]
+        for label, knobs in _variants(layers):
+            compiled = _compiled(model, {"token_skip": knobs, "calibration": calib})
+            with torch.no_grad():
+                compiled(batches[0])
+            result = metrics(compiled)
+            routed = _routed()
+            work = (layers - len(routed) + sum(routed.values())) / layers
+            rows.append([label, work, *result.values()])
+        headers = ["setting", "MLP token work kept", *metrics(model).keys()]
+        out.append(f"### {name}\n\n" + table(headers, rows))
+    return (f"(a) quality vs MLP token work, training-free, {machine()}\n\n"
+            "MLP token work kept: the fraction of the model's MLP block-token work that runs "
+            "(threshold routing: the fraction of calibration tokens above the threshold).\n\n"
+            + "\n\n".join(out))
+
+
+def _flops(cfg, tokens: int, mlp_kept: float) -> float:
+    """Multiply-adds of one forward of the Llama at `tokens` tokens (batch 1)."""
+    d, ff, n, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, \
+        cfg.vocab_size
+    proj = 4 * d * d * tokens
+    attention = 2 * d * tokens * (tokens + 1) / 2  # causal: scores and values
+    mlp = 3 * d * ff * tokens
+    return n * (proj + attention) + mlp * mlp_kept * n + d * vocab * tokens
+
+
+def part_b(quick: bool) -> str:
+    from benchmarks.models import text_lm
+
+    model, (train_ids, _) = text_lm.get_model("text_llama")
+    rows = []
+    settings = [("capacity 0.5, layers [1, 2]", {"capacity": 0.5}, 0.75),
+                ("capacity 0.5, all 4 layers", {"capacity": 0.5, "layers": [0, 1, 2, 3]}, 0.5)]
+    for tokens in ((128, 512) if quick else (128, 512, 1024, 2048)):
+        ids = train_ids[:tokens].unsqueeze(0)
+        fns = {"eager": lambda: model(ids)}
+        for label, knobs, _ in settings:
+            compiled = _compiled(model, {"token_skip": {**knobs, "routing": "top_k"}})
+            with torch.no_grad():
+                compiled(ids)
+            fns[label] = (lambda c: lambda: c(ids))(compiled)
+        times = time_interleaved(fns, repeats=5 if quick else 15)
+        for label, _, kept in settings:
+            flop = _flops(model.config, tokens, kept) / _flops(model.config, tokens, 1.0)
+            ratio = times[label] / times["eager"]
+            realized = (1 - ratio) / (1 - flop) if flop < 1 else float("nan")
+            rows.append([tokens, label, flop, ratio, realized])
+    return (f"(b) CPU time of one forward vs eager (batch 1, top-k routing), {machine()}\n\n"
+            + table(["tokens", "setting", "FLOP ratio", "time ratio vs eager",
+                     "share of the FLOP saving realized"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="a,b", help="comma list of parts: a, b")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
+    args = parser.parse_args()
+    parts = {"a": part_a, "b": part_b}
+    for key in args.part.split(","):
+        text = parts[key.strip()](args.quick)
+        print(text, "\n", flush=True)
+        if args.record and not args.quick:
+            record(f"token_skip_{key.strip()}", text)
+
+
+if __name__ == "__main__":
+    main()

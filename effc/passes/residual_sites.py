@@ -1,0 +1,188 @@
+"""Residual branches `h = x + f(x)` in an FX graph: the sites of token_skip (shared, not a pass).
+
+A site is an add whose one operand (the update) is computed from the other (the stream) by a
+branch that reads at least one weight, found on targets, not module classes, so Hugging Face
+decoders, encoders and ViTs and plain modules look alike. The branch is every node between
+the stream and the update that depends on the stream. Its kind is "attention" when it holds an
+attention (scaled_dot_product_attention, or a softmax), else "mlp". A branch can run on a subset
+of the tokens only if it is closed (none of its values is used outside it) and reads no other
+per-token tensor; otherwise `why` says what stops it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from effc.compiler.graph_facts import GraphFacts, node_value
+
+ADDS = (operator.add, torch.add, operator.iadd)
+ATTENTION = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+             F.softmax, torch.softmax)
+RESHAPES = {("call_method", "view"), ("call_method", "reshape"),
+            ("call_function", torch.reshape)}
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclasses.dataclass
+class ResidualSite:
+    """`add = stream + update`, with the branch computing `update` from `stream`."""
+
+    add: fx.Node
+    stream: fx.Node
+    update: fx.Node
+    branch: list[fx.Node]          # graph order, `update` last
+    kind: str                      # "mlp" or "attention"
+    name: str                      # the branch's module, e.g. model.layers.0.mlp
+    layer: int | None              # the first number in the branch's weight names
+    weights: list[str]             # weight names the branch reads, graph order
+    why: str = ""                  # non-empty: the branch cannot run on a subset of tokens
+
+    @property
+    def features(self) -> int | None:
+        shape = _shape(self.stream)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = node_value(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _descendants(start: fx.Node, limit: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    seen, stack = set(), [start]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen and order.get(u, limit + 1) <= limit:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _ancestors(end: fx.Node, floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    seen, stack = {end}, [end]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and order.get(a, -1) > floor:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _module(weight_name: str) -> str:
+    """`model.layers.0.mlp.down_proj.weight` -> `model.layers.0.mlp`."""
+    parts = weight_name.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else weight_name
+
+
+def _per_token(node: fx.Node, stream_shape: tuple) -> bool:
+    """True if `node`'s value has the stream's token dims (a tensor with one row per token)."""
+    shape = _shape(node)
+    lead = stream_shape[:-1]
+    return shape is not None and len(shape) >= len(lead) and len(lead) > 0 and \
+        tuple(shape[:len(lead)]) == tuple(lead) and math.prod(
+            s for s in lead if isinstance(s, int)) > 1
+
+
+def _problem(branch: list[fx.Node], members: set[fx.Node], add: fx.Node, stream: fx.Node,
+             facts: GraphFacts) -> str:
+    shape = _shape(stream)
+    if shape is None or len(shape) < 2:
+        return "the residual stream's shape is not known or has no token dimension"
+    for n in branch:
+        outside = [u for u in n.users if u not in members and u is not add]
+        if outside:
+            return (f"a value of the block ({n.name}) is also used outside it "
+                    f"({outside[0].name}): the keys and values a cache keeps, or a router's state")
+        for a in n.all_input_nodes:
+            if a in members or a is stream or facts.weight_name(a) is not None \
+                    or a.op == "get_attr":
+                continue
+            if _per_token(a, shape):
+                return (f"the block reads another per-token tensor ({a.name}) besides its "
+                        f"input stream")
+    return ""
+
+
+def residual_sites(gm: fx.GraphModule, facts: GraphFacts) -> list[ResidualSite]:
+    """Every residual add of `gm` whose branch reads a weight, in graph order."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    sites = []
+    for node in nodes:
+        if not (node.op == "call_function" and node.target in ADDS and len(node.args) == 2
+                and all(isinstance(a, fx.Node) for a in node.args)):
+            continue
+        a, b = node.args
+        for stream, update in ((a, b), (b, a)):
+            if order[stream] >= order[update]:
+                continue
+            down = _descendants(stream, order[update], order)
+            if update not in down:
+                continue
+            members = down & _ancestors(update, order[stream], order)
+            branch = sorted(members, key=order.__getitem__)
+            weights = [facts.weight_name(x) for n in branch for x in n.all_input_nodes
+                       if facts.weight_name(x) is not None]
+            if not weights or _shape(stream) != _shape(update) or _shape(stream) is None:
+                continue
+            weights = list(dict.fromkeys(weights))
+            matrices = [w for w in weights if facts.weights[w].value.dim() >= 2]
+            name = _module((matrices or weights)[-1])
+            kind = "attention" if any(n.op == "call_function" and n.target in ATTENTION
+                                      for n in branch) else "mlp"
+            found = _LAYER.search("." + name + ".")
+            sites.append(ResidualSite(node, stream, update, branch, kind, name,
+                                      int(found.group(1)) if found else None, weights,
+                                      _problem(branch, members, node, stream, facts)))
+            break
+    return sites
+
+
+def reshape_sizes(node: fx.Node) -> tuple | None:
+    """The target sizes of a view/reshape node (ints, or nodes for symbolic sizes), else None.
+    Dynamo spells dynamic sizes as `view(x, torch.Size([2, s0, 128]))`."""
+    if (node.op, node.target) not in RESHAPES or len(node.args) < 2:
+        return None
+    arg = node.args[1]
+    if len(node.args) == 2 and isinstance(arg, fx.Node) and arg.target is torch.Size:
+        return tuple(arg.args[0])
+    if len(node.args) == 2 and isinstance(arg, (tuple, list)):
+        return tuple(arg)
+    return tuple(node.args[1:])
+
+
+def _same_size(a, b) -> bool:
+    """A size argument (int or a node of a SymInt) equals a traced size (int or SymInt)."""
+    a = node_value(a) if isinstance(a, fx.Node) else a
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and \
+        str(a.node.expr) == str(b.node.expr)
+
+
+def flatten_token_sizes(node: fx.Node, lead: tuple) -> bool:
+    """Make a view/reshape inside a branch that names the stream's token sizes (`lead`, such
+    as (batch, tokens)) work on any number of rows: (B, T, n) -> (1, -1, n), (B*T, n) ->
+    (-1, n). True if the node was changed."""
+    sizes = reshape_sizes(node)
+    if sizes is None or not lead:
+        return False
+    k = len(lead)
+    if len(sizes) > k and all(_same_size(a, b) for a, b in zip(sizes, lead)):
+        new = (1,) * (k - 1) + (-1,) + tuple(sizes[k:])
+    elif sizes and all(isinstance(s, int) for s in lead) and isinstance(sizes[0], int) \
+            and sizes[0] == math.prod(lead) and -1 not in sizes[1:]:
+        new = (-1,) + tuple(sizes[1:])
+    else:
+        return False
+    node.args = (node.args[0], new)
+    return True

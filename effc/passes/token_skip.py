@@ -1,0 +1,417 @@
+"""token_skip: Mixture-of-Depths routing around residual MLP blocks (gamma-MoD), training-free.
+
+At a residual site `h = x + f(x)` (residual_sites.py) only some tokens go through f: a router
+scores each token from x (a ridge fit to the norm of the block's update on calibration data,
+token_skip_math.py), the chosen rows are gathered into a compact batch, f runs on it, and its
+output is added back at those rows (effc.token_route / token_gather / token_scatter_add); the
+other tokens keep x. Routing is top-k per sequence (ceil(capacity * T) tokens) where the graph
+is not causal, and a per-token threshold set on calibration scores where it is (a decoder: a
+causal attention or a KV cache), so a token's route never depends on later tokens and decode
+steps route one token at a time. `capacity: 0` drops the block (layer dropping).
+
+Which sites and capacities: `capacity` on the chosen `layers` ("auto": every eligible layer,
+or the `max_layers` least sensitive), a `budget` of token work allocated across sites by the
+shared allocator, or, by default, as much skipping as keeps the graph's main output at
+`min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
+sample inputs (else on the call being compiled, with a warning). The first and last layers
+are kept unless named. Attention blocks and whole layers are not built yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
+from effc.compiler.config import PassConfig, knob
+from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, node_arg,
+                                       node_value)
+from effc.compiler.report import SiteRow
+from effc.passes.base import Pass, PassResult
+from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
+                                SiteOptions, allocate, db, end_to_end)
+from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
+                                        residual_sites)
+from effc.passes.token_skip_math import Router, fit_router, overlap, threshold
+
+CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
+MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSkipConfig(PassConfig):
+    """token_skip's knobs: `options={"token_skip": {"capacity": 0.875}}`."""
+
+    option_key: ClassVar[str] = "token_skip"
+
+    capacity: float | None = knob(None, "fraction of tokens each converted block processes "
+                                  "(0: drop the block)", min=0.0, max=1.0)
+    budget: float | None = knob(None, "fraction of the eligible blocks' token work to keep, "
+                                "allocated across sites by measured end-to-end effect",
+                                min=0.0, max=1.0)
+    min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
+                                     "this SQNR (dB); the default rule, at 25", min=0.0)
+    blocks: Literal["mlp"] = knob("mlp", "which residual blocks may be routed (attention "
+                                  "blocks and whole layers are not built yet)")
+    layers: Literal["auto"] | tuple[int, ...] = knob(
+        "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
+    max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
+                                  "sensitive first", min=0)
+    routing: Literal["auto", "top_k", "threshold"] = knob(
+        "auto", "top_k: ceil(capacity*T) tokens per sequence; threshold: per token, causal; "
+                "auto: threshold in causal graphs (decoders), top_k otherwise")
+    max_forwards: int = knob(512, "bound on the graph runs that measure candidates", min=1)
+
+    def validate(self, key: str) -> None:
+        given = [k for k in ("capacity", "budget", "min_sqnr_db") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"effc option {key!r}: give one of capacity, budget, min_sqnr_db; "
+                             f"got {', '.join(given)}")
+        if self.layers != "auto" and any(i < 0 for i in self.layers):
+            raise ValueError(f"effc option '{key}.layers': expected layer indices >= 0 or "
+                             f"'auto', got {self.layers!r}")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One site's routing: the router, and the capacity and threshold it runs at."""
+
+    router: Router
+    capacity: float
+    threshold: float | None  # None: top-k
+
+
+def is_causal(gm: fx.GraphModule) -> bool:
+    """A decoder's graph: a causal attention, or keys/values the graph returns for a cache."""
+    outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ATTENTION[:2]:
+            if node_arg(n, 5, "is_causal", False):
+                return True
+            if any(a in outputs for a in n.args[1:3] if isinstance(a, fx.Node)):
+                return True
+    return False
+
+
+def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
+               derived_from: tuple[str, ...] = ()) -> None:
+    """Rewrite `site` in `gm` so that only the routed tokens go through its branch."""
+    graph = gm.graph
+    if plan.capacity <= 0.0:  # the whole block is dropped
+        site.add.replace_all_uses_with(site.stream)
+        graph.erase_node(site.add)
+        for n in reversed(site.branch):
+            if not n.users and not n.is_impure():
+                graph.erase_node(n)
+        return
+    d = site.features
+    lead = tuple(site.stream.meta["example_value"].shape[:-1]) if "example_value" in \
+        site.stream.meta else ()
+    weight = plan.router.weight.to(ctx.device if ctx else "cpu")
+    if ctx is not None:
+        w_node = ctx.add_constant(gm, weight, derived_from=list(derived_from),
+                                  name_hint=f"{site.name}.router")
+    else:
+        w_node = add_constant(gm, weight, f"{site.name}.router")
+    first = site.branch[0]
+    ops = torch.ops.effc
+    with graph.inserting_before(first):
+        x2d = graph.call_method("reshape", (site.stream, (-1, d)))
+        scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
+        scores = graph.call_function(torch.add, (scores, plan.router.bias))
+        tokens = graph.call_method("size", (site.stream, -2))
+        scores = graph.call_method("reshape", (scores, (-1, tokens)))
+        index = graph.call_function(ops.token_route.default,
+                                    (scores, float(plan.capacity), plan.threshold))
+        rows = graph.call_function(ops.token_gather.default, (x2d, index))
+        rank = len(lead) + 1
+        rows = graph.call_method("reshape", (rows, (1,) * (rank - 2) + (-1, d)))
+    for n in site.branch:
+        n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
+        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
+        flatten_token_sizes(n, lead)
+    with graph.inserting_before(site.add):
+        upd = graph.call_method("reshape", (site.update, (-1, d)))
+        out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
+        out = graph.call_method("view_as", (out, site.stream))
+    site.add.replace_all_uses_with(out)
+    graph.erase_node(site.add)
+
+
+# Plans chosen by the first graph that held a site, reused by every later graph of the same
+# weights, options and calibration: generate()'s decode steps (one token, often no sample
+# that fits) then route exactly as the prefill graph measured, with the same thresholds.
+_PLANS: dict[tuple, _Plan | None] = {}
+
+
+def clear_plans() -> None:
+    """Forget the routing plans (effc.reset())."""
+    _PLANS.clear()
+
+
+def _plan_key(site: ResidualSite, ctx, cfg: PassConfig) -> tuple:
+    weights = tuple((w, id(ctx.facts.weights[w].value), ctx.facts.weights[w].value._version)
+                    for w in site.weights)
+    return site.name, weights, repr(cfg), id(ctx.calibration)
+
+
+def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
+    """Why routing `site` breaks the graph on the inputs of the call being compiled (a view
+    the rewrite could not free from the token count, an op that is not per token), or ""."""
+    g = copy_graph_module(gm)
+    twin = next((s for s in residual_sites(g, GraphFacts(g, ctx.example_inputs, root=None))
+                 if s.add.name == site.add.name), None)
+    if twin is None:
+        return "the block is no longer found in the graph"
+    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
+                                          if gi.kind == "input"), fakes)
+    if args is None:
+        return "the rewrite could not be checked on the inputs of the call being compiled"
+    try:
+        route_site(g, twin, plan)
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        with torch.no_grad():
+            g(*ctx.facts.fresh(args))
+    except Exception as exc:  # noqa: BLE001 - any failure: the block cannot be routed
+        return f"the block does not run on a subset of its tokens: {type(exc).__name__}: " \
+               f"{str(exc)[:160]}"
+    return ""
+
+
+class _Capture(fx.Interpreter):
+    """Runs a graph and keeps the values of some nodes."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out.detach()
+        return out
+
+
+class TokenSkipPass(Pass):
+    """Mixture-of-Depths routing; see the module docstring."""
+
+    name = "token_skip"
+    config_cls = TokenSkipConfig
+    rewrites_weights = True  # inference only: routing changes what the graph computes
+
+    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        cfg: TokenSkipConfig = self.config
+        found = residual_sites(gm, ctx.facts)
+        rows, eligible = self._eligible(found, ctx)
+        keys = {s.add.name: _plan_key(s, ctx, cfg) for s in eligible}
+        if eligible and all(keys[s.add.name] in _PLANS for s in eligible):
+            for site in eligible:  # decided by an earlier graph of this model
+                plan = _PLANS[keys[site.add.name]]
+                rows.append(self._apply(gm, site, plan, ctx, None, None)
+                            if plan is not None else
+                            self._row(site, "skipped", self._kept_reason(site)))
+            ctx.note("token_skip: routing reused from the first graph that held these blocks "
+                     "(same weights, options and calibration)")
+            gm.graph.eliminate_dead_code()
+            return PassResult(rows)
+        if not eligible:
+            return PassResult(rows)
+        e2e = end_to_end(gm, ctx, allocated=True, compensate=False)
+        if e2e is None:  # no calibration: the call being compiled is all there is
+            example = [tuple(gi.value for gi in ctx.facts.inputs
+                             if gi.kind not in ("parameter", "buffer"))]
+            e2e = EndToEnd(copy_graph_module(gm), ctx.facts, example)
+            e2e.source = "example"
+        if not e2e:
+            return PassResult(rows + [self._row(s, "skipped", "no inputs to fit the router "
+                                                "on (the graph does not run on any)")
+                                      for s in eligible])
+        if e2e.source == "example":
+            ctx.warn("routers fitted and effects measured on the inputs of the call being "
+                     "compiled (no calibration samples of this graph): pass "
+                     "calibration=effc.calibrate(model, batches) to route on held data")
+        routers, oracle = self._fit(e2e, eligible)
+        causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
+        plans = self._choose(gm, e2e, eligible, routers, oracle, causal, ctx)
+        for site in eligible:
+            plan = plans.get(site.add.name)
+            if plan is not None and plan.capacity >= 1.0:
+                plan = None
+            _PLANS[keys[site.add.name]] = plan
+            rows.append(self._apply(gm, site, plan, ctx, routers, oracle) if plan is not None
+                        else self._row(site, "skipped", self._kept_reason(site), routers, oracle))
+        gm.graph.eliminate_dead_code()
+        return PassResult(rows)
+
+    def _apply(self, gm, site: ResidualSite, plan: _Plan, ctx, routers, oracle) -> SiteRow:
+        why = _fails(gm, site, plan, ctx) or ctx.claim(site.name)
+        if why:
+            return self._row(site, "skipped", why)
+        route_site(gm, site, plan, ctx, tuple(site.weights))
+        return self._row(site, "rewritten", self._route_reason(plan), routers, oracle, plan)
+
+    # --- sites ------------------------------------------------------------------------------
+    def _eligible(self, found: list[ResidualSite], ctx) -> tuple[list[SiteRow], list]:
+        cfg: TokenSkipConfig = self.config
+        layers = [s.layer for s in found if s.layer is not None]
+        ends = {min(layers), max(layers)} if layers else set()
+        named = set() if cfg.layers == "auto" else set(cfg.layers)
+        missing = sorted(named - set(layers))
+        if missing:
+            ctx.warn(f"layers {missing} match no residual block of this graph (its layers: "
+                     f"{sorted(set(layers))})")
+        rows, eligible = [], []
+        for s in found:
+            why = ("attention blocks are not routed yet (blocks='mlp')" if s.kind != cfg.blocks
+                   else s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
+                   or ("not among the layers asked for" if named and s.layer not in named
+                       else "")
+                   or ("the first and last layers are kept unless named in layers"
+                       if not named and s.layer in ends else ""))
+            if why:
+                rows.append(self._row(s, "skipped", why))
+            else:
+                eligible.append(s)
+        return rows, eligible
+
+    # --- routers ----------------------------------------------------------------------------
+    def _fit(self, e2e: EndToEnd, sites: list[ResidualSite]
+             ) -> tuple[dict[str, Router], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per site: the ridge router, and (router scores, true update norms) on the data."""
+        xs = {s.add.name: [] for s in sites}
+        ys = {s.add.name: [] for s in sites}
+        wanted = {n.name for s in sites for n in (s.stream, s.update)}
+        for args in e2e.calls:
+            cap = _Capture(e2e.gm, wanted)
+            with torch.no_grad():
+                cap.run(*e2e.facts.fresh(args))
+            for s in sites:
+                d = s.features
+                x = cap.values[s.stream.name].reshape(-1, d)
+                u = cap.values[s.update.name].reshape(-1, d)
+                xs[s.add.name].append(x[:MAX_TOKENS].double())
+                ys[s.add.name].append(u[:MAX_TOKENS].double().norm(dim=-1))
+        routers, oracle = {}, {}
+        for s in sites:
+            x, y = torch.cat(xs[s.add.name])[:MAX_TOKENS], torch.cat(ys[s.add.name])[:MAX_TOKENS]
+            routers[s.add.name] = fit_router(x, y)
+            oracle[s.add.name] = (routers[s.add.name].scores(x), y)
+        return routers, oracle
+
+    # --- choosing capacities ----------------------------------------------------------------
+    def _plan(self, key: str, capacity: float, causal: bool, routers, oracle) -> _Plan:
+        thr = threshold(oracle[key][0], capacity) if causal else None
+        return _Plan(routers[key], capacity, thr)
+
+    def _graph(self, e2e: EndToEnd, plans: dict[str, _Plan]) -> fx.GraphModule:
+        """A copy of the measured graph with `plans` (by add-node name) applied."""
+        g = copy_graph_module(e2e.gm)
+        facts = GraphFacts(g, [gi.value for gi in e2e.facts.inputs], root=None)
+        for s in residual_sites(g, facts):
+            if s.add.name in plans:
+                route_site(g, s, plans[s.add.name])
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        return g
+
+    def _choose(self, gm, e2e: EndToEnd, sites, routers, oracle, causal, ctx
+                ) -> dict[str, _Plan]:
+        cfg: TokenSkipConfig = self.config
+        plan = lambda s, c: self._plan(s.add.name, c, causal, routers, oracle)  # noqa: E731
+        self.measured: dict[tuple[str, float], float] = {}
+        caps = (cfg.capacity,) if cfg.capacity is not None else CAPACITIES
+        calls = max(1, cfg.max_forwards // max(1, len(sites) * len(caps)))
+        for s in sites:
+            for c in caps:
+                if c < 1.0:
+                    self.measured[(s.add.name, c)] = e2e.error2(
+                        {}, calls, self._graph(e2e, {s.add.name: plan(s, c)}))
+        if cfg.capacity is not None:
+            order = sorted(sites, key=lambda s: self.measured.get((s.add.name, cfg.capacity), 0))
+            n = len(order) if cfg.max_layers is None or cfg.layers != "auto" else cfg.max_layers
+            chosen = {s.add.name: plan(s, cfg.capacity) for s in order[:n]}
+            self._summary(e2e, chosen, ctx, f"capacity {cfg.capacity:g}")
+            return chosen
+        work = {s.add.name: 1000 for s in sites}  # per-site token work, in 1/1000 of a site
+        options = [SiteOptions(s.add.name, [Candidate(1.0, 0, 0.0, flops=work[s.add.name])] + [
+            Candidate(c, 0, self.measured[(s.add.name, c)] ** 0.5, flops=int(c * 1000))
+            for c in CAPACITIES]) for s in sites]
+        if cfg.budget is not None:
+            choice = allocate(options, max_params=cfg.budget * sum(work.values()), cost="flops")
+            chosen = {s.add.name: plan(s, choice[s.add.name].choice) for s in sites}
+            self._summary(e2e, chosen, ctx, f"budget {cfg.budget:g}")
+            return chosen
+        bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
+        target, scale = 10 ** (-bound / 10), 1.0
+        for _ in range(MAX_CHECKS):
+            choice = allocate(options, max_error2=target * scale, cost="flops")
+            chosen = {s.add.name: plan(s, choice[s.add.name].choice) for s in sites}
+            got = self._measure(e2e, chosen)
+            if got <= target:
+                break
+            scale *= 0.5
+        else:
+            chosen = {}
+        self._summary(e2e, chosen, ctx, f"min_sqnr_db {bound:g}"
+                      + (" (the quality-bounded default)" if cfg.min_sqnr_db is None else ""))
+        return chosen
+
+    def _measure(self, e2e: EndToEnd, chosen: dict[str, _Plan]) -> float:
+        live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
+        return e2e.error2({}, None, self._graph(e2e, live)) if live else 0.0
+
+    def _summary(self, e2e: EndToEnd, chosen: dict[str, _Plan], ctx, rule: str) -> None:
+        live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
+        err2 = self._measure(e2e, live)
+        self.graph_error2 = err2
+        where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples"
+                 else "the inputs of the call being compiled")
+        ctx.note(f"token_skip {rule}: {len(live)} blocks routed; graph main output SQNR "
+                 f"{db(err2):.1f} dB on {where} ({e2e.forwards} forward passes)")
+
+    # --- report -----------------------------------------------------------------------------
+    def _kept_reason(self, site: ResidualSite) -> str:
+        cfg: TokenSkipConfig = self.config
+        if cfg.capacity is not None and cfg.capacity >= 1.0:
+            return "capacity 1: every token goes through the block (nothing to rewrite)"
+        if cfg.capacity is not None:
+            return f"kept whole: max_layers={cfg.max_layers} took less sensitive blocks"
+        return "kept whole by the allocator (skipping any of its tokens cost more output error)"
+
+    @staticmethod
+    def _route_reason(plan: _Plan) -> str:
+        if plan.capacity <= 0.0:
+            return "block dropped (capacity 0): every token keeps its input"
+        how = ("per-token threshold (causal)" if plan.threshold is not None
+               else "top-k per sequence")
+        return f"capacity {plan.capacity:g}, {how}, ridge router on the update norm"
+
+    def _row(self, site: ResidualSite, decision: str, reason: str, routers=None, oracle=None,
+             plan: _Plan | None = None) -> SiteRow:
+        details: dict[str, Any] = {"kind": site.kind, "layer": site.layer,
+                                   "add_node": site.add.name}
+        error: dict[str, float] = {}
+        key = site.add.name
+        r = plan.router if plan is not None else (routers or {}).get(key)
+        if r is not None:
+            details.update(router_r2=round(r.r2, 4), router_tokens=r.tokens)
+        if plan is not None:
+            details.update(capacity=plan.capacity, routing="top_k" if plan.threshold is None
+                           else "threshold", threshold=plan.threshold)
+        if plan is not None and oracle and key in oracle:
+            scores, norms = oracle[key]
+            details["oracle_overlap"] = round(overlap(scores, norms, plan.capacity), 4)
+            if plan.threshold is not None:
+                details["kept_fraction"] = round(
+                    float((scores >= plan.threshold).double().mean()), 4)
+        probe = plan.capacity if plan is not None else self.config.capacity
+        m = getattr(self, "measured", {}).get((key, probe))
+        if m is not None:  # the graph's output with this block alone routed at `probe`
+            error["graph_sqnr_db_alone"] = round(db(m), 2)
+        return SiteRow(self.name, site.name, decision, reason, details=details, error=error)
+

@@ -1,0 +1,72 @@
+"""token_skip's math: the closed-form router, capacities as thresholds, routing quality.
+
+The router predicts, from a token's block input x alone, how much the block changes it: the
+target is ||f(x)||, the norm of the block's update. Why that target: a token whose update is
+small loses little when the block skips it (its output is x + f(x) ~ x), and the norm is cheap
+to record for every token; on a small Llama a ridge router on it matched the oracle that
+knows the true norms (issue measurements). The fit is ridge regression on [x, 1] in closed
+form (float64), which keeps the router a single dot product per token at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from effc.kernels.token_gather import route_count as kept_tokens
+
+RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of X^T X
+
+
+@dataclasses.dataclass
+class Router:
+    """score(x) = x . weight + bias; fitted on `tokens` calibration tokens."""
+
+    weight: torch.Tensor   # [d] float32
+    bias: float
+    r2: float              # coefficient of determination on the fitting tokens
+    tokens: int
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).double() @ self.weight.double() + self.bias
+
+
+def fit_router(x: torch.Tensor, target: torch.Tensor) -> Router:
+    """Ridge regression of `target` [N] on [x, 1] (x: [N, d])."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = target.reshape(-1).double()
+    feats = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    gram = feats.T @ feats
+    lam = RIDGE * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+    reg = torch.full((gram.shape[0],), float(lam), dtype=gram.dtype)
+    reg[-1] = 0.0  # the bias is not shrunk
+    coef = torch.linalg.solve(gram + torch.diag(reg), feats.T @ y)
+    pred = feats @ coef
+    var = (y - y.mean()).pow(2).sum()
+    r2 = 1.0 - float((y - pred).pow(2).sum() / var) if var > 0 else 1.0
+    return Router(coef[:-1].float(), float(coef[-1]), r2, int(y.numel()))
+
+
+def threshold(scores: torch.Tensor, capacity: float) -> float:
+    """The score above which a fraction `capacity` of the calibration tokens lies (per-token
+    routing: causal, so decoding can use it one token at a time)."""
+    s = scores.reshape(-1).double().sort().values
+    if capacity >= 1.0:
+        return -math.inf
+    if capacity <= 0.0:
+        return math.inf
+    drop = min(s.numel() - 1, max(0, s.numel() - kept_tokens(s.numel(), capacity)))
+    return float(s[drop])
+
+
+def overlap(scores: torch.Tensor, oracle: torch.Tensor, capacity: float) -> float:
+    """Fraction of the oracle's top tokens (by true update norm) that the router also keeps,
+    both taking a fraction `capacity` of all tokens."""
+    k = kept_tokens(scores.numel(), capacity)
+    if k == 0:
+        return 1.0
+    mine = set(scores.reshape(-1).topk(k).indices.tolist())
+    theirs = set(oracle.reshape(-1).topk(k).indices.tolist())
+    return len(mine & theirs) / k

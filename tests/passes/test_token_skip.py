@@ -1,0 +1,236 @@
+"""token_skip on Hugging Face small configs: exactness at capacity 1, counted tokens, causal
+routing, generate() with the cache, the rules, and bad options.
+
+Tolerances: capacity 1 and the routed rewrite are compared bit for bit (the block runs the
+same ops on the same rows; measured equal on every config here). Causality is asserted to
+1e-5 of the logits' scale: prefixes run as separate compiled graphs whose attention sums
+in another order (measured 6e-8).
+"""
+
+import math
+import re
+
+import pytest
+import torch
+import transformers as tf
+from helpers import first_tensor, hf_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import effc
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module
+from effc.passes.residual_sites import residual_sites
+from effc.passes.token_skip import _Plan, is_causal, route_site
+from effc.passes.token_skip_math import Router
+
+
+class _CountRows(TorchDispatchMode):
+    """Rows each effc.token_gather call hands to a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.effc.token_gather.default:
+            self.rows.append(out.shape[0])
+        return out
+
+
+def _llama(layers=4, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _compile(model, options):
+    torch._dynamo.reset()
+    effc.reset()
+    return torch.compile(model, backend="effc", options={**options, "strict": True})
+
+
+def _rows(kind="rewritten"):
+    return [s for g in effc.report().graphs for p in g.passes if p.name == "token_skip"
+            for s in p.sites if s.decision == kind]
+
+
+def _routed_graph(capacity, threshold=None):
+    """A backend that checks route_site on every MLP site of the graph it is given."""
+    seen = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        sites = [s for s in residual_sites(g, GraphFacts(g, example)) if s.kind == "mlp"]
+        for s in sites:
+            route_site(g, s, _Plan(Router(torch.randn(s.features), 0.0, 1.0, 1), capacity,
+                                   threshold))
+        g.recompile()
+        with torch.no_grad(), _CountRows() as count:
+            seen["routed"] = first_tensor(g(*example))
+        seen["plain"] = first_tensor(gm(*example))
+        seen["rows"], seen["sites"] = count.rows, len(sites)
+        return gm.forward
+
+    return backend, seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "vit"])
+def test_the_routed_rewrite_at_capacity_1_is_exact(kind):
+    model, inputs = hf_model(kind)
+    backend, seen = _routed_graph(1.0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.eval(), backend=backend)(**inputs)
+    assert seen["sites"] == 2
+    assert torch.equal(seen["routed"], seen["plain"])
+
+
+@pytest.mark.parametrize("kind,tokens", [("bert", 9), ("vit", 17), ("llama", 9)])
+@pytest.mark.parametrize("capacity", [0.125, 0.3, 0.875])
+def test_capacity_c_processes_ceil_c_t_tokens_per_sequence(kind, tokens, capacity):
+    model, inputs = hf_model(kind)  # batch 2
+    backend, seen = _routed_graph(capacity)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.eval(), backend=backend)(**inputs)
+    assert seen["rows"] == [2 * math.ceil(capacity * tokens)] * 2
+
+
+def test_capacity_1_through_the_pass_is_bit_identical():
+    model, inputs = hf_model("bert")
+    with torch.no_grad():
+        ref = first_tensor(model.eval()(**inputs))
+        out = first_tensor(_compile(model, {"token_skip": {"capacity": 1.0,
+                                                           "layers": [0, 1]}})(**inputs))
+    assert torch.equal(out, ref)
+    assert _rows() == [] and len(_rows("skipped")) == 4
+
+
+def test_capacity_0_drops_the_block():
+    model, inputs = hf_model("vit")
+    with torch.no_grad():
+        out = first_tensor(_compile(model, {"token_skip": {"capacity": 0.0,
+                                                            "layers": [1]}})(**inputs))
+    rows = _rows()
+    assert [r.site for r in rows] == ["layers.1.mlp"]
+    assert "dropped" in rows[0].reason
+    # dropping layer 1's MLP equals running the model with that MLP's output zeroed
+    fc2 = model.layers[1].mlp.fc2
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fc2.weight.data.zero_()
+        fc2.bias.data.zero_()
+        ref = first_tensor(model(**inputs))
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+
+
+def test_decoders_route_per_token_and_stay_causal():
+    model = _llama(layers=3)
+    ids = torch.randint(3, 96, (2, 16))
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5}})
+    with torch.no_grad():
+        full = compiled(ids).logits
+        rows = _rows()
+        prefix = compiled(ids[:, :10]).logits
+    assert [r.site for r in rows] == ["model.layers.1.mlp"]  # first and last layers kept
+    assert rows[0].details["routing"] == "threshold"
+    assert 0.2 <= rows[0].details["kept_fraction"] <= 0.8
+    scale = full.abs().max()
+    assert (prefix - full[:, :10]).abs().max() <= 1e-5 * scale
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert not torch.allclose(full, ref, atol=1e-4)  # routing does change the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_with_the_cache_matches_generate_without_it(kind):
+    model = _llama(layers=3) if kind == "llama" else hf_model("gpt2")[0].eval()
+    if kind == "gpt2":  # a third layer, so that a middle layer exists
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(**{**model.config.to_dict(), "n_layer": 3}))
+        model.eval()
+    ids = torch.randint(3, 96, (2, 8))
+    forward = model.forward
+    model.forward = _compile(forward, {"token_skip": {"capacity": 0.5}})
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.inference_mode():
+        cached = model.generate(ids, **kwargs)
+        recomputed = model.generate(ids, use_cache=False, **kwargs)
+    assert _rows() and all(r.details["routing"] == "threshold" for r in _rows())
+    graphs = effc.report().graphs
+    assert len(graphs) >= 3  # prefill, decode steps, no-cache steps: all routed the same way
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_is_causal_tells_decoders_from_encoders():
+    found = {}
+    for kind in ("llama", "bert"):
+        model, inputs = hf_model(kind)
+
+        def backend(gm, example, kind=kind):
+            found[kind] = is_causal(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model.eval(), backend=backend)(**inputs)
+    assert found == {"llama": True, "bert": False}
+
+
+def _note_db(text):
+    return float(re.search(r"SQNR (-?[\d.]+|inf) dB", text).group(1))
+
+
+def test_the_default_keeps_the_measured_output_bound():
+    model = _llama(layers=4)
+    batches = [{"input_ids": torch.randint(3, 96, (2, 16))} for _ in range(3)]
+    calib = effc.calibrate(model, batches)
+    ids = batches[0]["input_ids"]
+    compiled = _compile(model, {"token_skip": True, "calibration": calib})
+    with torch.no_grad():
+        compiled(ids)
+    notes = [n for g in effc.report().graphs for n in g.notes if n.startswith("token_skip")]
+    assert notes and "min_sqnr_db 25" in notes[0] and _note_db(notes[0]) >= 25.0
+
+
+def test_a_budget_keeps_at_most_that_share_of_the_token_work():
+    model = _llama(layers=4)
+    ids = torch.randint(3, 96, (2, 16))
+    compiled = _compile(model, {"token_skip": {"budget": 0.6}})
+    with torch.no_grad():
+        compiled(ids)
+    caps = {r.site: r.details["capacity"] for r in _rows()}
+    eligible = 2  # layers 1 and 2 of 4
+    kept = sum(caps.values()) + (eligible - len(caps))
+    assert caps and kept <= 0.6 * eligible + 1e-9
+
+
+def test_max_layers_takes_the_least_sensitive_blocks():
+    model = _llama(layers=4)
+    ids = torch.randint(3, 96, (2, 16))
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5, "max_layers": 1}})
+    with torch.no_grad():
+        compiled(ids)
+    rows, kept = _rows(), [r for r in _rows("skipped") if "max_layers" in r.reason]
+    assert len(rows) == 1 and len(kept) == 1
+    measured = kept[0].error["graph_sqnr_db_alone"]  # what the block left whole would cost
+    assert rows[0].error["graph_sqnr_db_alone"] >= measured
+
+
+@pytest.mark.parametrize("options,key", [
+    ({"capacity": 1.5}, "token_skip.capacity"),
+    ({"capacity": -0.1}, "token_skip.capacity"),
+    ({"budget": 0.5, "capacity": 0.5}, "token_skip"),
+    ({"layers": [-1]}, "token_skip.layers"),
+    ({"blocks": "attention"}, "token_skip.blocks"),
+    ({"routing": "random"}, "token_skip.routing"),
+    ({"max_layers": -2}, "token_skip.max_layers"),
+])
+def test_bad_settings_raise_value_error_naming_the_key(options, key):
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        effc.Config.from_options({"token_skip": options})
