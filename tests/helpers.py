@@ -187,3 +187,25 @@ def run_in_batches(model, x, options, batch: int = 16):
     with torch.no_grad():
         out = torch.cat([compiled(b) for b in x.split(batch)])
     return out, effc.report()
+
+
+def cuda_check(script: str, tmp_path) -> object:
+    """Run `script` where Triton compiles for a GPU (no interpreter; no GPU needed to reach a
+    cubin) and return the JSON of its last stdout line; skip where Triton's CUDA backend or
+    ptxas is missing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if "ptxas" in done.stderr and done.returncode:
+        pytest.skip("no ptxas to compile for CUDA here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,10 +7,6 @@ the Triton lowering also fills; the last tests check that the op runs it and tha
 for CUDA.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lowering_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
+from helpers import cuda_check
 
 import effc.kernels.low_rank as low_rank
 from effc.kernels.low_rank import (
@@ -325,15 +322,7 @@ def test_op_kernel_compiles_for_cuda_and_triton_op_finds_it(tmp_path):
     """The interpreter accepts more than the compiler: the kernel built from the template must
     compile for sm_90 with the op's tilings (both products are tl.dot), and triton_op's source
     scan must find it so inductor can see it."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if "ptxas" in done.stderr and done.returncode:
-        pytest.skip("no ptxas to compile for CUDA here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = cuda_check(_CUDA_CHECK, tmp_path)
     assert result["found_by_triton_op"] and result["jit"] == "JITFunction"
     assert [(d, dots) for d, dots, _ in result["compiled"]] == [("fp16", 2), ("bf16", 2), ("fp32", 2)]
     assert all(size > 0 for *_, size in result["compiled"])

@@ -6,10 +6,6 @@ without CUDA), on shapes ragged against the blocks, with fresh random inputs per
 NaN-poisoned output buffer so an element the kernel fails to write cannot pass.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lowering_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
+from helpers import cuda_check
 
 import effc.kernels.phm as phm
 from effc.kernels.low_rank import ACTIVATIONS
@@ -278,15 +275,7 @@ _CUDA_CHECK = textwrap.dedent("""
 def test_op_kernel_compiles_for_cuda_and_triton_op_finds_it(tmp_path):
     """The interpreter accepts more than the compiler: the kernel must compile for sm_90, and
     triton_op's source scan must find it so inductor can see it."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if "ptxas" in done.stderr and done.returncode:
-        pytest.skip("no ptxas to compile for CUDA here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = cuda_check(_CUDA_CHECK, tmp_path)
     assert result["found_by_triton_op"]
     assert [(d, dots) for d, dots, _ in result["compiled"]] == [("fp16", 1), ("bf16", 1), ("fp32", 1)]
     assert all(size > 0 for *_, size in result["compiled"])

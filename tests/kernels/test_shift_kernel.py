@@ -8,11 +8,7 @@ output buffer so an element a kernel fails to write cannot pass.
 """
 
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lowering_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
+from helpers import cuda_check
 
 import effc.kernels.shift as shift
 from effc.kernels.low_rank import ACTIVATIONS
@@ -401,15 +398,7 @@ def test_kernels_compile_for_cuda_and_triton_op_finds_them(tmp_path):
     """The interpreter accepts more than the compiler: both kernels must compile for sm_90, the
     shift kernel with one fp32 multiply only (the group scale; none for weight values) and no
     dot, the dot kernel with one tt.dot; triton_op's source scan must find both."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if "ptxas" in done.stderr and done.returncode:
-        pytest.skip("no ptxas to compile for CUDA here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = cuda_check(_CUDA_CHECK, tmp_path)
     assert result["found_by_triton_op"]
     assert [(v, d, dots) for v, d, dots, _, _ in result["compiled"]] == [
         ("shift", "fp32", 0), ("shift", "bf16", 0), ("dot", "fp16", 1), ("dot", "bf16", 1),

@@ -3,11 +3,7 @@ against torch.topk and a threshold mask, references against index_select / index
 kernels against the references under the interpreter (tests/conftest.py) on ragged shapes with
 NaN-poisoned outputs, fake implementations, and the ops inside a lowering="triton" graph."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from fractions import Fraction
 
@@ -17,6 +13,7 @@ import torch.nn.functional as F
 from lowering_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from helpers import cuda_check
 
 import effc
 import effc.kernels.token_gather_triton as triton_kernels
@@ -361,15 +358,7 @@ def test_kernels_compile_for_cuda_without_fma_contraction(tmp_path):
     """Both kernels compile for sm_90 for fp32 and bf16; the scatter is launched with
     enable_fp_fusion=False and then has no fp32 FMA (which would skip the product's rounding
     and break fp32 bit-exactness), where the default build of the same kernel has some."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if "ptxas" in done.stderr and done.returncode:
-        pytest.skip("no ptxas to compile for CUDA here")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = cuda_check(_CUDA_CHECK, tmp_path)
     assert len(rows) == 2 * (1 + 2 + 2) and all(size > 0 for *_, size in rows)
     gathers = [r for r in rows if r[0] == "_token_gather_kernel"]
     assert sorted(r[1] for r in gathers) == ["*bf16", "*fp32"]
