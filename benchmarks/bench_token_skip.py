@@ -35,12 +35,13 @@ def _compiled(model, options):
     return torch.compile(model, backend="effc", options=options)
 
 
-def _routed(pass_name="token_skip"):
-    """{layer: capacity} of the blocks the last compile routed (threshold: the fraction of
-    calibration tokens above it)."""
+def _routed(kind: str):
+    """{layer: capacity} of the `kind` blocks the last compile routed (threshold: the
+    fraction of calibration tokens above it)."""
     out = {}
     for s in effc.report().sites:
-        if s.pass_name == pass_name and s.decision == "rewritten":
+        if s.pass_name == "token_skip" and s.decision == "rewritten" and \
+                s.details["kind"] == kind:
             d = s.details
             out[d["layer"]] = d.get("kept_fraction", d["capacity"])
     return out
@@ -69,7 +70,7 @@ def _llama(quick: bool):
                 count += w[:, 1:].numel()
         return {"agreement": agree / count, "val perplexity": math.exp(nll / count)}
 
-    return "text_llama (4 layers)", model, batches, metrics, 4
+    return "text_llama (4 layers)", model, batches, metrics, 4, False
 
 
 def _vit(quick: bool):
@@ -87,10 +88,10 @@ def _vit(quick: bool):
         return {"agreement": (pred == ref).float().mean().item(),
                 "test accuracy": (pred == yte).float().mean().item()}
 
-    return "digits_vit (3 layers)", model, list(xtr[:400].split(100)), metrics, 3
+    return "digits_vit (3 layers)", model, list(xtr[:400].split(100)), metrics, 3, True
 
 
-def _variants(layers: int) -> list[tuple[str, dict]]:
+def _variants(layers: int, encoder: bool) -> list[tuple[str, dict]]:
     middle = list(range(1, layers - 1))
     every = list(range(layers))
     out = []
@@ -100,6 +101,10 @@ def _variants(layers: int) -> list[tuple[str, dict]]:
         out.append((f"capacity {c}, layers {every}", {"capacity": c, "layers": every}))
     for k in middle:
         out.append((f"drop MLP of layer {k} (capacity 0)", {"capacity": 0.0, "layers": [k]}))
+    if encoder:  # attention blocks too (the work column counts MLP work only)
+        for keys in ("all", "selected"):
+            out.append((f"capacity 0.75, layers {middle}, attention and MLP, keys {keys}",
+                        {"capacity": 0.75, "blocks": ["attention", "mlp"], "keys": keys}))
     out.append(("budget 0.5 of the eligible blocks' work", {"budget": 0.5}))
     out.append(("default (min_sqnr_db 25)", {}))
     return out
@@ -108,15 +113,15 @@ def _variants(layers: int) -> list[tuple[str, dict]]:
 def part_a(quick: bool) -> str:
     out = []
     for make in (_llama, _vit):
-        name, model, batches, metrics, layers = make(quick)
+        name, model, batches, metrics, layers, encoder = make(quick)
         calib = effc.calibrate(model, batches, progress=False, samples=4)
         rows = [["unmodified", 1.0, *metrics(model).values()]]
-        for label, knobs in _variants(layers):
+        for label, knobs in _variants(layers, encoder):
             compiled = _compiled(model, {"token_skip": knobs, "calibration": calib})
             with torch.no_grad():
                 compiled(batches[0])
             result = metrics(compiled)
-            routed = _routed()
+            routed = _routed("mlp")
             work = (layers - len(routed) + sum(routed.values())) / layers
             rows.append([label, work, *result.values()])
         headers = ["setting", "MLP token work kept", *metrics(model).keys()]

@@ -169,20 +169,49 @@ def _same_size(a, b) -> bool:
         str(a.node.expr) == str(b.node.expr)
 
 
-def flatten_token_sizes(node: fx.Node, lead: tuple) -> bool:
+def flatten_token_sizes(node: fx.Node, lead: tuple, keep_batch: bool = False) -> bool:
     """Make a view/reshape inside a branch that names the stream's token sizes (`lead`, such
-    as (batch, tokens)) work on any number of rows: (B, T, n) -> (1, -1, n), (B*T, n) ->
+    as (batch, tokens)) work on any number of rows: (B, T, n) -> (1, -1, n), or (B, -1, n)
+    with `keep_batch` (the rows are B sequences of equally many tokens), and (B*T, n) ->
     (-1, n). True if the node was changed."""
     sizes = reshape_sizes(node)
     if sizes is None or not lead:
         return False
     k = len(lead)
     if len(sizes) > k and all(_same_size(a, b) for a, b in zip(sizes, lead)):
-        new = (1,) * (k - 1) + (-1,) + tuple(sizes[k:])
+        head = tuple(sizes[:k - 1]) if keep_batch else (1,) * (k - 1)
+        rest = list(sizes[k:])
+        if -1 in rest:  # (B, T, -1, d) -> (B, -1, H, d): the inferred size, from the trace
+            shape = _shape(node)
+            i = rest.index(-1)
+            if shape is None or len(shape) != len(sizes) or not isinstance(shape[k + i], int):
+                return False
+            rest[i] = shape[k + i]
+        new = head + (-1,) + tuple(rest)
     elif sizes and all(isinstance(s, int) for s in lead) and isinstance(sizes[0], int) \
             and sizes[0] == math.prod(lead) and -1 not in sizes[1:]:
         new = (-1,) + tuple(sizes[1:])
+    elif keep_batch and isinstance(lead[-1], int) and lead[-1] > 1:
+        new = _free_token_axis(node, sizes, lead[-1])
+        if new is None:
+            return False
     else:
         return False
     node.args = (node.args[0], new)
     return True
+
+
+def _free_token_axis(node: fx.Node, sizes: tuple, tokens: int) -> tuple | None:
+    """(B, -1, T, d) -> (B, H, -1, d): the token count where heads moved it (an attention's
+    output), if it is the only size equal to it after the batch."""
+    shape = _shape(node)
+    if shape is None or len(shape) != len(sizes):
+        return None
+    where = [i for i, s in enumerate(sizes) if i > 0 and s == tokens]
+    if len(where) != 1 or shape[where[0]] != tokens:
+        return None
+    new = [shape[i] if s == -1 else s for i, s in enumerate(sizes)]
+    if not all(isinstance(s, int) for s in new[1:]):
+        return None
+    new[where[0]] = -1
+    return tuple(new)

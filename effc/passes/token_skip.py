@@ -14,7 +14,9 @@ or the `max_layers` least sensitive), a `budget` of token work allocated across 
 shared allocator, or, by default, as much skipping as keeps the graph's main output at
 `min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
 sample inputs (else on the call being compiled, with a warning). The first and last layers
-are kept unless named. Attention blocks and whole layers are not built yet.
+are kept unless named. Attention blocks are routed in encoders and ViTs (`blocks`): the
+routed queries attend to all tokens' keys (`keys="all"`) or only the routed ones; whole
+layers are not built yet.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch.fx as fx
 
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, node_arg,
-                                       node_value)
+from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module,
+                                       copy_node_meta, node_arg, node_value)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
@@ -54,8 +56,13 @@ class TokenSkipConfig(PassConfig):
                                 min=0.0, max=1.0)
     min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
-    blocks: Literal["mlp"] = knob("mlp", "which residual blocks may be routed (attention "
-                                  "blocks and whole layers are not built yet)")
+    blocks: tuple[Literal["mlp", "attention"], ...] = knob(
+        ("mlp",), "which residual blocks may be routed: mlp, attention (encoders and ViTs "
+                  "only: a decoder's skipped tokens would still have to write no KV); whole "
+                  "layers are not built yet")
+    keys: Literal["all", "selected"] = knob(
+        "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
+               "the routed ones (Mixture-of-Depths proper: the least work)")
     layers: Literal["auto"] | tuple[int, ...] = knob(
         "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
     max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
@@ -82,6 +89,8 @@ class _Plan:
     router: Router
     capacity: float
     threshold: float | None  # None: top-k
+    keys: str = "all"        # attention blocks: the keys the routed queries see
+    info: dict = dataclasses.field(default_factory=dict)  # what the deciding graph measured
 
 
 def is_causal(gm: fx.GraphModule) -> bool:
@@ -97,8 +106,9 @@ def is_causal(gm: fx.GraphModule) -> bool:
 
 
 def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
-               derived_from: tuple[str, ...] = ()) -> None:
-    """Rewrite `site` in `gm` so that only the routed tokens go through its branch."""
+               derived_from: tuple[str, ...] = ()) -> fx.Node:
+    """Rewrite `site` in `gm` so that only the routed tokens go through its branch; the node
+    that now holds the add's value (a later site whose stream was the add reads it)."""
     graph = gm.graph
     if plan.capacity <= 0.0:  # the whole block is dropped
         site.add.replace_all_uses_with(site.stream)
@@ -106,7 +116,7 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         for n in reversed(site.branch):
             if not n.users and not n.is_impure():
                 graph.erase_node(n)
-        return
+        return site.stream
     d = site.features
     lead = tuple(site.stream.meta["example_value"].shape[:-1]) if "example_value" in \
         site.stream.meta else ()
@@ -128,17 +138,64 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                                     (scores, float(plan.capacity), plan.threshold))
         rows = graph.call_function(ops.token_gather.default, (x2d, index))
         rank = len(lead) + 1
-        rows = graph.call_method("reshape", (rows, (1,) * (rank - 2) + (-1, d)))
-    for n in site.branch:
-        n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
-        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
-        flatten_token_sizes(n, lead)
+        batched = site.kind == "attention"  # attention mixes tokens: keep sequences apart
+        head = (graph.call_method("size", (site.stream, 0)),) if batched else (1,) * (rank - 2)
+        rows = graph.call_method("reshape", (rows, head + (-1, d)))
+    if site.kind == "attention" and plan.keys == "all":
+        _queries_only(graph, site, rows, lead)
+    else:
+        for n in site.branch:
+            n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
+            n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
+            flatten_token_sizes(n, lead, keep_batch=batched)
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
         out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
         out = graph.call_method("view_as", (out, site.stream))
+    copy_node_meta(out, site.add)  # same value as the add had: a later site reads its shape
     site.add.replace_all_uses_with(out)
     graph.erase_node(site.add)
+    return out
+
+
+def _restream(sites: list[ResidualSite], old: fx.Node, new: fx.Node) -> None:
+    """After a rewrite replaced `old` (a routed site's add) by `new`: the sites that read it
+    as their stream read `new`."""
+    for s in sites:
+        if s.stream is old:
+            s.stream = new
+
+
+def _queries_only(graph: fx.Graph, site: ResidualSite, rows: fx.Node, lead: tuple) -> None:
+    """keys="all": the routed tokens' queries attend to every token's keys and values. The
+    nodes that compute the queries are copied onto the gathered rows (a norm the keys share
+    is computed twice, once per set of rows); keys, values and the attention's inputs
+    otherwise stay on the whole stream; the nodes after the attention see routed rows."""
+    attn = next(n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2])
+    members = set(site.branch)
+
+    def within(start) -> set:
+        seen, stack = set(), [start] if start in members else []
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack.extend(a for a in n.all_input_nodes if a in members)
+        return seen
+
+    queries = within(attn.args[0])
+    env = {site.stream: rows}
+    with graph.inserting_before(attn):
+        for n in site.branch:
+            if n in queries:
+                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+                flatten_token_sizes(env[n], lead, keep_batch=True)
+    attn.args = (env.get(attn.args[0], attn.args[0]),) + tuple(attn.args[1:])
+    after = False
+    for n in site.branch:
+        after = after or n is attn
+        if after and n is not attn:
+            flatten_token_sizes(n, lead, keep_batch=True)
 
 
 # Plans chosen by the first graph that held a site, reused by every later graph of the same
@@ -156,6 +213,20 @@ def _plan_key(site: ResidualSite, ctx, cfg: PassConfig) -> tuple:
     weights = tuple((w, id(ctx.facts.weights[w].value), ctx.facts.weights[w].value._version)
                     for w in site.weights)
     return site.name, weights, repr(cfg), id(ctx.calibration)
+
+
+def _masked(site: ResidualSite) -> bool:
+    """True if an attention in the block takes a mask (one row per query: it would have to
+    be gathered with the queries)."""
+    return any(n.op == "call_function" and n.target in ATTENTION[:2]
+               and node_arg(n, 3, "attn_mask") is not None for n in site.branch)
+
+
+def _update_weight(site: ResidualSite, ctx) -> str:
+    """The calibration's key of a residual add: the weight of the branch's last matrix (the
+    projection that computes the update, e.g. mlp.down_proj.weight)."""
+    matrices = [w for w in site.weights if ctx.facts.weights[w].value.dim() >= 2]
+    return (matrices or site.weights)[-1]
 
 
 def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
@@ -206,8 +277,9 @@ class TokenSkipPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg: TokenSkipConfig = self.config
-        found = residual_sites(gm, ctx.facts)
-        rows, eligible = self._eligible(found, ctx)
+        found = self.found = residual_sites(gm, ctx.facts)
+        causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
+        rows, eligible = self._eligible(found, ctx, causal)
         keys = {s.add.name: _plan_key(s, ctx, cfg) for s in eligible}
         if eligible and all(keys[s.add.name] in _PLANS for s in eligible):
             for site in eligible:  # decided by an earlier graph of this model
@@ -231,12 +303,26 @@ class TokenSkipPass(Pass):
             return PassResult(rows + [self._row(s, "skipped", "no inputs to fit the router "
                                                 "on (the graph does not run on any)")
                                       for s in eligible])
-        if e2e.source == "example":
-            ctx.warn("routers fitted and effects measured on the inputs of the call being "
-                     "compiled (no calibration samples of this graph): pass "
-                     "calibration=effc.calibrate(model, batches) to route on held data")
-        routers, oracle = self._fit(e2e, eligible)
-        causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
+        routers, oracle = self._fit(e2e, eligible, ctx)
+        probe = cfg.capacity if cfg.capacity is not None and 0 < cfg.capacity < 1 else 0.5
+        usable = []
+        for site in eligible:  # a block that cannot run on routed rows is not measured
+            why = _fails(gm, site, self._plan(site.add.name, probe, causal, routers, oracle),
+                         ctx)
+            if why:
+                rows.append(self._row(site, "skipped", why))
+            else:
+                usable.append(site)
+        eligible = usable
+        if e2e.source == "samples" and e2e.skipped:
+            ctx.note(f"token_skip: {e2e.skipped} calibration sample calls do not run on this "
+                     f"graph")
+        fitted_here = any(v == "the call being compiled" for v in self.router_data.values())
+        if fitted_here or ctx.calibration is None:
+            ctx.warn(("routers fitted and " if fitted_here else "") + "effects measured on the "
+                     "inputs of the call being compiled (no calibration data for this graph): "
+                     "calibrate with effc.calibrate(model, batches, what=('inputs', "
+                     "'residuals')), batches shaped like the calls you compile")
         plans = self._choose(gm, e2e, eligible, routers, oracle, causal, ctx)
         for site in eligible:
             plan = plans.get(site.add.name)
@@ -252,11 +338,17 @@ class TokenSkipPass(Pass):
         why = _fails(gm, site, plan, ctx) or ctx.claim(site.name)
         if why:
             return self._row(site, "skipped", why)
-        route_site(gm, site, plan, ctx, tuple(site.weights))
-        return self._row(site, "rewritten", self._route_reason(plan), routers, oracle, plan)
+        _restream(self.found, site.add, route_site(gm, site, plan, ctx, tuple(site.weights)))
+        row = self._row(site, "rewritten", self._route_reason(plan), routers, oracle, plan)
+        if not plan.info:
+            plan.info = {k: v for k, v in row.details.items()
+                         if k not in ("kind", "layer", "add_node", "capacity", "threshold",
+                                      "routing")}
+        return row
 
     # --- sites ------------------------------------------------------------------------------
-    def _eligible(self, found: list[ResidualSite], ctx) -> tuple[list[SiteRow], list]:
+    def _eligible(self, found: list[ResidualSite], ctx, causal: bool
+                  ) -> tuple[list[SiteRow], list]:
         cfg: TokenSkipConfig = self.config
         layers = [s.layer for s in found if s.layer is not None]
         ends = {min(layers), max(layers)} if layers else set()
@@ -267,8 +359,13 @@ class TokenSkipPass(Pass):
                      f"{sorted(set(layers))})")
         rows, eligible = [], []
         for s in found:
-            why = ("attention blocks are not routed yet (blocks='mlp')" if s.kind != cfg.blocks
-                   else s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
+            why = (f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
+                   if s.kind not in cfg.blocks else
+                   "attention blocks are routed in non-causal graphs only (a decoder's skipped "
+                   "tokens would have to write no keys and values)"
+                   if s.kind == "attention" and causal else
+                   "the attention has a mask (padding or causal): routing its queries is not "
+                   "built yet" if s.kind == "attention" and _masked(s) else s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
                    or ("not among the layers asked for" if named and s.layer not in named
                        else "")
                    or ("the first and last layers are kept unless named in layers"
@@ -280,25 +377,44 @@ class TokenSkipPass(Pass):
         return rows, eligible
 
     # --- routers ----------------------------------------------------------------------------
-    def _fit(self, e2e: EndToEnd, sites: list[ResidualSite]
+    def _fit(self, e2e: EndToEnd, sites: list[ResidualSite], ctx
              ) -> tuple[dict[str, Router], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Per site: the ridge router, and (router scores, true update norms) on the data."""
+        """Per site: the ridge router, and (router scores, true update norms) on the data:
+        the calibration's residual rows (calibrate(..., what=("inputs", "residuals"))), else
+        the site's values on the graph's sample calls (or the call being compiled)."""
+        recorded = {}
+        calib = ctx.calibration
+        for s in sites:
+            r = calib.residuals.get(_update_weight(s, ctx)) if calib is not None else None
+            if r is not None and r.rows is not None and r.rows.shape[-1] == s.features:
+                recorded[s.add.name] = (r.rows.double(), r.update_norms.double())
         xs = {s.add.name: [] for s in sites}
         ys = {s.add.name: [] for s in sites}
-        wanted = {n.name for s in sites for n in (s.stream, s.update)}
-        for args in e2e.calls:
+        wanted = {n.name for s in sites if s.add.name not in recorded
+                  for n in (s.stream, s.update)}
+        for args in (e2e.calls if wanted else []):
             cap = _Capture(e2e.gm, wanted)
             with torch.no_grad():
                 cap.run(*e2e.facts.fresh(args))
             for s in sites:
+                if s.add.name in recorded:
+                    continue
                 d = s.features
                 x = cap.values[s.stream.name].reshape(-1, d)
                 u = cap.values[s.update.name].reshape(-1, d)
                 xs[s.add.name].append(x[:MAX_TOKENS].double())
                 ys[s.add.name].append(u[:MAX_TOKENS].double().norm(dim=-1))
         routers, oracle = {}, {}
+        self.router_data = {}
         for s in sites:
-            x, y = torch.cat(xs[s.add.name])[:MAX_TOKENS], torch.cat(ys[s.add.name])[:MAX_TOKENS]
+            if s.add.name in recorded:
+                x, y = recorded[s.add.name]
+                self.router_data[s.add.name] = "calibration residual rows"
+            else:
+                x = torch.cat(xs[s.add.name])[:MAX_TOKENS]
+                y = torch.cat(ys[s.add.name])[:MAX_TOKENS]
+                self.router_data[s.add.name] = ("calibration sample calls" if e2e.source ==
+                                                "samples" else "the call being compiled")
             routers[s.add.name] = fit_router(x, y)
             oracle[s.add.name] = (routers[s.add.name].scores(x), y)
         return routers, oracle
@@ -306,15 +422,16 @@ class TokenSkipPass(Pass):
     # --- choosing capacities ----------------------------------------------------------------
     def _plan(self, key: str, capacity: float, causal: bool, routers, oracle) -> _Plan:
         thr = threshold(oracle[key][0], capacity) if causal else None
-        return _Plan(routers[key], capacity, thr)
+        return _Plan(routers[key], capacity, thr, self.config.keys)
 
     def _graph(self, e2e: EndToEnd, plans: dict[str, _Plan]) -> fx.GraphModule:
         """A copy of the measured graph with `plans` (by add-node name) applied."""
         g = copy_graph_module(e2e.gm)
         facts = GraphFacts(g, [gi.value for gi in e2e.facts.inputs], root=None)
-        for s in residual_sites(g, facts):
+        found = residual_sites(g, facts)
+        for s in found:
             if s.add.name in plans:
-                route_site(g, s, plans[s.add.name])
+                _restream(found, s.add, route_site(g, s, plans[s.add.name]))
         g.graph.eliminate_dead_code()
         g.recompile()
         return g
@@ -397,9 +514,15 @@ class TokenSkipPass(Pass):
                                    "add_node": site.add.name}
         error: dict[str, float] = {}
         key = site.add.name
+        if plan is not None and plan.info and not oracle:  # decided by an earlier graph
+            return SiteRow(self.name, site.name, decision, reason, details={
+                **details, "capacity": plan.capacity, "threshold": plan.threshold,
+                "routing": "top_k" if plan.threshold is None else "threshold", **plan.info})
         r = plan.router if plan is not None else (routers or {}).get(key)
         if r is not None:
             details.update(router_r2=round(r.r2, 4), router_tokens=r.tokens)
+            if key in getattr(self, "router_data", {}):
+                details["router_data"] = self.router_data[key]
         if plan is not None:
             details.update(capacity=plan.capacity, routing="top_k" if plan.threshold is None
                            else "threshold", threshold=plan.threshold)

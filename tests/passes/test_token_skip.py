@@ -198,6 +198,22 @@ def test_the_default_keeps_the_measured_output_bound():
     assert notes and "min_sqnr_db 25" in notes[0] and _note_db(notes[0]) >= 25.0
 
 
+def test_routers_fit_on_the_calibrations_residual_rows_in_every_graph():
+    model = _llama(layers=3)
+    batches = [{"input_ids": torch.randint(3, 96, (2, 16))} for _ in range(4)]
+    calib = effc.calibrate(model, batches, what=("inputs", "residuals"), progress=False)
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5}, "calibration": calib})
+    with torch.no_grad():
+        compiled(torch.randint(3, 96, (1, 5)))   # shapes no calibration sample has
+        compiled(torch.randint(3, 96, (3, 11)))
+    rows = _rows()
+    assert len(rows) == 2 and {r.details["router_data"] for r in rows} == {
+        "calibration residual rows"}
+    assert rows[0].details["threshold"] == rows[1].details["threshold"]
+    assert rows[0].details["router_tokens"] == 4 * 2 * 16  # every calibration token
+    assert rows[0].details["kept_fraction"] == 0.5
+
+
 def test_a_budget_keeps_at_most_that_share_of_the_token_work():
     model = _llama(layers=4)
     ids = torch.randint(3, 96, (2, 16))
@@ -227,10 +243,78 @@ def test_max_layers_takes_the_least_sensitive_blocks():
     ({"capacity": -0.1}, "token_skip.capacity"),
     ({"budget": 0.5, "capacity": 0.5}, "token_skip"),
     ({"layers": [-1]}, "token_skip.layers"),
-    ({"blocks": "attention"}, "token_skip.blocks"),
+    ({"blocks": ["layer"]}, "token_skip.blocks"),
+    ({"keys": "some"}, "token_skip.keys"),
     ({"routing": "random"}, "token_skip.routing"),
     ({"max_layers": -2}, "token_skip.max_layers"),
 ])
 def test_bad_settings_raise_value_error_naming_the_key(options, key):
     with pytest.raises(ValueError, match=re.escape(repr(key))):
         effc.Config.from_options({"token_skip": options})
+
+
+class _AttentionBlock(torch.nn.Module):
+    """x + o(attention(ln(x))), the shape of a ViT/BERT attention block, no mask."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln = torch.nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln(x)
+        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("keys", ["all", "selected"])
+def test_routed_attention_queries_see_all_or_only_the_routed_keys(keys):
+    torch.manual_seed(0)
+    block, x = _AttentionBlock().eval(), torch.randn(3, 11, 16)
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    capacity, k = 0.5, math.ceil(0.5 * 11)
+    chosen = (x.reshape(-1, 16) @ router.weight + router.bias).reshape(3, 11).topk(k).indices
+    chosen = chosen.sort(dim=1).values
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        (site,) = residual_sites(g, GraphFacts(g, example))
+        assert site.kind == "attention" and site.why == ""
+        route_site(g, site, _Plan(router, capacity, None, keys))
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = first_tensor(g(*example))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(block, backend=backend)(x)
+        full = block(x)
+        for b in range(3):
+            rows, rest = chosen[b], torch.tensor([t for t in range(11) if t not in chosen[b]])
+            got = out["routed"][b]
+            assert torch.equal(got[rest], x[b, rest])  # skipped tokens keep their input
+            want = full[b, rows] if keys == "all" else block(x[b:b + 1, rows])[0]
+            torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_attention_blocks_route_through_the_pass():
+    model, inputs = hf_model("vit")
+    with torch.no_grad():
+        ref = first_tensor(model.eval()(**inputs))
+        out = first_tensor(_compile(model, {"token_skip": {
+            "capacity": 0.5, "layers": [0, 1], "blocks": ["attention", "mlp"]}})(**inputs))
+    rows = _rows()
+    assert sorted(r.details["kind"] for r in rows) == ["attention", "attention", "mlp", "mlp"]
+    assert not torch.equal(out, ref)
+    model, inputs = hf_model("llama")  # a decoder's attention writes the cache: never routed
+    with torch.no_grad():
+        _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                        "blocks": ["attention"]}})(**inputs)
+    assert _rows() == [] and all("outside it" in r.reason or "non-causal" in r.reason
+                                 for r in _rows("skipped") if r.details["kind"] == "attention")

@@ -12,7 +12,8 @@ Recorded, per `what`:
   attention, also where HF repeats them to the query heads for a masked SDPA) at
   `scaled_dot_product_attention`, keyed by the attention module.
 - "residuals": per-token ||update|| / ||stream|| at `stream + update` where the update is a
-  site's output computed from the stream, keyed by that site's weight.
+  site's output computed from the stream, keyed by that site's weight, and the first
+  ROUTER_ROWS tokens' stream rows with their update norms (token_skip's router data).
 - "attention": up to `attention_maps` maps (first sample of a batch) per attention, from
   SDPA's q, k, mask and scale, or from an eager attention's softmax.
 Not recorded: grouped or conv3d convs, weights used through a transform (e.g. `W.t()`), K/V of
@@ -100,7 +101,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], *,
     A batch is a Tensor (`model(batch)`), a tuple/list (`model(*batch)`) or a dict
     (`model(**batch)`, e.g. tokenizer output). `what` selects among "inputs" (E[x x^T] of
     linear/conv inputs), "kv" (per-head K/V moments at scaled_dot_product_attention),
-    "residuals" (update/stream norms at residual adds) and "attention" (up to
+    "residuals" (update/stream norms at residual adds, and some tokens' rows: what token_skip
+    fits its routers on) and "attention" (up to
     `attention_maps` attention maps per attention site, first sample of a batch). The model
     runs in eval mode under no_grad; its training flags are restored afterwards.
 

@@ -18,6 +18,7 @@ import torch
 
 CALIBRATION_VERSION = 1
 _FORMAT = "effc.calibration"
+ROUTER_ROWS = 8192  # residual stream rows kept per residual add (token_skip's routers)
 WHAT = ("inputs", "kv", "residuals", "attention")  # what calibrate(..., what=) accepts
 _MISSING = "calibration has no statistics for"
 
@@ -66,12 +67,16 @@ class HeadMoments:
 
 @dataclasses.dataclass
 class ResidualNorms:
-    """For `stream + update` at a residual add: sums of per-token norms and their ratio."""
+    """For `stream + update` at a residual add: sums of per-token norms and their ratio, and
+    the first ROUTER_ROWS tokens' stream rows with their update norms (what token_skip fits
+    its routers on, so every graph of a model routes by the same held data)."""
 
     sum_ratio: float = 0.0       # sum over tokens of ||update|| / ||stream||
     sum_sq_update: float = 0.0   # sum over tokens of ||update||^2
     sum_sq_stream: float = 0.0
     tokens: int = 0
+    rows: torch.Tensor | None = None          # [N, d] float32, CPU: stream rows
+    update_norms: torch.Tensor | None = None  # [N] float32, CPU: ||update|| of those rows
 
     def mean_ratio(self) -> float:
         return self.sum_ratio / max(self.tokens, 1)
@@ -227,6 +232,13 @@ class Calibration:
         r.sum_sq_update += float(u.square().sum())
         r.sum_sq_stream += float(s.square().sum())
         r.tokens += s.numel()
+        have = 0 if r.rows is None else r.rows.shape[0]
+        if have < ROUTER_ROWS and stream.shape[-1] == update.shape[-1]:
+            take = ROUTER_ROWS - have
+            x = stream.detach().reshape(-1, stream.shape[-1])[:take].to("cpu", torch.float32)
+            n = u[:take].to("cpu", torch.float32)
+            r.rows = x if r.rows is None else torch.cat([r.rows, x])
+            r.update_norms = n if r.update_norms is None else torch.cat([r.update_norms, n])
 
     def add_attention_map(self, name: str, probs: torch.Tensor, limit: int) -> None:
         """Keep up to `limit` attention maps ([H, Tq, Tk], float32, CPU) for `name`."""

@@ -244,7 +244,24 @@ def test_residual_norms_equal_hooks():
         assert r.tokens == 18
         assert r.mean_ratio() == pytest.approx(ratio.mean().item(), rel=1e-6)
         assert r.sum_sq_update == pytest.approx(update.double().square().sum().item(), rel=1e-6)
+        # token_skip's router data: every token's stream row and update norm (18 < ROUTER_ROWS)
+        torch.testing.assert_close(r.rows, stream.reshape(-1, stream.shape[-1]).float())
+        torch.testing.assert_close(r.update_norms, update.double().norm(dim=-1).flatten().float())
     assert len(calib.residuals) == 4  # two residual adds per layer, nothing else (GELU-like adds)
+
+
+def test_residual_rows_stop_at_the_limit_and_survive_save_and_load(monkeypatch, tmp_path):
+    from effc.compiler.calibration import statistics
+
+    monkeypatch.setattr(statistics, "ROUTER_ROWS", 25)
+    model, inputs = hf_model("llama")  # 18 tokens per batch
+    calib = effc.calibrate(model, [inputs, inputs], what=("residuals",), progress=False)
+    r = calib.residuals["model.layers.0.mlp.down_proj.weight"]
+    assert r.tokens == 36 and r.rows.shape == (25, 32) and r.update_norms.shape == (25,)
+    torch.testing.assert_close(r.rows[18:], r.rows[:7])  # the second batch's first 7 tokens
+    calib.save(tmp_path / "c.pt")
+    back = effc.Calibration.load(tmp_path / "c.pt").residuals["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(back.rows, r.rows) and torch.equal(back.update_norms, r.update_norms)
 
 
 @pytest.mark.slow
@@ -352,7 +369,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
             got = getattr(loaded, table)[name]
             assert torch.equal(got.sum, m.sum) and torch.equal(got.sum_outer, m.sum_outer)
             assert got.count == m.count
-    assert loaded.residuals == calib.residuals
+    assert loaded.residuals.keys() == calib.residuals.keys()
+    for name, r in calib.residuals.items():
+        got = loaded.residuals[name]
+        assert (got.sum_ratio, got.sum_sq_update, got.sum_sq_stream, got.tokens) == (
+            r.sum_ratio, r.sum_sq_update, r.sum_sq_stream, r.tokens)
+        assert torch.equal(got.rows, r.rows) and torch.equal(got.update_norms, r.update_norms)
     assert all(torch.equal(a, b) for name in calib.attention
                for a, b in zip(loaded.attention[name], calib.attention[name]))
     buf = io.BytesIO()
