@@ -20,6 +20,15 @@ from effc.passes.shift_add import ShiftAddConfig
 from effc.passes.token_skip import TokenSkipConfig
 
 __version__ = "0.1.0"
-__all__ = ["Calibration", "Config", "HypercomplexConfig", "LowRankConfig", "Report", "calibrate",
-           "explain", "phm_linear", "report", "reset", "ShiftAddConfig", "shift_linear",
-           "TokenSkipConfig", "verify"]
+__all__ = ["Calibration", "Config", "HypercomplexConfig", "KVProjConfig", "LowRankConfig",
+           "ProjectedCache", "Report", "calibrate", "explain", "kv_cache", "phm_linear", "report",
+           "reset", "ShiftAddConfig", "shift_linear", "TokenSkipConfig", "verify"]
+_LAZY = {"kv_cache", "KVProjConfig", "ProjectedCache"}  # effc.projected_cache imports transformers
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import effc.projected_cache as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'effc' has no attribute {name!r}")

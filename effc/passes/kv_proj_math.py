@@ -1,0 +1,82 @@
+"""kv_proj's math: per-head bases for keys and values, RoPE-aware pair selection, ranks.
+
+Values: the cache stores V P (P: the top-r eigenvectors of E[v v^T] per KV head, uncentered)
+and attention reads V P P^T; the error is the energy of the discarded directions.
+Keys with RoPE: a projection does not commute with the rotation, but a selection of whole
+rotation planes does (RoPE rotates dims i and i + d/2 together, rotate_half's pairing), so the
+cache keeps 2s of the d dims and the scores keep the selected planes' terms exactly. Planes are
+ranked by their share of the scores: sqrt(E|q_p|^2 E|k_p|^2), an upper bound of a plane's term
+by Cauchy-Schwarz; both energies are rotation-invariant, so pre-RoPE moments give them.
+Keys without RoPE: a PCA basis, as for values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def round_rank(rank: float, dim: int, multiple: int) -> int:
+    """`rank` rounded up to a multiple of `multiple`, within [multiple, dim]."""
+    m = max(1, multiple)
+    r = int(-(-rank // m) * m) if rank > 0 else m
+    return max(min(r, dim), min(m, dim))
+
+
+def eigen(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues descending [H, d], eigenvectors as columns [H, d, d]) of per-head E[x x^T]."""
+    vals, vecs = torch.linalg.eigh(moment.double())
+    return vals.flip(-1).clamp_min(0.0), vecs.flip(-1)
+
+
+def pca_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
+    """[H, d, r]: per head, the top-`rank` eigenvectors of E[x x^T] (orthonormal columns)."""
+    return eigen(moment)[1][..., :rank].float()
+
+
+def pca_error(moment: torch.Tensor, rank: int) -> float:
+    """Relative error sqrt(discarded energy / total energy) over all heads at `rank`."""
+    vals = eigen(moment)[0]
+    total = float(vals.sum())
+    return (float(vals[:, rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def plane_scores(key_moment: torch.Tensor, query_energy: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """[G, d/2]: each KV head's rotation planes (dims i, i + d/2) scored by their share of the
+    attention scores: sqrt(E|q_i|^2 E|k_i|^2) (keys only, E|k_i|^2, without query energies)."""
+    diag = key_moment.double().diagonal(dim1=-2, dim2=-1)  # [G, d]
+    half = diag.shape[-1] // 2
+    keys = diag[:, :half] + diag[:, half:]
+    if query_energy is None:
+        return keys
+    return (keys * query_energy.double()).clamp_min(0.0).sqrt()
+
+
+def plane_selection(scores: torch.Tensor, planes: int) -> torch.Tensor:
+    """[G, d, 2 * planes] 0/1 matrices selecting each head's best `planes` planes, ordered as
+    [first halves, second halves] (so rotate_half still pairs column j with j + planes)."""
+    g, half = scores.shape
+    top = scores.topk(planes, dim=-1).indices.sort(dim=-1).values   # [G, planes]
+    cols = torch.cat([top, top + half], dim=-1)                      # [G, 2 planes]
+    sel = torch.zeros(g, 2 * half, 2 * planes)
+    sel.scatter_(1, cols.unsqueeze(1), 1.0)
+    return sel
+
+
+def plane_error(scores: torch.Tensor, planes: int) -> float:
+    """Relative error proxy of keeping `planes` planes: sqrt(dropped score share)."""
+    s = scores.sort(dim=-1, descending=True).values
+    total = float(s.sum())
+    return (float(s[:, planes:].sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def query_plane_energy(w_q: torch.Tensor, moment: torch.Tensor | None, heads: int,
+                       kv_heads: int) -> torch.Tensor:
+    """[G, d/2]: E|q_p|^2 of each rotation plane, summed over the query heads that share a
+    KV head (from W_q [H d, in] and the input's E[x x^T]; identity without calibration)."""
+    w = w_q.double()
+    per_row = (w @ moment.double() * w).sum(-1) if moment is not None else w.square().sum(-1)
+    d = w.shape[0] // heads
+    e = per_row.reshape(heads, d)
+    e = e[:, : d // 2] + e[:, d // 2:]
+    return e.reshape(kv_heads, heads // kv_heads, d // 2).sum(1)

@@ -1,0 +1,225 @@
+"""A Hugging Face KV cache that stores fewer dimensions per head (kv_proj, MatryoshkaKV-style).
+
+Why a cache object and not only a graph rewrite: under torch.compile, Dynamo traces the
+model's Python with the original head size, and each decode step concatenates the new keys to
+the cached ones in Python. A graph that returned narrower keys would make the next trace fail.
+So the projection lives where the cache is written: `ProjectedCache.update` stores K P_k and
+V P_v (per layer and KV head) and hands attention K P_k P_k^T and V P_v P_v^T. The cache really
+shrinks (its tensors are r wide), eagerly or compiled, and prefill attention sees exactly what
+decoding will see, so a teacher-forced evaluation measures the compressed model.
+
+    calib = effc.calibrate(model, batches, what=("inputs", "kv"))
+    cache = effc.kv_cache(model, calib, budget=0.5)     # or ratio=0.5, or the default bound
+    out = model.generate(ids, cache=cache)
+    cache.nbytes(), cache.dense_nbytes(), cache.summary()
+
+Keys and values use PCA bases of the calibration's per-head moments of what the cache stores
+(keys after RoPE: restored before attention, so the rotation needs no care). `keys="pairs"`
+keeps whole RoPE rotation planes instead (dims i and i + d/2), the selection that commutes with
+the rotation and so could fold into W_q/W_k; it measured worse than PCA on the Llama here. Ranks are uniform across a layer's heads (the cache
+tensors stay rectangular), chosen per layer and per K/V by `ratio`, a `budget` of cache bytes
+(the shared allocator, each layer's own energy error as the data-free proxy), or by default the
+least rank keeping `min_energy` of each layer's energy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, ClassVar, Literal
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from effc.compiler.config import PassConfig, knob
+from effc.passes.budget import Candidate, SiteOptions, allocate
+from effc.passes.kv_proj_math import (eigen, pca_basis, pca_error, plane_error, plane_scores,
+                                      plane_selection, query_plane_energy, round_rank)
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVProjConfig(PassConfig):
+    """kv_proj's knobs: `effc.kv_cache(model, calib, **knobs)` or `effc.KVProjConfig(...)`."""
+
+    option_key: ClassVar[str] = "kv_proj"
+
+    ratio: float | None = knob(None, "fraction of head_dim kept for keys and values alike",
+                               min=0.0, max=1.0, min_exclusive=True)
+    budget: float | None = knob(None, "fraction of the KV cache's bytes kept, allocated over "
+                                "layers and keys/values", min=0.0, max=1.0, min_exclusive=True)
+    min_energy: float = knob(0.99, "the default: the least rank keeping this share of each "
+                             "layer's key (score) and value energy", min=0.0, max=1.0,
+                             min_exclusive=True)
+    keys: Literal["auto", "pca", "pairs", "none"] = knob(
+        "auto", "pca: a PCA basis of the keys the cache stores (after RoPE); pairs: whole "
+                "RoPE planes (commutes with the rotation, so it could fold into W_q/W_k; "
+                "measured worse); none: keys kept whole; auto: pca")
+    values: bool = knob(True, "project the values too")
+    multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
+
+    def validate(self, key: str) -> None:
+        if self.ratio is not None and self.budget is not None:
+            raise ValueError(f"effc option {key!r}: give one of ratio, budget; got both")
+
+
+class ProjectedLayer(DynamicLayer):
+    """A DynamicLayer whose tensors are projected: [B, G, T, r] instead of [B, G, T, d]."""
+
+    def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.key_basis, self.value_basis = key_basis, value_basis  # [G, d, r] or None
+
+    @staticmethod
+    def _down(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        return x if basis is None else x @ basis.to(x.device, x.dtype)
+
+    @staticmethod
+    def _up(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        return x if basis is None else x @ basis.to(x.device, x.dtype).transpose(-1, -2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._down(key_states, self.key_basis)
+        v = self._down(value_states, self.value_basis)
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        self.keys = torch.cat([self.keys, k], dim=-2)
+        self.values = torch.cat([self.values, v], dim=-2)
+        return self._up(self.keys, self.key_basis), self._up(self.values, self.value_basis)
+
+
+class ProjectedCache(Cache):
+    """A transformers Cache of ProjectedLayers: `model.generate(ids, cache=c)`, or a forward
+    (`model(ids, cache=c)`)."""
+
+    def __init__(self, layers: list[ProjectedLayer], plan: list[dict[str, Any]],
+                 head_dim: int):
+        super().__init__(layers=layers)
+        self.plan, self.head_dim = plan, head_dim
+
+    def nbytes(self) -> int:
+        """Bytes the cache's key and value tensors hold now."""
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+    def dense_nbytes(self) -> int:
+        """Bytes a full-width cache would hold for the same tokens."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.keys, layer.values):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    total += t.numel() // t.shape[-1] * self.head_dim * t.element_size()
+        return total
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per layer: the key and value ranks and their own errors (data-free proxies)."""
+        return [dict(p) for p in self.plan]
+
+
+def _attention_modules(calibration) -> dict[int, str]:
+    """layer index -> attention module path, from the calibration's per-head K/V moments."""
+    out = {}
+    for name in calibration.keys:
+        found = _LAYER.search("." + name + ".")
+        if found:
+            out[int(found.group(1))] = name
+    return out
+
+
+def _key_options(name: str, moment, scores, mode: str, dim: int, g: int, multiple: int, size: int):
+    ranks = sorted({round_rank(r, dim, multiple if mode == "pca" else max(2, multiple))
+                    for r in range(1, dim + 1)})
+    cands = []
+    for r in ranks:
+        err = plane_error(scores, r // 2) if mode == "pairs" else pca_error(moment, r)
+        cands.append(Candidate(r, g * r * size, err, bytes=g * r * size))
+    return SiteOptions(name, cands)
+
+
+def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = None,
+             **knobs: Any) -> ProjectedCache:
+    """A ProjectedCache for `model` from `effc.calibrate(model, batches, what=("inputs",
+    "kv"))`; knobs as KVProjConfig's (ValueError naming a bad one)."""
+    if config is None:
+        from effc.compiler.config import parse_fields
+
+        config = parse_fields(KVProjConfig, knobs, prefix="kv_proj.")
+    elif knobs:
+        raise ValueError("effc.kv_cache: give a KVProjConfig or knobs, not both")
+    if calibration is None or not calibration.keys:
+        raise ValueError("effc.kv_cache: the calibration holds no key/value moments; calibrate "
+                         "with effc.calibrate(model, batches, what=('inputs', 'kv'))")
+    text = model.config.get_text_config(decoder=True)
+    layers_n = text.num_hidden_layers
+    heads = text.num_attention_heads
+    mods = _attention_modules(calibration)
+    missing = [i for i in range(layers_n) if i not in mods]
+    if missing:
+        raise ValueError(f"effc.kv_cache: the calibration has no key/value moments of layers "
+                         f"{missing} (attention modules seen: {sorted(mods.values())[:3]}...)")
+    mode = config.keys if config.keys != "auto" else "pca"
+    params = dict(model.named_parameters())
+    size = next(model.parameters()).element_size()
+    options, facts = [], {}
+    for i in range(layers_n):
+        km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
+        kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
+        g, d = kmom.shape[0], kmom.shape[-1]
+        scores = None
+        if mode == "pairs":
+            wq = params.get(f"{mods[i]}.q_proj.weight")
+            qe = None
+            if wq is not None and wq.shape[0] == heads * d:
+                inp = calibration.input_moment(f"{mods[i]}.q_proj.weight")
+                qe = query_plane_energy(wq.detach().cpu(), inp, heads, g)
+            scores = plane_scores(kmom, qe)
+        facts[i] = (kmom, vmom, scores, g, d)
+        if mode != "none":
+            options.append(_key_options(f"{i}.k", kmom, scores, mode, d, g, config.multiple,
+                                        size))
+        if config.values:
+            ranks = sorted({round_rank(r, d, config.multiple) for r in range(1, d + 1)})
+            options.append(SiteOptions(f"{i}.v", [
+                Candidate(r, g * r * size, pca_error(vmom, r), bytes=g * r * size)
+                for r in ranks]))
+    choice = _choose(options, config, facts)
+    layers, plan = [], []
+    for i in range(layers_n):
+        kmom, vmom, scores, g, d = facts[i]
+        kc, vc = choice.get(f"{i}.k"), choice.get(f"{i}.v")
+        rk = kc.choice if kc is not None else d
+        rv = vc.choice if vc is not None else d
+        kb = None if rk >= d else (plane_selection(scores, rk // 2) if mode == "pairs"
+                                   else pca_basis(kmom, rk))
+        vb = None if rv >= d else pca_basis(vmom, rv)
+        layers.append(ProjectedLayer(kb, vb))
+        plan.append({"layer": i, "module": mods[i], "keys": mode if kb is not None else "full",
+                     "key_rank": rk, "value_rank": rv, "head_dim": d, "kv_heads": g,
+                     "key_error": 0.0 if kc is None else round(kc.error, 6),
+                     "value_error": 0.0 if vc is None else round(vc.error, 6)})
+    return ProjectedCache(layers, plan, facts[0][4])
+
+
+def _choose(options: list[SiteOptions], config: KVProjConfig, facts) -> dict[str, Candidate]:
+    """One rank per layer and K/V: `ratio` uniformly, a bytes `budget` through the shared
+    allocator, or the least rank keeping `min_energy` of the energy (error^2 <= 1 - it)."""
+    if config.ratio is not None:
+        out = {}
+        for s in options:
+            d = max(c.choice for c in s.candidates)
+            want = config.ratio * d
+            out[s.key] = min((c for c in s.candidates if c.choice >= want - 1e-9),
+                             key=lambda c: c.choice)
+        return out
+    if config.budget is not None:
+        total = sum(max(c.bytes for c in s.candidates) for s in options)
+        return allocate(options, max_params=config.budget * total, cost="bytes")
+    bound = 1.0 - config.min_energy
+    return {s.key: min((c for c in s.candidates if c.error ** 2 <= bound + 1e-12),
+                       key=lambda c: c.bytes) for s in options}
+
+
+__all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "kv_cache", "eigen"]

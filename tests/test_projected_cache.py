@@ -1,0 +1,137 @@
+"""effc.kv_cache: a Hugging Face cache that stores fewer dims per head, eagerly and compiled.
+
+Tolerances: ratio 1 stores the tensors unchanged (bit-identical generation). A projection's
+round trip is checked against explicit matmuls to fp32 rounding (1e-6 relative).
+"""
+
+import re
+
+import pytest
+import torch
+import transformers as tf
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import effc
+from effc.passes.kv_proj_math import plane_selection
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    batches = [torch.randint(3, 96, (2, 16)) for _ in range(3)]
+    return model, effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
+
+
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+           return_dict_in_generate=True)
+
+
+def test_ratio_1_generates_exactly_what_the_plain_cache_does():
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.inference_mode():
+        ref = model.generate(ids, **GEN)
+        cache = effc.kv_cache(model, calib, ratio=1.0)
+        out = model.generate(ids, cache=cache, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+    assert cache.nbytes() == cache.dense_nbytes()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "effc"])
+def test_the_cache_tensors_really_shrink_in_generate(compiled):
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 7))
+    forward = model.forward
+    if compiled:
+        torch._dynamo.reset()
+        effc.reset()
+        model.forward = torch.compile(forward, backend="effc")
+    try:
+        with torch.inference_mode():
+            cache = effc.kv_cache(model, calib, ratio=0.5)
+            out = model.generate(ids, cache=cache, **GEN)
+    finally:
+        model.forward = forward
+    tokens = out.sequences.shape[1] - 1  # the last token is never written
+    for layer in cache.layers:  # [B, G=2 KV heads (GQA), T, 8 * 0.5]
+        assert layer.keys.shape == (2, 2, tokens, 4) and layer.values.shape == (2, 2, tokens, 4)
+    assert cache.nbytes() == 2 * 2 * (2 * 2 * tokens * 4) * 4  # layers x K/V x elements x fp32
+    assert cache.nbytes() * 2 == cache.dense_nbytes()
+    with torch.inference_mode():
+        again = effc.kv_cache(model, calib, ratio=0.5)
+        eager = model.generate(ids, cache=again, **GEN)
+    assert torch.equal(out.sequences, eager.sequences)  # compiled and eager agree
+
+
+def test_attention_reads_the_projection_of_what_it_wrote():
+    model, calib = _llama()
+    cache = effc.kv_cache(model, calib, ratio=0.5)
+    layer = cache.layers[0]
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    keys, values = layer.update(k, v)
+    kb, vb = layer.key_basis, layer.value_basis  # [G, d, r], orthonormal columns
+    torch.testing.assert_close(kb.transpose(1, 2) @ kb, torch.eye(4).expand(2, 4, 4),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(keys, k @ kb @ kb.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, v @ vb @ vb.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    assert layer.keys.shape == (2, 2, 5, 4)
+
+
+def test_rope_plane_selection_commutes_with_the_rotation():
+    torch.manual_seed(0)
+    b, g, t, d, planes = 2, 3, 7, 8, 2
+    k = torch.randn(b, g, t, d)
+    angles = torch.randn(1, t, d // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    sel = plane_selection(torch.rand(g, d // 2), planes)  # [G, d, 2 planes]
+    rotated_then_selected = apply_rotary_pos_emb(k, k, cos, sin)[1] @ sel
+    cols = sel.argmax(1)  # [G, 2 planes]: which dims each head keeps
+    cos_s = cos[0][:, cols].permute(1, 0, 2)  # [G, T, 2 planes]
+    sin_s = sin[0][:, cols].permute(1, 0, 2)
+    selected_then_rotated = apply_rotary_pos_emb(k @ sel, k @ sel, cos_s, sin_s,
+                                                 unsqueeze_dim=0)[1]
+    assert torch.equal(rotated_then_selected, selected_then_rotated)
+
+
+def test_a_budget_keeps_that_share_of_the_bytes_and_beats_uniform_ranks():
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (4, 16))
+    with torch.inference_mode():
+        ref = model(ids).logits
+        errors = {}
+        for label, knobs in (("budget", {"budget": 0.5}), ("uniform", {"ratio": 0.5})):
+            cache = effc.kv_cache(model, calib, **knobs)
+            out = model(ids, cache=cache, use_cache=True).logits
+            errors[label] = ((out - ref).norm() / ref.norm()).item()
+            assert cache.nbytes() <= 0.5 * cache.dense_nbytes()
+    assert errors["budget"] <= errors["uniform"] * 1.05, errors
+
+
+def test_the_default_keeps_the_stated_share_of_every_layers_energy():
+    model, calib = _llama()
+    cache = effc.kv_cache(model, calib)
+    for row in cache.summary():
+        assert row["key_error"] ** 2 <= 0.01 + 1e-9 and row["value_error"] ** 2 <= 0.01 + 1e-9
+        assert row["key_rank"] <= row["head_dim"] and row["keys"] in ("pca", "full")
+
+
+@pytest.mark.parametrize("knobs,key", [({"ratio": 0.0}, "kv_proj.ratio"),
+                                       ({"ratio": 1.5}, "kv_proj.ratio"),
+                                       ({"budget": 0.5, "ratio": 0.5}, "kv_proj"),
+                                       ({"keys": "rope"}, "kv_proj.keys"),
+                                       ({"multiple": 0}, "kv_proj.multiple"),
+                                       ({"rank": 3}, "kv_proj.rank")])
+def test_bad_settings_raise_value_error_naming_the_key(knobs, key):
+    model, calib = _llama()
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        effc.kv_cache(model, calib, **knobs)
+
+
+def test_a_calibration_without_kv_moments_is_refused():
+    model, _ = _llama()
+    calib = effc.calibrate(model, [torch.randint(3, 96, (2, 8))], progress=False)
+    with pytest.raises(ValueError, match="what=\\('inputs', 'kv'\\)"):
+        effc.kv_cache(model, calib)
