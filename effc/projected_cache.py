@@ -24,44 +24,18 @@ least rank keeping `min_energy` of each layer's energy.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from effc.compiler.config import PassConfig, knob
-from effc.passes.budget import Candidate, SiteOptions, allocate
+from effc.passes.kv_proj import KVProjConfig
+from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
 from effc.passes.kv_proj_math import (eigen, pca_basis, pca_error, plane_error, plane_scores,
                                       plane_selection, query_plane_energy, round_rank)
 
 _LAYER = re.compile(r"\.(\d+)\.")
-
-
-@dataclasses.dataclass(frozen=True)
-class KVProjConfig(PassConfig):
-    """kv_proj's knobs: `effc.kv_cache(model, calib, **knobs)` or `effc.KVProjConfig(...)`."""
-
-    option_key: ClassVar[str] = "kv_proj"
-
-    ratio: float | None = knob(None, "fraction of head_dim kept for keys and values alike",
-                               min=0.0, max=1.0, min_exclusive=True)
-    budget: float | None = knob(None, "fraction of the KV cache's bytes kept, allocated over "
-                                "layers and keys/values", min=0.0, max=1.0, min_exclusive=True)
-    min_energy: float = knob(0.99, "the default: the least rank keeping this share of each "
-                             "layer's key (score) and value energy", min=0.0, max=1.0,
-                             min_exclusive=True)
-    keys: Literal["auto", "pca", "pairs", "none"] = knob(
-        "auto", "pca: a PCA basis of the keys the cache stores (after RoPE); pairs: whole "
-                "RoPE planes (commutes with the rotation, so it could fold into W_q/W_k; "
-                "measured worse); none: keys kept whole; auto: pca")
-    values: bool = knob(True, "project the values too")
-    multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
-
-    def validate(self, key: str) -> None:
-        if self.ratio is not None and self.budget is not None:
-            raise ValueError(f"effc option {key!r}: give one of ratio, budget; got both")
 
 
 class ProjectedLayer(DynamicLayer):
@@ -99,6 +73,14 @@ class ProjectedCache(Cache):
                  head_dim: int):
         super().__init__(layers=layers)
         self.plan, self.head_dim = plan, head_dim
+        self.measured_sqnr_db: float | None = None  # logits SQNR on the batches, if given
+
+    def fresh(self) -> ProjectedCache:
+        """An empty cache with the same bases and ranks (one per generate() call)."""
+        out = ProjectedCache([ProjectedLayer(layer.key_basis, layer.value_basis)
+                              for layer in self.layers], self.plan, self.head_dim)
+        out.measured_sqnr_db = self.measured_sqnr_db
+        return out
 
     def nbytes(self) -> int:
         """Bytes the cache's key and value tensors hold now."""
@@ -139,10 +121,14 @@ def _key_options(name: str, moment, scores, mode: str, dim: int, g: int, multipl
     return SiteOptions(name, cands)
 
 
-def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = None,
-             **knobs: Any) -> ProjectedCache:
+def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = None, *,
+             batches: list | None = None, **knobs: Any) -> ProjectedCache:
     """A ProjectedCache for `model` from `effc.calibrate(model, batches, what=("inputs",
-    "kv"))`; knobs as KVProjConfig's (ValueError naming a bad one)."""
+    "kv"))`; knobs as KVProjConfig's (ValueError naming a bad one).
+
+    `batches` (a few, in the form calibrate takes): a `budget` then weighs each layer's
+    keys and values by their measured effect on the logits over these batches (one forward
+    per site and batch, plus one to check), instead of the layers' own energy errors."""
     if config is None:
         from effc.compiler.config import parse_fields
 
@@ -185,7 +171,53 @@ def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = 
             options.append(SiteOptions(f"{i}.v", [
                 Candidate(r, g * r * size, pca_error(vmom, r), bytes=g * r * size)
                 for r in ranks]))
+    build = lambda choice: _build(choice, facts, mode, mods, layers_n)  # noqa: E731
+    measure = _logit_error(model, batches, build) if batches else None
+    if measure is not None and config.budget is not None:
+        for site in options:  # end-to-end sensitivity from one probe candidate per site
+            lossy = [c for c in site.candidates if c.error > 0]
+            if lossy:
+                near = [c for c in lossy if c.error <= PROBE_ERROR]
+                probe = min(near, key=lambda c: c.bytes) if near else min(
+                    lossy, key=lambda c: c.error)
+                site.sensitivity = measure({site.key: probe}) / probe.error ** 2
+                site.measured = True
     choice = _choose(options, config, facts)
+    cache = build(choice)
+    if measure is not None:
+        cache.measured_sqnr_db = db(measure(choice))
+        for row in cache.plan:
+            row["sensitivity"] = {s.key[-1]: round(s.sensitivity, 4) for s in options
+                                  if s.key.split(".")[0] == str(row["layer"])}
+    return cache
+
+
+def _logit_error(model, batches, build):
+    """A function: choice -> squared relative error of the logits over `batches` with a cache
+    built from that choice (the references computed once, without any cache)."""
+    def call(batch, cache=None):
+        kw = {"use_cache": True, "cache": cache} if cache is not None else {"use_cache": False}
+        out = model(**batch, **kw) if isinstance(batch, dict) else model(batch, **kw)
+        return (out.logits if hasattr(out, "logits") else out[0]).double()
+
+    with torch.no_grad():
+        refs = [call(b) for b in batches]
+
+    def error2(choice) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for b, ref in zip(batches, refs):
+                out = call(b, build(choice))
+                num += (out - ref).pow(2).sum().item()
+                den += ref.pow(2).sum().item()
+        return num / den if den > 0 else 0.0
+
+    return error2
+
+
+def _build(choice: dict[str, Candidate], facts, mode: str, mods: dict[int, str],
+           layers_n: int) -> ProjectedCache:
+    """The cache for one choice of ranks (a site missing from `choice` is kept whole)."""
     layers, plan = [], []
     for i in range(layers_n):
         kmom, vmom, scores, g, d = facts[i]

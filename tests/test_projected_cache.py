@@ -4,6 +4,7 @@ Tolerances: ratio 1 stores the tensors unchanged (bit-identical generation). A p
 round trip is checked against explicit matmuls to fp32 rounding (1e-6 relative).
 """
 
+import math
 import re
 
 import pytest
@@ -108,6 +109,22 @@ def test_a_budget_keeps_that_share_of_the_bytes_and_beats_uniform_ranks():
             errors[label] = ((out - ref).norm() / ref.norm()).item()
             assert cache.nbytes() <= 0.5 * cache.dense_nbytes()
     assert errors["budget"] <= errors["uniform"] * 1.05, errors
+
+
+def test_a_budget_can_weigh_layers_by_their_measured_effect():
+    model, calib = _llama()
+    batches = [torch.randint(3, 96, (2, 16)) for _ in range(2)]
+    cache = effc.kv_cache(model, calib, budget=0.5, batches=batches)
+    assert cache.measured_sqnr_db is not None and all("sensitivity" in r for r in cache.plan)
+    again = cache.fresh()  # same bases, empty
+    assert again.plan == cache.plan and again.layers[0].keys is None
+    num = den = 0.0
+    with torch.inference_mode():
+        for b in batches:  # the logits' SQNR over both batches, as the cache reports it
+            ref = model(b).logits.double()
+            out = model(b, cache=cache.fresh(), use_cache=True).logits.double()
+            num, den = num + (out - ref).pow(2).sum().item(), den + ref.pow(2).sum().item()
+    assert abs(-10 * math.log10(num / den) - cache.measured_sqnr_db) <= 1e-6
 
 
 def test_the_default_keeps_the_stated_share_of_every_layers_energy():

@@ -12,12 +12,13 @@ from collections.abc import Iterator
 
 from effc.passes.base import Pass, PassResult
 from effc.passes.hypercomplex import HypercomplexPass
+from effc.passes.kv_proj import KVProjPass
 from effc.passes.low_rank import LowRankPass
 from effc.passes.shift_add import ShiftAddPass
 from effc.passes.token_skip import TokenSkipPass
 
 PASSES: list[type[Pass]] = [
-    # kv_proj: not yet implemented
+    KVProjPass,
     TokenSkipPass,
     LowRankPass,
     HypercomplexPass,
