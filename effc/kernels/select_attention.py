@@ -10,8 +10,9 @@ draws in every head and no single head's large logits dominate.
 ``effc::select_tokens`` returns the chosen indices [B, S] (ascending; S = min(T, initial +
 recent + top_k), every token when the budget covers T), ``effc::gather_attention`` attends to
 the given indices, and ``effc::select_attention`` is the two composed. Ops, so a compiled graph
-keeps them as single calls: the fake implementations state S once (exact for a concrete T, a
-dynamic size for a symbolic one), and CUDA runs the Triton kernels of
+keeps them as single calls: the fake implementations state S exactly (min(T, budget), a
+symbolic Min for a symbolic T: no data-dependent size, so a decode loop whose cache length T
+changes every step compiles once, without a graph break), and CUDA runs the Triton kernels of
 select_attention_triton.py. The torch references here are the CPU path and the test oracle.
 
 Shapes: q [B, H, 1, D], k [B, G, T, D], v [B, G, T, Dv], G dividing H; query head h reads KV
@@ -117,11 +118,9 @@ def gather_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
 def _fake_index(q: Tensor, k: Tensor, top_k: int, initial: int, recent: int) -> Tensor:
     _check_qk("select_tokens", q, k)
     _check_budget(top_k, initial, recent)
-    tokens = k.shape[2]
-    if isinstance(tokens, int):
-        size = select_count(tokens, top_k, initial, recent)
-    else:
-        size = torch.library.get_ctx().new_dynamic_size()
+    tokens = k.shape[2]   # an int, or a SymInt under dynamic shapes: then S = Min(T, budget)
+    size = select_count(tokens, top_k, initial, recent) if isinstance(tokens, int) else \
+        torch.sym_min(tokens, initial + recent + top_k)
     return q.new_empty((q.shape[0], size), dtype=torch.int64)
 
 

@@ -16,7 +16,8 @@ KV head h // (H / G), nothing repeated in memory), both in fp32 whatever the inp
   stored in v's dtype. Masked for the ragged tails of S, D (looped in blocks) and Dv.
 
 The logits sum D products in another order than torch's matmul, and the online softmax
-rescales as it goes: fp32 results agree with the references to ~1e-6 relative, not bit for bit.
+rescales as it goes: fp32 results agree with the references to 1e-5 (of max|v|), not bit
+for bit.
 So select_tokens here can pick another token than the reference where two soft votes tie to
 within that rounding. Indices must lie in [0, T); the kernel does not check them.
 Dtypes other than fp32/fp16/bf16, Dv over MAX_DV, or no Triton: the references.

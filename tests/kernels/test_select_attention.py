@@ -2,7 +2,7 @@
 against a soft vote computed here head by head, the attention against SDPA (grouped-query,
 full and on gathered or masked tokens), the Triton kernels against the references under the
 interpreter (tests/conftest.py) on ragged shapes with NaN-poisoned outputs, the fake
-implementations, and an sm_90 compile of the kernels.
+implementations (opcheck; one Dynamo frame for a growing cache), and an sm_90 compile.
 
 Tolerances. Attention outputs are convex combinations of value rows, so their rounding error
 scales with max|v|, not with the (possibly cancelling, near-zero) output element: fp32 bounds
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from helpers import cuda_check
 from lowering_helpers import DEVICE
+from torch._dynamo.testing import CompileCounter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import effc.kernels.select_attention_triton as sat
@@ -298,6 +299,22 @@ def test_fake_sizes_are_exact_for_a_concrete_cache_length():
         assert select_tokens(q, k, 0.1, 90, 4, 8).shape == (3, 100)
         out = select_attention(q, k, v.bfloat16(), 0.1, 10, 4, 8)
         assert out.shape == (3, 8, 1, 12) and out.dtype == torch.bfloat16
+
+
+def test_a_growing_cache_compiles_once_without_a_graph_break():
+    """Under dynamic shapes S is Min(T, budget), not a data-dependent size: a decode loop over
+    cache lengths on both sides of the budget (7) runs one Dynamo frame, no graph break."""
+    def step(q, k, v):
+        index = select_tokens(q, k, 0.3, 4, 1, 2)
+        return gather_attention(q, k, v, index, 0.3), index.shape[1]
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, dynamic=True)
+    for tokens in (20, 33, 7, 5):
+        q, k, v = _inputs(2, 4, 2, tokens, 8, 6, seed=tokens)
+        (out, size), (want, want_size) = compiled(q, k, v), step(q, k, v)
+        assert size == want_size == min(tokens, 7) and torch.equal(out, want)
+    assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
 
 
 # -------------------------------------------------------------- CUDA compile check ----------
