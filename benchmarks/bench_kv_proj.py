@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -141,13 +142,65 @@ def part_b(quick: bool) -> str:
                      "effc kv_proj projected ms", "kv_proj / effc dense"], rows))
 
 
+def part_c(quick: bool) -> str:
+    """Token selection (TokenSelect) at long contexts: decode-step time and agreement."""
+    from transformers import DynamicCache
+
+    from benchmarks.models import text_lm
+
+    model, (_, val_ids) = text_lm.get_model("text_llama")
+    select = {"top_k": 256, "initial": 4, "recent": 64}
+    chosen = copy.deepcopy(model)
+    effc.use_select_attention(chosen, **select)
+    models = {"full": model, "select": chosen}
+    steps = 8 if quick else 32
+    rows = []
+    for ctx in ((1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)):
+        text = val_ids[: ctx + steps + 1].unsqueeze(0)
+        caches = {k: DynamicCache() for k in models}
+        preds = {k: [] for k in models}
+        with torch.no_grad():
+            for label, m in models.items():
+                m(text[:, :ctx], cache=caches[label], use_cache=True)  # prefill: full attention
+                for t in range(steps):  # teacher-forced decode steps over the next bytes
+                    logits = m(text[:, ctx + t: ctx + t + 1], cache=caches[label],
+                               use_cache=True).logits
+                    preds[label].append(int(logits[0, -1].argmax()))
+        agree = sum(a == b for a, b in zip(preds["full"], preds["select"])) / steps
+
+        def step(label):
+            cache, m = caches[label], models[label]
+            nxt = text[:, ctx: ctx + 1]
+            length = cache.layers[0].keys.shape[-2]
+
+            def run():
+                m(nxt, cache=cache, use_cache=True)
+                for layer in cache.layers:
+                    layer.keys = layer.keys[..., :length, :]
+                    layer.values = layer.values[..., :length, :]
+            return run
+
+        times = time_interleaved({k: step(k) for k in models}, repeats=3 if quick else 9)
+        rows.append([ctx, times["full"] * 1e3, times["select"] * 1e3,
+                     times["full"] / times["select"], agree])
+    budget = select["top_k"] + select["initial"] + select["recent"]
+    return (f"(c) token selection at long contexts (top_k {select['top_k']}, initial "
+            f"{select['initial']}, recent {select['recent']}: {budget} tokens per step), "
+            f"text_llama (trained on 128-byte windows, so long contexts only time and compare "
+            f"it), batch 1, eager, {machine()}\n\n"
+            f"agreement: next-byte argmax of select vs full attention over {steps} "
+            "teacher-forced decode steps after the context.\n\n"
+            + table(["context", "full step ms", "select step ms", "speedup", "agreement"],
+                    rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b", help="comma list of parts: a, b")
+    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b}
+    parts = {"a": part_a, "b": part_b, "c": part_c}
     for key in args.part.split(","):
         text = parts[key.strip()](args.quick)
         print(text, "\n", flush=True)

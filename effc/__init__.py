@@ -15,6 +15,7 @@ from effc.compiler.verify import verify_model as verify
 from effc.kernels.phm import phm_linear
 from effc.kernels.shift import shift_linear
 from effc.passes.hypercomplex import HypercomplexConfig
+from effc.passes.kv_proj import KVProjConfig
 from effc.passes.low_rank import LowRankConfig
 from effc.passes.shift_add import ShiftAddConfig
 from effc.passes.token_skip import TokenSkipConfig
@@ -22,13 +23,16 @@ from effc.passes.token_skip import TokenSkipConfig
 __version__ = "0.1.0"
 __all__ = ["Calibration", "Config", "HypercomplexConfig", "KVProjConfig", "LowRankConfig",
            "ProjectedCache", "Report", "calibrate", "explain", "kv_cache", "phm_linear", "report",
-           "reset", "ShiftAddConfig", "shift_linear", "TokenSkipConfig", "verify"]
-_LAZY = {"kv_cache", "KVProjConfig", "ProjectedCache"}  # effc.projected_cache imports transformers
+           "reset", "restore_attention", "ShiftAddConfig", "shift_linear", "TokenSkipConfig",
+           "use_select_attention", "verify"]
+# These import transformers, so they load on first use.
+_LAZY = {"kv_cache": "effc.projected_cache", "ProjectedCache": "effc.projected_cache",
+         "use_select_attention": "effc.token_select", "restore_attention": "effc.token_select"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import effc.projected_cache as module
+        import importlib
 
-        return getattr(module, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'effc' has no attribute {name!r}")

@@ -1,0 +1,101 @@
+"""kv_proj part 2: token-level KV selection for long-context decoding (TokenSelect), as a
+Hugging Face attention function.
+
+    effc.use_select_attention(model, top_k=256, initial=4, recent=64)
+    model.generate(ids, ...)            # decode steps attend to at most 324 cached tokens
+
+A decode step (one query token) whose cache is longer than initial + recent + top_k attends
+to the first `initial` tokens, the last `recent`, and the `top_k` others with the highest head
+soft vote (each head's softmax over q.k, summed over heads): effc.select_attention
+(effc/kernels/select_attention.py, a Triton kernel on CUDA). Everything else (prefill, short
+caches, padded batches with a mask) runs the library's SDPA attention unchanged, so with
+top_k + initial + recent >= the cache length the model is exactly the original.
+Why an attention function: the selection is a per-step decision over the cache the model's
+Python code holds; transformers lets a model's attention be swapped by name, which works
+eagerly and under torch.compile alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_*)
+
+NAME = "effc_select"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """How many cached tokens a decode step attends to: initial + recent + top_k."""
+
+    top_k: int = 256
+    initial: int = 4
+    recent: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("top_k", "initial", "recent"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"effc option 'kv_proj.select.{key}': expected an int >= 0, "
+                                 f"got {value!r}")
+        if self.top_k + self.initial + self.recent == 0:
+            raise ValueError("effc option 'kv_proj.select': top_k + initial + recent must be "
+                             "> 0")
+
+    @property
+    def budget(self) -> int:
+        return self.top_k + self.initial + self.recent
+
+
+def select_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             dropout: float = 0.0, scaling: float | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: [B, H, L, D] in, [B, L, H, Dv] out."""
+    cfg: SelectConfig | None = getattr(module, "effc_select", None)
+    if (cfg is None or query.shape[2] != 1 or key.shape[2] <= cfg.budget
+            or attention_mask is not None or dropout):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.effc.select_attention(query, key, value, float(scale), cfg.top_k,
+                                          cfg.initial, cfg.recent)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, select_attention_forward)
+
+
+def use_select_attention(model: torch.nn.Module, top_k: int = 256, initial: int = 4,
+                         recent: int = 64) -> SelectConfig:
+    """Make `model`'s decode steps attend to selected cached tokens (see the module
+    docstring); `restore_attention(model)` undoes it. Returns the validated settings."""
+    cfg = SelectConfig(top_k, initial, recent)
+    attentions = [m for m in model.modules() if hasattr(m, "num_key_value_groups")
+                  or type(m).__name__.endswith("Attention")]
+    if not attentions:
+        raise ValueError(f"effc.use_select_attention: {type(model).__name__} has no "
+                         f"transformers attention modules")
+    for m in attentions:
+        m.effc_select = cfg
+    if not hasattr(model, "_effc_previous_attention"):
+        model._effc_previous_attention = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    return cfg
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Undo use_select_attention."""
+    previous = getattr(model, "_effc_previous_attention", None)
+    if previous is None:
+        return
+    for m in model.modules():
+        if hasattr(m, "effc_select"):
+            del m.effc_select
+    model.set_attn_implementation(previous)
+    del model._effc_previous_attention

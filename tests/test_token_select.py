@@ -1,0 +1,91 @@
+"""effc.use_select_attention: decode steps attend to selected cached tokens (TokenSelect).
+
+The select path's own exactness (top_k + initial + recent >= cache length equals SDPA) is
+tested on the op (tests/kernels/test_select_attention.py); here: the model-level switch.
+"""
+
+import pytest
+import torch
+import transformers as tf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import effc
+
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+           return_dict_in_generate=True)
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.keys = []  # cache length each select call saw
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.effc.select_attention.default:
+            self.keys.append(args[1].shape[2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_budget_covering_the_cache_generates_exactly_the_original():
+    model, ids = _llama(), torch.randint(3, 96, (2, 40))
+    with torch.inference_mode():
+        ref = model.generate(ids, **GEN)
+        effc.use_select_attention(model, top_k=100, initial=4, recent=8)
+        out = model.generate(ids, **GEN)
+        with _Calls() as calls:  # (a dispatch mode changes SDPA's numerics: not compared)
+            model.generate(ids, **GEN)
+        effc.restore_attention(model)
+    assert torch.equal(out.sequences, ref.sequences) and calls.keys == []
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+
+
+def test_decode_steps_past_the_budget_select_and_prefill_does_not():
+    model, ids = _llama(), torch.randint(3, 96, (2, 40))
+    with torch.inference_mode():
+        ref = model.generate(ids, **GEN)
+        effc.use_select_attention(model, top_k=8, initial=2, recent=4)
+        out = model.generate(ids, **GEN)
+        with _Calls() as calls:
+            model.generate(ids, **GEN)
+        effc.restore_attention(model)
+        back = model.generate(ids, **GEN)
+    # 5 decode steps (the first token comes from prefill) x 2 layers, caches of 41..45 tokens
+    assert sorted(calls.keys) == sorted([t for t in range(41, 46) for _ in range(2)])
+    assert max((a - b).abs().max().item() for a, b in zip(out.scores, ref.scores)) > 1e-3
+    assert torch.equal(back.sequences, ref.sequences)  # restore_attention undoes it
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_compiled_by_effc_selects_like_eager():
+    model, ids = _llama(), torch.randint(3, 96, (2, 40))
+    effc.use_select_attention(model, top_k=8, initial=2, recent=4)
+    forward = model.forward
+    try:
+        with torch.inference_mode():
+            eager = model.generate(ids, **GEN)
+            torch._dynamo.reset()
+            effc.reset()
+            model.forward = torch.compile(forward, backend="effc")
+            compiled = model.generate(ids, **GEN)
+    finally:
+        model.forward = forward
+        effc.restore_attention(model)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("knobs,key", [({"top_k": -1}, "kv_proj.select.top_k"),
+                                       ({"recent": 1.5}, "kv_proj.select.recent"),
+                                       ({"top_k": 0, "initial": 0, "recent": 0},
+                                        "kv_proj.select")])
+def test_bad_settings_raise_value_error_naming_the_key(knobs, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        effc.use_select_attention(_llama(), **knobs)
