@@ -194,17 +194,40 @@ def part_c(quick: bool) -> str:
                     rows))
 
 
+def part_d(quick: bool) -> str:
+    """CUDA only: one decode step's attention at 4k..64k cached tokens (B=1, 32 query heads,
+    8 KV heads, head_dim 128): SDPA over the whole cache vs effc.select_attention (Triton)."""
+    if not torch.cuda.is_available():
+        return "(d) skipped: no CUDA device"
+    from triton.testing import do_bench
+
+    import effc.kernels.select_attention  # noqa: F401
+
+    rows = []
+    for t in (4096, 16384, 65536):
+        for dtype in (torch.float16, torch.bfloat16):
+            q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, 8, t, 128, device="cuda", dtype=dtype) for _ in range(2))
+            full = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            sel = do_bench(lambda: torch.ops.effc.select_attention(q, k, v, 128 ** -0.5, 256,
+                                                                   4, 64))
+            rows.append([t, str(dtype).removeprefix("torch."), full, sel, full / sel])
+    return (f"(d) decode-step attention, {torch.cuda.get_device_name()}\n\n"
+            + table(["cached tokens", "dtype", "SDPA ms", "select_attention ms", "speedup"],
+                    rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
+    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c}
+    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
     for key in args.part.split(","):
         text = parts[key.strip()](args.quick)
         print(text, "\n", flush=True)
-        if args.record and not args.quick:
+        if args.record and not args.quick and "skipped" not in text.splitlines()[0]:
             record(f"kv_proj_{key.strip()}", text)
 
 

@@ -11,6 +11,8 @@
 (b) CPU time of one forward at 128..2048 tokens (batch 1) vs eager, with the FLOP ratio of
     the whole model and how much of the FLOP saving the time realizes. Timed with top-k
     routing (exactly ceil(c T) tokens per routed block, so the FLOP ratio is exact).
+(c) CUDA only: the gather/scatter Triton kernels vs torch, and a routed MLP block vs a whole
+    one, with triton.testing.do_bench.
 """
 
 from __future__ import annotations
@@ -168,17 +170,57 @@ def part_b(quick: bool) -> str:
                      "share of the FLOP saving realized"], rows))
 
 
+def part_c(quick: bool) -> str:
+    """CUDA only: the gather/scatter kernels vs torch's, and a routed MLP block vs a whole one
+    (T=4096 tokens, d=4096, SwiGLU 11008, capacity 0.5), timed with triton.testing.do_bench."""
+    if not torch.cuda.is_available():
+        return "(c) skipped: no CUDA device"
+    from triton.testing import do_bench
+
+    from effc.kernels.token_gather_triton import token_gather_triton, token_scatter_add_triton
+
+    rows = []
+    t, d, ff = 4096, 4096, 11008
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(t, d, device="cuda", dtype=dtype)
+        w1, w3 = (torch.randn(ff, d, device="cuda", dtype=dtype) / d ** 0.5 for _ in range(2))
+        w2 = torch.randn(d, ff, device="cuda", dtype=dtype) / ff ** 0.5
+        scores = torch.randn(1, t, device="cuda")
+        index = torch.ops.effc.token_route(scores, 0.5, None)
+        rows_ = x.index_select(0, index)
+        upd = torch.randn_like(rows_)
+
+        def mlp(h):
+            return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
+
+        def routed():
+            idx = torch.ops.effc.token_route(scores, 0.5, None)
+            h = token_gather_triton(x, idx)
+            return token_scatter_add_triton(x, idx, mlp(h))
+
+        cands = {"index_select": lambda: x.index_select(0, index),
+                 "token_gather (Triton)": lambda: token_gather_triton(x, index),
+                 "index_add": lambda: x.index_add(0, index, upd),
+                 "token_scatter_add (Triton)": lambda: token_scatter_add_triton(x, index, upd),
+                 "whole MLP block": lambda: x + mlp(x),
+                 "routed MLP block, capacity 0.5": routed}
+        for name, fn in cands.items():
+            rows.append([str(dtype).removeprefix("torch."), name, do_bench(fn)])
+    return (f"(c) CUDA kernels, {torch.cuda.get_device_name()}, {t} tokens, d={d}\n\n"
+            + table(["dtype", "op", "ms"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b", help="comma list of parts: a, b")
+    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b}
+    parts = {"a": part_a, "b": part_b, "c": part_c}
     for key in args.part.split(","):
         text = parts[key.strip()](args.quick)
         print(text, "\n", flush=True)
-        if args.record and not args.quick:
+        if args.record and not args.quick and "skipped" not in text.splitlines()[0]:
             record(f"token_skip_{key.strip()}", text)
 
 

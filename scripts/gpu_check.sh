@@ -5,7 +5,8 @@
 # the generated kernels are compiled and autotuned rather than interpreted; then the lowering
 # benchmark times effc-triton against inductor and eager, and the hypercomplex benchmark times
 # the trained PHM model and phm_linear against dense (the goal at batch 1: >= 0.6 n times
-# faster than dense), both recorded into BENCHMARKS.md.
+# faster than dense), the token_skip gather/scatter kernels and a routed MLP block, and
+# select_attention against SDPA at long contexts, all recorded into BENCHMARKS.md.
 # Uses the Python that already holds torch + triton (PYTHON, default python3): GPU machines
 # here have no network, so nothing is installed. Extra arguments go to pytest.
 set -euo pipefail
@@ -22,6 +23,8 @@ status=0  # a failing test must not cost the benchmark numbers: run both, report
 "$PY" benchmarks/bench_lowering.py --record || status=$?
 "$PY" benchmarks/bench_hypercomplex.py --part a,b,d --record || status=$?
 "$PY" benchmarks/bench_shift_add.py --part c --record || status=$?
+"$PY" benchmarks/bench_token_skip.py --part c --record || status=$?
+"$PY" benchmarks/bench_kv_proj.py --part d --record || status=$?
 "$PY" benchmarks/lowering_coverage.py || status=$?
 echo "gpu_check: exit status $status"
 exit $status
