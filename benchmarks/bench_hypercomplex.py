@@ -20,7 +20,6 @@ Runs on CUDA when one is present (parts a, b and d), else on CPU.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, record, table, time_interleaved  # noqa: E402
+from benchmarks.common import machine, run_parts, table, time_interleaved  # noqa: E402
 from benchmarks.models.phm import PHMMLP  # noqa: E402
 from effc.compiler.metrics import error_stats  # noqa: E402
 from effc.kernels.phm import kron_weight  # noqa: E402
@@ -205,18 +204,9 @@ def part_d(quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
-    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
-    args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
-    for key in args.part.split(","):
-        text = parts[key.strip()](args.quick)
-        print(text, "\n", flush=True)
-        if args.record and not args.quick:
-            suffix = "_cuda" if DEVICE.type == "cuda" and key.strip() != "c" else ""
-            record(f"hypercomplex_{key.strip()}{suffix}", text)
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "hypercomplex",
+              lambda key: f"hypercomplex_{key}"
+                          + ("_cuda" if DEVICE.type == "cuda" and key != "c" else ""))
 
 
 if __name__ == "__main__":

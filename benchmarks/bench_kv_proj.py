@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, record, table, time_interleaved  # noqa: E402
+from benchmarks.common import machine, run_parts, table, time_interleaved  # noqa: E402
 
 VARIANTS = [
     ("values only, ratio 0.5", {"ratio": 0.5, "keys": "none"}),
@@ -218,17 +217,7 @@ def part_d(quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c,d", help="comma list of parts: a, b, c, d")
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
-    args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
-    for key in args.part.split(","):
-        text = parts[key.strip()](args.quick)
-        print(text, "\n", flush=True)
-        if args.record and not args.quick and "skipped" not in text.splitlines()[0]:
-            record(f"kv_proj_{key.strip()}", text)
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "kv_proj")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, record, table, time_interleaved  # noqa: E402
+from benchmarks.common import machine, run_parts, table, time_interleaved  # noqa: E402
 from effc.compiler.graph_facts import matches  # noqa: E402
 from effc.passes.shift_add_math import fit, pack  # noqa: E402
 
@@ -150,17 +149,7 @@ def part_c(quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
-    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
-    args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c}
-    for key in args.part.split(","):
-        text = parts[key.strip()](args.quick)
-        print(text, "\n", flush=True)
-        if args.record and not args.quick and not text.startswith("(c) skipped"):
-            record(f"shift_add_{key.strip()}", text)
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c}, "shift_add")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, main_output, record, table, time_interleaved  # noqa: E402
+from benchmarks.common import (machine, main_output, run_parts, table,  # noqa: E402
+                               time_interleaved)
 
 
 def _compiled(model, options):
@@ -211,17 +211,7 @@ def part_c(quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="a,b,c", help="comma list of parts: a, b, c")
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
-    args = parser.parse_args()
-    parts = {"a": part_a, "b": part_b, "c": part_c}
-    for key in args.part.split(","):
-        text = parts[key.strip()](args.quick)
-        print(text, "\n", flush=True)
-        if args.record and not args.quick and "skipped" not in text.splitlines()[0]:
-            record(f"token_skip_{key.strip()}", text)
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c}, "token_skip")
 
 
 if __name__ == "__main__":

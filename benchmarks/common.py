@@ -83,3 +83,25 @@ def record(section: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def run_parts(doc: str, parts: dict[str, Callable[[bool], str]], section: str,
+              section_of: Callable[[str], str] | None = None) -> None:
+    """The command line every benchmark script shares: --part (comma list), --quick (smoke
+    run: never recorded), --record (each part's table into BENCHMARKS.md under
+    `section`_<part>, or `section_of(part)`; a part that says it was skipped is not
+    recorded)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--part", default=",".join(parts),
+                        help="comma list of parts: " + ", ".join(parts))
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--record", action="store_true", help="write the tables to BENCHMARKS.md")
+    args = parser.parse_args()
+    for key in (k.strip() for k in args.part.split(",")):
+        text = parts[key](args.quick)
+        print(text, "\n", flush=True)
+        if args.record and not args.quick and "skipped" not in text.splitlines()[0]:
+            record(section_of(key) if section_of else f"{section}_{key}", text)
+
