@@ -146,12 +146,14 @@ def part_c(quick: bool) -> str:
     from transformers import DynamicCache
 
     from benchmarks.models import text_lm
+    from effc.token_select import reuse_counts
 
     model, (_, val_ids) = text_lm.get_model("text_llama")
     select = {"top_k": 256, "initial": 4, "recent": 64}
-    chosen = copy.deepcopy(model)
+    chosen, reusing = copy.deepcopy(model), copy.deepcopy(model)
     effc.use_select_attention(chosen, **select)
-    models = {"full": model, "select": chosen}
+    effc.use_select_attention(reusing, **select, reuse=0.8)
+    models = {"full": model, "select": chosen, "select, reuse 0.8": reusing}
     steps = 8 if quick else 32
     rows = []
     for ctx in ((1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)):
@@ -165,7 +167,9 @@ def part_c(quick: bool) -> str:
                     logits = m(text[:, ctx + t: ctx + t + 1], cache=caches[label],
                                use_cache=True).logits
                     preds[label].append(int(logits[0, -1].argmax()))
-        agree = sum(a == b for a, b in zip(preds["full"], preds["select"])) / steps
+        agree = {k: sum(a == b for a, b in zip(preds["full"], preds[k])) / steps
+                 for k in ("select", "select, reuse 0.8")}
+        made, reused = reuse_counts(reusing)
 
         def step(label):
             cache, m = caches[label], models[label]
@@ -179,9 +183,11 @@ def part_c(quick: bool) -> str:
                     layer.values = layer.values[..., :length, :]
             return run
 
-        times = time_interleaved({k: step(k) for k in models}, repeats=3 if quick else 9)
+        times = time_interleaved({k: step(k) for k in ("full", "select")},
+                                 repeats=3 if quick else 9)
         rows.append([ctx, times["full"] * 1e3, times["select"] * 1e3,
-                     times["full"] / times["select"], agree])
+                     times["full"] / times["select"], agree["select"],
+                     agree["select, reuse 0.8"], reused / max(made + reused, 1)])
     budget = select["top_k"] + select["initial"] + select["recent"]
     return (f"(c) token selection at long contexts (top_k {select['top_k']}, initial "
             f"{select['initial']}, recent {select['recent']}: {budget} tokens per step), "
@@ -189,8 +195,10 @@ def part_c(quick: bool) -> str:
             f"it), batch 1, eager, {machine()}\n\n"
             f"agreement: next-byte argmax of select vs full attention over {steps} "
             "teacher-forced decode steps after the context.\n\n"
-            + table(["context", "full step ms", "select step ms", "speedup", "agreement"],
-                    rows))
+            "reuse rate: the share of decode steps (per layer) that reused the previous "
+            "selection; reuse steps are not in the timing.\n\n"
+            + table(["context", "full step ms", "select step ms", "speedup", "agreement",
+                     "agreement with reuse 0.8", "reuse rate"], rows))
 
 
 def part_d(quick: bool) -> str:

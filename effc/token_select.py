@@ -36,6 +36,7 @@ class SelectConfig:
     top_k: int = 256
     initial: int = 4
     recent: int = 64
+    reuse: float | None = None  # reuse the last selection while queries keep this cosine
 
     def __post_init__(self) -> None:
         for key in ("top_k", "initial", "recent"):
@@ -43,6 +44,10 @@ class SelectConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"effc option 'kv_proj.select.{key}': expected an int >= 0, "
                                  f"got {value!r}")
+        if self.reuse is not None and (isinstance(self.reuse, bool) or not isinstance(
+                self.reuse, (int, float)) or not -1.0 <= self.reuse <= 1.0):
+            raise ValueError(f"effc option 'kv_proj.select.reuse': expected None or a cosine "
+                             f"in [-1, 1], got {self.reuse!r}")
         if self.top_k + self.initial + self.recent == 0:
             raise ValueError("effc option 'kv_proj.select': top_k + initial + recent must be "
                              "> 0")
@@ -60,22 +65,70 @@ def select_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     cfg: SelectConfig | None = getattr(module, "effc_select", None)
     if (cfg is None or query.shape[2] != 1 or key.shape[2] <= cfg.budget
             or attention_mask is not None or dropout):
+        if cfg is not None:
+            module.effc_select_state = None  # a prefill starts a new sequence
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.ops.effc.select_attention(query, key, value, float(scale), cfg.top_k,
-                                          cfg.initial, cfg.recent)
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if cfg.reuse is None or torch.compiler.is_compiling():
+        out = torch.ops.effc.select_attention(query, key, value, scale, cfg.top_k,
+                                              cfg.initial, cfg.recent)
+    else:
+        out = _with_reuse(module, cfg, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+@dataclasses.dataclass
+class _Selection:
+    """The last selection of an attention module (eager decoding only)."""
+
+    query: torch.Tensor   # [B, H, D] unit vectors of the query it was reused or made for
+    index: torch.Tensor   # [B, S] token indices
+    length: int           # cache length it covers
+    reused: int = 0       # steps that reused it (for the report)
+    made: int = 0         # selections made
+
+
+def _with_reuse(module, cfg: SelectConfig, query, key, value, scale: float) -> torch.Tensor:
+    """TokenSelect's selection cache: while each head's query keeps cosine >= cfg.reuse with
+    the previous step's (mean over heads, every sequence), attend to the previous selection plus
+    the tokens written since."""
+    b, t = key.shape[0], key.shape[2]
+    unit = torch.nn.functional.normalize(query[:, :, 0].float(), dim=-1)
+    state: _Selection | None = getattr(module, "effc_select_state", None)
+    if state is not None and state.index.shape[0] == b and state.length <= t and \
+            float((unit * state.query).sum(-1).mean(-1).min()) >= cfg.reuse:
+        new = torch.arange(state.length, t, device=key.device).expand(b, -1)
+        state.index = torch.cat([state.index, new], dim=1)
+        state.query, state.length, state.reused = unit, t, state.reused + 1
+        return torch.ops.effc.gather_attention(query, key, value, state.index, scale)
+    index = torch.ops.effc.select_tokens(query, key, scale, cfg.top_k, cfg.initial, cfg.recent)
+    made = state.made + 1 if state is not None else 1
+    reused = state.reused if state is not None else 0
+    module.effc_select_state = _Selection(unit, index, t, reused, made)
+    return torch.ops.effc.gather_attention(query, key, value, index, scale)
+
+
+def reuse_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(selections made, steps that reused one) over `model`'s attention modules since the
+    last prefill."""
+    states = [m.effc_select_state for m in model.modules()
+              if getattr(m, "effc_select_state", None) is not None]
+    return sum(s.made for s in states), sum(s.reused for s in states)
 
 
 AttentionInterface.register(NAME, select_attention_forward)
 
 
 def use_select_attention(model: torch.nn.Module, top_k: int = 256, initial: int = 4,
-                         recent: int = 64) -> SelectConfig:
+                         recent: int = 64, reuse: float | None = None) -> SelectConfig:
     """Make `model`'s decode steps attend to selected cached tokens (see the module
-    docstring); `restore_attention(model)` undoes it. Returns the validated settings."""
-    cfg = SelectConfig(top_k, initial, recent)
+    docstring); `restore_attention(model)` undoes it. Returns the validated settings.
+
+    `reuse` (a cosine, e.g. 0.9; eager only): a step whose queries all keep at least that
+    cosine with the previous step's attends to the previous selection plus the tokens
+    written since, without scoring the cache (TokenSelect's selection cache)."""
+    cfg = SelectConfig(top_k, initial, recent, reuse)
     attentions = [m for m in model.modules() if hasattr(m, "num_key_value_groups")
                   or type(m).__name__.endswith("Attention")]
     if not attentions:
@@ -97,5 +150,6 @@ def restore_attention(model: torch.nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "effc_select"):
             del m.effc_select
+            m.__dict__.pop("effc_select_state", None)
     model.set_attn_implementation(previous)
     del model._effc_previous_attention

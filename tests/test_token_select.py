@@ -89,3 +89,21 @@ def test_compiled_by_effc_selects_like_eager():
 def test_bad_settings_raise_value_error_naming_the_key(knobs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         effc.use_select_attention(_llama(), **knobs)
+
+
+def test_reuse_attends_to_the_last_selection_plus_the_new_tokens():
+    from effc.token_select import reuse_counts
+
+    model, ids = _llama(), torch.randint(3, 96, (2, 40))
+    with torch.inference_mode():
+        effc.use_select_attention(model, top_k=8, initial=2, recent=4, reuse=-1.0)  # always
+        model.generate(ids, **GEN)
+        made, reused = reuse_counts(model)
+        layer = model.model.layers[0].self_attn
+        state = layer.effc_select_state
+        effc.restore_attention(model)
+    assert (made, reused) == (2, 2 * 4)  # 5 decode steps x 2 layers: one selection each
+    first = state.index[:, :14]          # the selection made at the first decode step (41)
+    assert torch.equal(state.index[:, 14:], torch.arange(41, 45).expand(2, -1))
+    assert first.shape == (2, 14) and bool((first < 41).all())
+    assert not hasattr(layer, "effc_select_state")  # restore_attention forgets it
