@@ -22,6 +22,7 @@ layers are not built yet.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -37,7 +38,7 @@ from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndT
                                 SiteOptions, allocate, db, end_to_end)
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
                                         residual_sites)
-from effc.passes.token_skip_math import Router, fit_router, overlap, threshold
+from effc.passes.token_skip_math import Router, arank, fit_router, overlap, threshold
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -67,6 +68,10 @@ class TokenSkipConfig(PassConfig):
         "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
     max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
                                   "sensitive first", min=0)
+    layer_choice: Literal["measured", "arank"] = knob(
+        "measured", "which layers max_layers keeps: measured: least end-to-end error first; "
+                    "arank: lowest ARank first (gamma-MoD; calibrate with what=('inputs', "
+                    "'attention'))")
     routing: Literal["auto", "top_k", "threshold"] = knob(
         "auto", "top_k: ceil(capacity*T) tokens per sequence; threshold: per token, causal; "
                 "auto: threshold in causal graphs (decoders), top_k otherwise")
@@ -450,6 +455,8 @@ class TokenSkipPass(Pass):
                         {}, calls, self._graph(e2e, {s.add.name: plan(s, c)}))
         if cfg.capacity is not None:
             order = sorted(sites, key=lambda s: self.measured.get((s.add.name, cfg.capacity), 0))
+            if cfg.layer_choice == "arank":
+                order = self._by_arank(order, ctx)
             n = len(order) if cfg.max_layers is None or cfg.layers != "auto" else cfg.max_layers
             chosen = {s.add.name: plan(s, cfg.capacity) for s in order[:n]}
             self._summary(e2e, chosen, ctx, f"capacity {cfg.capacity:g}")
@@ -477,6 +484,22 @@ class TokenSkipPass(Pass):
         self._summary(e2e, chosen, ctx, f"min_sqnr_db {bound:g}"
                       + (" (the quality-bounded default)" if cfg.min_sqnr_db is None else ""))
         return chosen
+
+    def _by_arank(self, sites: list[ResidualSite], ctx) -> list[ResidualSite]:
+        """`sites` by their layer's ARank (lowest first) from the calibration's attention
+        maps; unchanged, with a warning, where the maps are missing."""
+        maps: dict[int, list] = {}
+        for name, kept in (ctx.calibration.attention.items() if ctx.calibration else ()):
+            found = re.search(r"\.(\d+)\.", "." + name + ".")
+            if found:
+                maps.setdefault(int(found.group(1)), []).extend(kept)
+        self.aranks = {s.add.name: arank(maps[s.layer]) for s in sites if s.layer in maps}
+        if len(self.aranks) < len(sites):
+            ctx.warn("layer_choice='arank' needs attention maps of every routed layer: "
+                     "calibrate with effc.calibrate(model, batches, what=('inputs', "
+                     "'attention')); the layers are chosen by measured error instead")
+            return sites
+        return sorted(sites, key=lambda s: self.aranks[s.add.name])
 
     def _measure(self, e2e: EndToEnd, chosen: dict[str, _Plan]) -> float:
         live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
@@ -532,6 +555,8 @@ class TokenSkipPass(Pass):
             if plan.threshold is not None:
                 details["kept_fraction"] = round(
                     float((scores >= plan.threshold).double().mean()), 4)
+        if key in getattr(self, "aranks", {}):
+            details["arank"] = round(self.aranks[key], 4)
         probe = plan.capacity if plan is not None else self.config.capacity
         m = getattr(self, "measured", {}).get((key, probe))
         if m is not None:  # the graph's output with this block alone routed at `probe`

@@ -70,3 +70,17 @@ def overlap(scores: torch.Tensor, oracle: torch.Tensor, capacity: float) -> floa
     mine = set(scores.reshape(-1).topk(k).indices.tolist())
     theirs = set(oracle.reshape(-1).topk(k).indices.tolist())
     return len(mine & theirs) / k
+
+
+def arank(maps: list[torch.Tensor]) -> float:
+    """gamma-MoD's ARank of a layer: the mean over its recorded attention maps ([H, Tq, Tk])
+    and heads of the rank of the map with its diagonal zeroed, over the number of queries.
+    A low ARank means the heads attend in few patterns: the layer is redundant."""
+    ranks = []
+    for m in maps:
+        a = m.double().clone()
+        n = min(a.shape[-2:])
+        a[..., torch.arange(n), torch.arange(n)] = 0.0
+        ranks.append((torch.linalg.matrix_rank(a).double() / a.shape[-2]).mean())
+    return float(torch.stack(ranks).mean()) if ranks else float("nan")
+

@@ -318,3 +318,18 @@ def test_encoder_attention_blocks_route_through_the_pass():
                                         "blocks": ["attention"]}})(**inputs)
     assert _rows() == [] and all("outside it" in r.reason or "non-causal" in r.reason
                                  for r in _rows("skipped") if r.details["kind"] == "attention")
+
+
+def test_arank_picks_the_layer_whose_heads_attend_in_the_fewest_patterns():
+    model = _llama(layers=4)
+    batches = [{"input_ids": torch.randint(3, 96, (2, 16))} for _ in range(2)]
+    calib = effc.calibrate(model, batches, what=("inputs", "attention"), progress=False)
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5, "max_layers": 1,
+                                               "layer_choice": "arank"},
+                                "calibration": calib})
+    with torch.no_grad():
+        compiled(batches[0]["input_ids"])
+    chosen = _rows()
+    kept = [r for r in _rows("skipped") if "max_layers" in r.reason]
+    assert len(chosen) == 1 and len(kept) == 1
+    assert chosen[0].details["arank"] <= kept[0].details["arank"]
