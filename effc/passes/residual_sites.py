@@ -45,6 +45,11 @@ class ResidualSite:
     why: str = ""                  # non-empty: the branch cannot run on a subset of tokens
 
     @property
+    def key(self) -> str:
+        """Unique per site (a layer site and its MLP part share their add node)."""
+        return f"{self.kind}:{self.add.name}"
+
+    @property
     def features(self) -> int | None:
         shape = _shape(self.stream)
         return shape[-1] if shape and isinstance(shape[-1], int) else None
@@ -215,3 +220,35 @@ def _free_token_axis(node: fx.Node, sizes: tuple, tokens: int) -> tuple | None:
         return None
     new[where[0]] = -1
     return tuple(new)
+
+
+def layer_sites(sites: list[ResidualSite]) -> list[ResidualSite]:
+    """`sites` with each layer's attention site and the MLP site that reads its add merged
+    into one "layer" site: x -> attention -> add -> MLP -> add, a token skipping the whole
+    layer keeps x. Its `update` is the last add (h, not h - x); its branch runs through the
+    first add."""
+    out, used = [], set()
+    for a in sites:
+        if a.kind != "attention":
+            continue
+        m = next((s for s in sites if s.kind == "mlp" and s.stream is a.add), None)
+        if m is None:
+            continue
+        outside = [u for u in a.add.users if u not in m.branch and u is not m.add]
+        why = a.why or m.why or (f"the attention's output ({a.add.name}) is also used outside "
+                                 f"the layer ({outside[0].name})" if outside else "")
+        prefix = _common_module(a.name, m.name)
+        out.append(ResidualSite(m.add, a.stream, m.add, a.branch + [a.add] + m.branch, "layer",
+                                prefix, a.layer, a.weights + m.weights, why))
+        used.update((id(a), id(m)))
+    return out
+
+
+def _common_module(a: str, b: str) -> str:
+    parts = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts) or a
+

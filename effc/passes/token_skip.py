@@ -14,9 +14,9 @@ or the `max_layers` least sensitive), a `budget` of token work allocated across 
 shared allocator, or, by default, as much skipping as keeps the graph's main output at
 `min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
 sample inputs (else on the call being compiled, with a warning). The first and last layers
-are kept unless named. Attention blocks are routed in encoders and ViTs (`blocks`): the
-routed queries attend to all tokens' keys (`keys="all"`) or only the routed ones; whole
-layers are not built yet.
+are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
+are routed in encoders and ViTs (`blocks`); a routed attention's queries attend to all
+tokens' keys (`keys="all"`) or only the routed ones.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
                                 SiteOptions, allocate, db, end_to_end)
-from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
-                                        residual_sites)
+from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_token_sizes,
+                                        layer_sites, residual_sites)
 from effc.passes.token_skip_math import Router, arank, fit_router, overlap, threshold
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
@@ -57,10 +57,10 @@ class TokenSkipConfig(PassConfig):
                                 min=0.0, max=1.0)
     min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
-    blocks: tuple[Literal["mlp", "attention"], ...] = knob(
-        ("mlp",), "which residual blocks may be routed: mlp, attention (encoders and ViTs "
-                  "only: a decoder's skipped tokens would still have to write no KV); whole "
-                  "layers are not built yet")
+    blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
+        ("mlp",), "which residual blocks may be routed: mlp, attention, or a whole layer "
+                  "(attention then MLP, one routing; attention and layer in encoders and ViTs "
+                  "only: a decoder's skipped tokens would still have to write no KV)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
                "the routed ones (Mixture-of-Depths proper: the least work)")
@@ -143,7 +143,8 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                                     (scores, float(plan.capacity), plan.threshold))
         rows = graph.call_function(ops.token_gather.default, (x2d, index))
         rank = len(lead) + 1
-        batched = site.kind == "attention"  # attention mixes tokens: keep sequences apart
+        batched = site.kind in ("attention", "layer")  # attention mixes tokens: keep rows
+        # of a sequence together
         head = (graph.call_method("size", (site.stream, 0)),) if batched else (1,) * (rank - 2)
         rows = graph.call_method("reshape", (rows, head + (-1, d)))
     if site.kind == "attention" and plan.keys == "all":
@@ -153,6 +154,15 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
             n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
             n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
             flatten_token_sizes(n, lead, keep_batch=batched)
+    if site.kind == "layer":  # the branch ends with the layer's output h: add h - x
+        with graph.inserting_before(site.add.next):
+            delta = graph.call_function(torch.sub, (site.add, rows))
+            upd = graph.call_method("reshape", (delta, (-1, d)))
+            out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
+            out = graph.call_method("view_as", (out, site.stream))
+        copy_node_meta(out, site.add)
+        site.add.replace_all_uses_with(out, delete_user_cb=lambda u: u is not delta)
+        return out
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
         out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
@@ -227,6 +237,14 @@ def _masked(site: ResidualSite) -> bool:
                and node_arg(n, 3, "attn_mask") is not None for n in site.branch)
 
 
+def find_sites(gm: fx.GraphModule, facts: GraphFacts, blocks: tuple[str, ...]
+               ) -> list[ResidualSite]:
+    """The residual sites of `gm`, with each layer's attention and MLP merged into one
+    "layer" site when `blocks` asks for layers."""
+    found = residual_sites(gm, facts)
+    return found + layer_sites(found) if "layer" in blocks else found
+
+
 def _update_weight(site: ResidualSite, ctx) -> str:
     """The calibration's key of a residual add: the weight of the branch's last matrix (the
     projection that computes the update, e.g. mlp.down_proj.weight)."""
@@ -238,8 +256,9 @@ def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
     """Why routing `site` breaks the graph on the inputs of the call being compiled (a view
     the rewrite could not free from the token count, an op that is not per token), or ""."""
     g = copy_graph_module(gm)
-    twin = next((s for s in residual_sites(g, GraphFacts(g, ctx.example_inputs, root=None))
-                 if s.add.name == site.add.name), None)
+    twin = next((s for s in find_sites(g, GraphFacts(g, ctx.example_inputs, root=None),
+                                       ctx.current_config.blocks)
+                 if s.key == site.key), None)
     if twin is None:
         return "the block is no longer found in the graph"
     fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
@@ -282,13 +301,13 @@ class TokenSkipPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg: TokenSkipConfig = self.config
-        found = self.found = residual_sites(gm, ctx.facts)
+        found = self.found = find_sites(gm, ctx.facts, cfg.blocks)
         causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
         rows, eligible = self._eligible(found, ctx, causal)
-        keys = {s.add.name: _plan_key(s, ctx, cfg) for s in eligible}
-        if eligible and all(keys[s.add.name] in _PLANS for s in eligible):
+        keys = {s.key: _plan_key(s, ctx, cfg) for s in eligible}
+        if eligible and all(keys[s.key] in _PLANS for s in eligible):
             for site in eligible:  # decided by an earlier graph of this model
-                plan = _PLANS[keys[site.add.name]]
+                plan = _PLANS[keys[site.key]]
                 rows.append(self._apply(gm, site, plan, ctx, None, None)
                             if plan is not None else
                             self._row(site, "skipped", self._kept_reason(site)))
@@ -312,7 +331,7 @@ class TokenSkipPass(Pass):
         probe = cfg.capacity if cfg.capacity is not None and 0 < cfg.capacity < 1 else 0.5
         usable = []
         for site in eligible:  # a block that cannot run on routed rows is not measured
-            why = _fails(gm, site, self._plan(site.add.name, probe, causal, routers, oracle),
+            why = _fails(gm, site, self._plan(site.key, probe, causal, routers, oracle),
                          ctx)
             if why:
                 rows.append(self._row(site, "skipped", why))
@@ -330,10 +349,10 @@ class TokenSkipPass(Pass):
                      "'residuals')), batches shaped like the calls you compile")
         plans = self._choose(gm, e2e, eligible, routers, oracle, causal, ctx)
         for site in eligible:
-            plan = plans.get(site.add.name)
+            plan = plans.get(site.key)
             if plan is not None and plan.capacity >= 1.0:
                 plan = None
-            _PLANS[keys[site.add.name]] = plan
+            _PLANS[keys[site.key]] = plan
             rows.append(self._apply(gm, site, plan, ctx, routers, oracle) if plan is not None
                         else self._row(site, "skipped", self._kept_reason(site), routers, oracle))
         gm.graph.eliminate_dead_code()
@@ -363,22 +382,30 @@ class TokenSkipPass(Pass):
             ctx.warn(f"layers {missing} match no residual block of this graph (its layers: "
                      f"{sorted(set(layers))})")
         rows, eligible = [], []
-        for s in found:
-            why = (f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
+        whole = {}  # add node of a part -> the eligible layer site it belongs to
+        for s in sorted(found, key=lambda s: s.kind != "layer"):  # layers decide first
+            part_of = whole.get(s.add)
+            why = (f"part of the routed layer {part_of.name}" if part_of is not None else
+                   f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
                    if s.kind not in cfg.blocks else
-                   "attention blocks are routed in non-causal graphs only (a decoder's skipped "
-                   "tokens would have to write no keys and values)"
-                   if s.kind == "attention" and causal else
+                   f"{s.kind} blocks are routed in non-causal graphs only (a decoder's skipped "
+                   f"tokens would have to write no keys and values)"
+                   if s.kind in ("attention", "layer") and causal else
                    "the attention has a mask (padding or causal): routing its queries is not "
-                   "built yet" if s.kind == "attention" and _masked(s) else s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
+                   "built yet" if s.kind in ("attention", "layer") and _masked(s) else
+                   s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
                    or ("not among the layers asked for" if named and s.layer not in named
                        else "")
                    or ("the first and last layers are kept unless named in layers"
                        if not named and s.layer in ends else ""))
             if why:
                 rows.append(self._row(s, "skipped", why))
-            else:
-                eligible.append(s)
+                continue
+            eligible.append(s)
+            if s.kind == "layer":  # its attention and MLP sites are not routed on their own
+                attention_add = next(n for n in s.branch if n.op == "call_function"
+                                     and n.target in ADDS and s.stream in n.args)
+                whole[attention_add] = whole[s.add] = s
         return rows, eligible
 
     # --- routers ----------------------------------------------------------------------------
@@ -390,38 +417,41 @@ class TokenSkipPass(Pass):
         recorded = {}
         calib = ctx.calibration
         for s in sites:
-            r = calib.residuals.get(_update_weight(s, ctx)) if calib is not None else None
+            r = calib.residuals.get(_update_weight(s, ctx)) if calib is not None and \
+                s.kind != "layer" else None  # (a layer's router reads the layer's input)
             if r is not None and r.rows is not None and r.rows.shape[-1] == s.features:
-                recorded[s.add.name] = (r.rows.double(), r.update_norms.double())
-        xs = {s.add.name: [] for s in sites}
-        ys = {s.add.name: [] for s in sites}
-        wanted = {n.name for s in sites if s.add.name not in recorded
+                recorded[s.key] = (r.rows.double(), r.update_norms.double())
+        xs = {s.key: [] for s in sites}
+        ys = {s.key: [] for s in sites}
+        wanted = {n.name for s in sites if s.key not in recorded
                   for n in (s.stream, s.update)}
         for args in (e2e.calls if wanted else []):
             cap = _Capture(e2e.gm, wanted)
             with torch.no_grad():
                 cap.run(*e2e.facts.fresh(args))
             for s in sites:
-                if s.add.name in recorded:
+                if s.key in recorded:
                     continue
                 d = s.features
                 x = cap.values[s.stream.name].reshape(-1, d)
                 u = cap.values[s.update.name].reshape(-1, d)
-                xs[s.add.name].append(x[:MAX_TOKENS].double())
-                ys[s.add.name].append(u[:MAX_TOKENS].double().norm(dim=-1))
+                if s.kind == "layer":  # its update node is the layer's output h
+                    u = u - x
+                xs[s.key].append(x[:MAX_TOKENS].double())
+                ys[s.key].append(u[:MAX_TOKENS].double().norm(dim=-1))
         routers, oracle = {}, {}
         self.router_data = {}
         for s in sites:
-            if s.add.name in recorded:
-                x, y = recorded[s.add.name]
-                self.router_data[s.add.name] = "calibration residual rows"
+            if s.key in recorded:
+                x, y = recorded[s.key]
+                self.router_data[s.key] = "calibration residual rows"
             else:
-                x = torch.cat(xs[s.add.name])[:MAX_TOKENS]
-                y = torch.cat(ys[s.add.name])[:MAX_TOKENS]
-                self.router_data[s.add.name] = ("calibration sample calls" if e2e.source ==
+                x = torch.cat(xs[s.key])[:MAX_TOKENS]
+                y = torch.cat(ys[s.key])[:MAX_TOKENS]
+                self.router_data[s.key] = ("calibration sample calls" if e2e.source ==
                                                 "samples" else "the call being compiled")
-            routers[s.add.name] = fit_router(x, y)
-            oracle[s.add.name] = (routers[s.add.name].scores(x), y)
+            routers[s.key] = fit_router(x, y)
+            oracle[s.key] = (routers[s.key].scores(x), y)
         return routers, oracle
 
     # --- choosing capacities ----------------------------------------------------------------
@@ -433,10 +463,10 @@ class TokenSkipPass(Pass):
         """A copy of the measured graph with `plans` (by add-node name) applied."""
         g = copy_graph_module(e2e.gm)
         facts = GraphFacts(g, [gi.value for gi in e2e.facts.inputs], root=None)
-        found = residual_sites(g, facts)
+        found = find_sites(g, facts, self.config.blocks)
         for s in found:
-            if s.add.name in plans:
-                _restream(found, s.add, route_site(g, s, plans[s.add.name]))
+            if s.key in plans:
+                _restream(found, s.add, route_site(g, s, plans[s.key]))
         g.graph.eliminate_dead_code()
         g.recompile()
         return g
@@ -444,37 +474,37 @@ class TokenSkipPass(Pass):
     def _choose(self, gm, e2e: EndToEnd, sites, routers, oracle, causal, ctx
                 ) -> dict[str, _Plan]:
         cfg: TokenSkipConfig = self.config
-        plan = lambda s, c: self._plan(s.add.name, c, causal, routers, oracle)  # noqa: E731
+        plan = lambda s, c: self._plan(s.key, c, causal, routers, oracle)  # noqa: E731
         self.measured: dict[tuple[str, float], float] = {}
         caps = (cfg.capacity,) if cfg.capacity is not None else CAPACITIES
         calls = max(1, cfg.max_forwards // max(1, len(sites) * len(caps)))
         for s in sites:
             for c in caps:
                 if c < 1.0:
-                    self.measured[(s.add.name, c)] = e2e.error2(
-                        {}, calls, self._graph(e2e, {s.add.name: plan(s, c)}))
+                    self.measured[(s.key, c)] = e2e.error2(
+                        {}, calls, self._graph(e2e, {s.key: plan(s, c)}))
         if cfg.capacity is not None:
-            order = sorted(sites, key=lambda s: self.measured.get((s.add.name, cfg.capacity), 0))
+            order = sorted(sites, key=lambda s: self.measured.get((s.key, cfg.capacity), 0))
             if cfg.layer_choice == "arank":
                 order = self._by_arank(order, ctx)
             n = len(order) if cfg.max_layers is None or cfg.layers != "auto" else cfg.max_layers
-            chosen = {s.add.name: plan(s, cfg.capacity) for s in order[:n]}
+            chosen = {s.key: plan(s, cfg.capacity) for s in order[:n]}
             self._summary(e2e, chosen, ctx, f"capacity {cfg.capacity:g}")
             return chosen
-        work = {s.add.name: 1000 for s in sites}  # per-site token work, in 1/1000 of a site
-        options = [SiteOptions(s.add.name, [Candidate(1.0, 0, 0.0, flops=work[s.add.name])] + [
-            Candidate(c, 0, self.measured[(s.add.name, c)] ** 0.5, flops=int(c * 1000))
+        work = {s.key: 1000 for s in sites}  # per-site token work, in 1/1000 of a site
+        options = [SiteOptions(s.key, [Candidate(1.0, 0, 0.0, flops=work[s.key])] + [
+            Candidate(c, 0, self.measured[(s.key, c)] ** 0.5, flops=int(c * 1000))
             for c in CAPACITIES]) for s in sites]
         if cfg.budget is not None:
             choice = allocate(options, max_params=cfg.budget * sum(work.values()), cost="flops")
-            chosen = {s.add.name: plan(s, choice[s.add.name].choice) for s in sites}
+            chosen = {s.key: plan(s, choice[s.key].choice) for s in sites}
             self._summary(e2e, chosen, ctx, f"budget {cfg.budget:g}")
             return chosen
         bound = cfg.min_sqnr_db if cfg.min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB
         target, scale = 10 ** (-bound / 10), 1.0
         for _ in range(MAX_CHECKS):
             choice = allocate(options, max_error2=target * scale, cost="flops")
-            chosen = {s.add.name: plan(s, choice[s.add.name].choice) for s in sites}
+            chosen = {s.key: plan(s, choice[s.key].choice) for s in sites}
             got = self._measure(e2e, chosen)
             if got <= target:
                 break
@@ -493,13 +523,13 @@ class TokenSkipPass(Pass):
             found = re.search(r"\.(\d+)\.", "." + name + ".")
             if found:
                 maps.setdefault(int(found.group(1)), []).extend(kept)
-        self.aranks = {s.add.name: arank(maps[s.layer]) for s in sites if s.layer in maps}
+        self.aranks = {s.key: arank(maps[s.layer]) for s in sites if s.layer in maps}
         if len(self.aranks) < len(sites):
             ctx.warn("layer_choice='arank' needs attention maps of every routed layer: "
                      "calibrate with effc.calibrate(model, batches, what=('inputs', "
                      "'attention')); the layers are chosen by measured error instead")
             return sites
-        return sorted(sites, key=lambda s: self.aranks[s.add.name])
+        return sorted(sites, key=lambda s: self.aranks[s.key])
 
     def _measure(self, e2e: EndToEnd, chosen: dict[str, _Plan]) -> float:
         live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
@@ -536,7 +566,7 @@ class TokenSkipPass(Pass):
         details: dict[str, Any] = {"kind": site.kind, "layer": site.layer,
                                    "add_node": site.add.name}
         error: dict[str, float] = {}
-        key = site.add.name
+        key = site.key
         if plan is not None and plan.info and not oracle:  # decided by an earlier graph
             return SiteRow(self.name, site.name, decision, reason, details={
                 **details, "capacity": plan.capacity, "threshold": plan.threshold,

@@ -243,7 +243,7 @@ def test_max_layers_takes_the_least_sensitive_blocks():
     ({"capacity": -0.1}, "token_skip.capacity"),
     ({"budget": 0.5, "capacity": 0.5}, "token_skip"),
     ({"layers": [-1]}, "token_skip.layers"),
-    ({"blocks": ["layer"]}, "token_skip.blocks"),
+    ({"blocks": ["layers"]}, "token_skip.blocks"),
     ({"keys": "some"}, "token_skip.keys"),
     ({"routing": "random"}, "token_skip.routing"),
     ({"max_layers": -2}, "token_skip.max_layers"),
@@ -333,3 +333,65 @@ def test_arank_picks_the_layer_whose_heads_attend_in_the_fewest_patterns():
     kept = [r for r in _rows("skipped") if "max_layers" in r.reason]
     assert len(chosen) == 1 and len(kept) == 1
     assert chosen[0].details["arank"] <= kept[0].details["arank"]
+
+
+class _Layer(torch.nn.Module):
+    """A pre-norm transformer layer: h = x + attention(x); out = h + mlp(h)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attention = _AttentionBlock(d)
+        self.ln = torch.nn.LayerNorm(d)
+        self.up, self.down = torch.nn.Linear(d, 32), torch.nn.Linear(32, d)
+
+    def forward(self, x):
+        h = self.attention(x)
+        return h + self.down(torch.relu(self.up(self.ln(h))))
+
+
+def test_a_routed_layer_runs_attention_and_mlp_on_the_routed_tokens_only():
+    from effc.passes.token_skip import find_sites
+
+    torch.manual_seed(0)
+    layer, x = _Layer().eval(), torch.randn(3, 11, 16)
+    router = Router(torch.randn(16), 0.0, 1.0, 1)
+    k = math.ceil(0.5 * 11)
+    chosen = (x.reshape(-1, 16) @ router.weight).reshape(3, 11).topk(k).indices.sort(1).values
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        sites = find_sites(g, GraphFacts(g, example), ("layer",))
+        (site,) = [s for s in sites if s.kind == "layer"]
+        assert site.why == "" and len(sites) == 3  # attention, mlp, and the layer of both
+        route_site(g, site, _Plan(router, 0.5, None, "selected"))
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = first_tensor(g(*example))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(layer, backend=backend)(x)
+        for b in range(3):
+            rows = chosen[b]
+            rest = torch.tensor([t for t in range(11) if t not in rows])
+            got = out["routed"][b]
+            assert torch.equal(got[rest], x[b, rest])
+            torch.testing.assert_close(got[rows], layer(x[b:b + 1, rows])[0], rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_layers_route_through_the_pass_in_encoders_only():
+    model, inputs = hf_model("vit")
+    with torch.no_grad():
+        _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                        "blocks": ["layer"]}})(**inputs)
+    rows, skipped = _rows(), _rows("skipped")
+    assert [r.details["kind"] for r in rows] == ["layer", "layer"]
+    assert sum("part of the routed layer" in r.reason for r in skipped) == 4
+    model, inputs = hf_model("llama")
+    with torch.no_grad():
+        _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                        "blocks": ["layer"]}})(**inputs)
+    assert _rows() == [] and any("non-causal" in r.reason for r in _rows("skipped"))
