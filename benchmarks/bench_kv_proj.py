@@ -7,7 +7,8 @@
     windows run teacher-forced through `effc.kv_cache(...)` (prefill attention reads the
     projected cache, as decoding does), next-token agreement with the unmodified model and
     perplexity, against the cache bytes measured after the run. Values only, keys only (PCA
-    after RoPE, or whole RoPE planes), both uniform, and budgets through the allocator.
+    after RoPE, or whole RoPE planes), both uniform, budgets through the allocator, and
+    data-free bases from the weights.
 (b) CPU time of one decode step (batch 1) at 256..2048 cached tokens: the plain DynamicCache
     vs the projected cache at budget 0.5 (half the bytes), eagerly (K and V rebuilt to full
     width every step) and compiled by effc with the kv_proj pass (attention in r dims).
@@ -41,6 +42,8 @@ VARIANTS = [
     ("budget 0.5, effect measured on 2 calibration batches", {"budget": 0.5, "measure": 2}),
     ("budget 0.375, effect measured on 2 calibration batches", {"budget": 0.375, "measure": 2}),
     ("default (min_energy 0.99)", {}),
+    ("data-free bases (weights), ratio 0.5", {"ratio": 0.5, "bases": "weights"}),
+    ("data-free bases (weights), budget 0.5", {"budget": 0.5, "bases": "weights"}),
 ]
 
 
@@ -80,8 +83,8 @@ def part_a(quick: bool) -> str:
         calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
         rows = [["unmodified", *_evaluate(model, windows, lambda: None)]]
         for label, knobs in VARIANTS:
-            if name == "text_gpt2" and knobs.get("keys") == "pairs":
-                continue  # no RoPE
+            if name == "text_gpt2" and (knobs.get("keys") == "pairs" or "bases" in knobs):
+                continue  # no RoPE; a fused c_attn (data-free bases read k_proj/v_proj)
             knobs = dict(knobs)
             measure = knobs.pop("measure", 0)
             cache = effc.kv_cache(model, calib, batches=batches[:measure] or None, **knobs)

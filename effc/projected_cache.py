@@ -111,6 +111,48 @@ def _attention_modules(calibration) -> dict[int, str]:
     return out
 
 
+def _weight_modules(model: torch.nn.Module) -> dict[int, str]:
+    """layer index -> path of each attention module with k_proj and v_proj linears."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "k_proj", None), torch.nn.Linear) and \
+                isinstance(getattr(m, "v_proj", None), torch.nn.Linear):
+            found = _LAYER.search("." + name + ".")
+            if found:
+                out[int(found.group(1))] = name
+    return out
+
+
+def _weight_moment_pair(params: dict, module: str, config, calibration
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free per-KV-head second moments of the cached keys and values: W C W^T per head
+    (C: the projection input's recorded moment, else the identity) plus the bias's b b^T.
+    Under RoPE the cached keys are rotated by position-dependent angles; averaged over
+    positions, each rotation plane (dims i, i + d/2) keeps its energy, split evenly between
+    its two dims, and planes decorrelate, so the key moment becomes that diagonal."""
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    moments = []
+    for proj in ("k_proj", "v_proj"):
+        w = params[f"{module}.{proj}.weight"].detach().double().cpu()
+        c = calibration.input_moment(f"{module}.{proj}.weight") if calibration else None
+        wc = w @ c.double() if c is not None else w
+        g = w.shape[0] // d
+        full = wc @ w.T
+        m = torch.stack([full[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(g)])
+        bias = params.get(f"{module}.{proj}.bias")
+        if bias is not None:
+            b = bias.detach().double().cpu().reshape(g, d)
+            m = m + b[:, :, None] * b[:, None, :]
+        moments.append(m)
+    keys, values = moments
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+    if rope:
+        diag = keys.diagonal(dim1=-2, dim2=-1)
+        plane = (diag[:, : d // 2] + diag[:, d // 2:]) / 2
+        keys = torch.diag_embed(torch.cat([plane, plane], dim=-1))
+    return keys, values
+
+
 def _key_options(name: str, moment, scores, mode: str, dim: int, g: int, multiple: int, size: int):
     ranks = sorted({round_rank(r, dim, multiple if mode == "pca" else max(2, multiple))
                     for r in range(1, dim + 1)})
@@ -121,10 +163,11 @@ def _key_options(name: str, moment, scores, mode: str, dim: int, g: int, multipl
     return SiteOptions(name, cands)
 
 
-def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = None, *,
+def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | None = None, *,
              batches: list | None = None, **knobs: Any) -> ProjectedCache:
     """A ProjectedCache for `model` from `effc.calibrate(model, batches, what=("inputs",
-    "kv"))`; knobs as KVProjConfig's (ValueError naming a bad one).
+    "kv"))`, or data-free from its weights (no calibration, or bases="weights"); knobs as
+    KVProjConfig's (ValueError naming a bad one).
 
     `batches` (a few, in the form calibrate takes): a `budget` then weighs each layer's
     keys and values by their measured effect on the logits over these batches (one forward
@@ -135,31 +178,39 @@ def kv_cache(model: torch.nn.Module, calibration, config: KVProjConfig | None = 
         config = parse_fields(KVProjConfig, knobs, prefix="kv_proj.")
     elif knobs:
         raise ValueError("effc.kv_cache: give a KVProjConfig or knobs, not both")
-    if calibration is None or not calibration.keys:
-        raise ValueError("effc.kv_cache: the calibration holds no key/value moments; calibrate "
-                         "with effc.calibrate(model, batches, what=('inputs', 'kv'))")
+    recorded = calibration is not None and bool(calibration.keys)
+    if config.bases == "calibration" and not recorded:
+        raise ValueError("effc option 'kv_proj.bases': 'calibration' needs key/value moments; "
+                         "calibrate with effc.calibrate(model, batches, what=('inputs', 'kv'))")
+    from_weights = config.bases == "weights" or not recorded
     text = model.config.get_text_config(decoder=True)
     layers_n = text.num_hidden_layers
     heads = text.num_attention_heads
-    mods = _attention_modules(calibration)
+    mods = _weight_modules(model) if from_weights else _attention_modules(calibration)
     missing = [i for i in range(layers_n) if i not in mods]
     if missing:
-        raise ValueError(f"effc.kv_cache: the calibration has no key/value moments of layers "
-                         f"{missing} (attention modules seen: {sorted(mods.values())[:3]}...)")
+        where = ("attention modules with k_proj and v_proj (data-free bases)" if from_weights
+                 else "key/value moments in the calibration")
+        raise ValueError(f"effc.kv_cache: no {where} for layers {missing}; "
+                         f"calibrate with effc.calibrate(model, batches, what=('inputs', 'kv'))")
     mode = config.keys if config.keys != "auto" else "pca"
     params = dict(model.named_parameters())
     size = next(model.parameters()).element_size()
     options, facts = [], {}
     for i in range(layers_n):
-        km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
-        kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
+        if from_weights:
+            kmom, vmom = _weight_moment_pair(params, mods[i], text, calibration)
+        else:
+            km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
+            kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
         g, d = kmom.shape[0], kmom.shape[-1]
         scores = None
         if mode == "pairs":
             wq = params.get(f"{mods[i]}.q_proj.weight")
             qe = None
             if wq is not None and wq.shape[0] == heads * d:
-                inp = calibration.input_moment(f"{mods[i]}.q_proj.weight")
+                inp = calibration.input_moment(f"{mods[i]}.q_proj.weight") \
+                    if calibration is not None else None
                 qe = query_plane_energy(wq.detach().cpu(), inp, heads, g)
             scores = plane_scores(kmom, qe)
         facts[i] = (kmom, vmom, scores, g, d)

@@ -127,6 +127,32 @@ def test_a_budget_can_weigh_layers_by_their_measured_effect():
     assert abs(-10 * math.log10(num / den) - cache.measured_sqnr_db) <= 1e-6
 
 
+def test_data_free_bases_need_no_calibration_and_shrink_the_cache():
+    model, calib = _llama()
+    cache = effc.kv_cache(model, None, ratio=0.5)
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.inference_mode():
+        model(ids, cache=cache, use_cache=True)
+    assert cache.layers[0].keys.shape == (2, 2, 9, 4) and cache.layers[1].values.shape == (
+        2, 2, 9, 4)
+    with pytest.raises(ValueError, match="'kv_proj.bases'"):
+        effc.kv_cache(model, effc.calibrate(model, [ids], progress=False), bases="calibration")
+
+
+def test_data_free_key_moments_average_rope_to_whole_planes():
+    from effc.projected_cache import _weight_moment_pair
+
+    model, _ = _llama()
+    params = dict(model.named_parameters())
+    keys, values = _weight_moment_pair(params, "model.layers.0.self_attn", model.config, None)
+    w = params["model.layers.0.self_attn.k_proj.weight"].detach().double()[:8]  # KV head 0
+    energy = (w @ w.T).diagonal()
+    plane = (energy[:4] + energy[4:]) / 2
+    torch.testing.assert_close(keys[0], torch.diag(torch.cat([plane, plane])))
+    wv = params["model.layers.0.self_attn.v_proj.weight"].detach().double()[8:16]  # head 1
+    torch.testing.assert_close(values[1], wv @ wv.T)
+
+
 def test_the_default_keeps_the_stated_share_of_every_layers_energy():
     model, calib = _llama()
     cache = effc.kv_cache(model, calib)
@@ -147,8 +173,11 @@ def test_bad_settings_raise_value_error_naming_the_key(knobs, key):
         effc.kv_cache(model, calib, **knobs)
 
 
-def test_a_calibration_without_kv_moments_is_refused():
+def test_a_calibration_without_kv_moments_falls_back_to_data_free_bases():
     model, _ = _llama()
     calib = effc.calibrate(model, [torch.randint(3, 96, (2, 8))], progress=False)
-    with pytest.raises(ValueError, match="what=\\('inputs', 'kv'\\)"):
-        effc.kv_cache(model, calib)
+    auto = effc.kv_cache(model, calib, ratio=0.5)
+    weights = effc.kv_cache(model, calib, ratio=0.5, bases="weights")
+    assert all(torch.equal(a.key_basis, b.key_basis) and torch.equal(a.value_basis,
+                                                                     b.value_basis)
+               for a, b in zip(auto.layers, weights.layers))

@@ -31,7 +31,7 @@ from effc.passes.base import Pass, PassResult
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 MATMULS = (torch.matmul, operator.matmul)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
-COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple")
+COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,10 @@ class KVProjConfig(PassConfig):
                 "RoPE planes (commutes with the rotation, so it could fold into W_q/W_k; "
                 "measured worse); none: keys kept whole; auto: pca")
     values: bool = knob(True, "project the values too")
+    bases: Literal["auto", "calibration", "weights"] = knob(
+        "auto", "calibration: PCA of the recorded per-head K/V moments; weights: data-free, "
+                "from W_k/W_v (and the recorded input moments where present; RoPE averaged "
+                "over positions); auto: calibration when it holds K/V moments")
     multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
 
     def validate(self, key: str) -> None:
