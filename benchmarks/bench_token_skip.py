@@ -107,6 +107,8 @@ def _variants(layers: int, encoder: bool) -> list[tuple[str, dict]]:
         for keys in ("all", "selected"):
             out.append((f"capacity 0.75, layers {middle}, attention and MLP, keys {keys}",
                         {"capacity": 0.75, "blocks": ["attention", "mlp"], "keys": keys}))
+        out.append((f"capacity 0.75, layers {middle}, whole layers (attention then MLP)",
+                    {"capacity": 0.75, "blocks": ["layer"]}))
     out.append(("budget 0.5 of the eligible blocks' work", {"budget": 0.5}))
     out.append(("default (min_sqnr_db 25)", {}))
     return out
@@ -123,7 +125,7 @@ def part_a(quick: bool) -> str:
             with torch.no_grad():
                 compiled(batches[0])
             result = metrics(compiled)
-            routed = _routed("mlp")
+            routed = {**_routed("mlp"), **_routed("layer")}
             work = (layers - len(routed) + sum(routed.values())) / layers
             rows.append([label, work, *result.values()])
         headers = ["setting", "MLP token work kept", *metrics(model).keys()]
