@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import effc
 from effc.compiler.graph_facts import GraphFacts, copy_graph_module
 from effc.passes.residual_sites import residual_sites
-from effc.passes.token_skip import _Plan, is_causal, route_site
+from effc.passes.token_skip import _Plan, find_sites, is_causal, route_site
 from effc.passes.token_skip_math import Router
 
 
@@ -271,6 +271,28 @@ class _AttentionBlock(torch.nn.Module):
         return x + self.o(a.transpose(1, 2).reshape(b, t, d))
 
 
+def _route_the_one(module, x, kind, plan):
+    """(the output of `module`'s graph with its one `kind` site routed by `plan`, the sites
+    found), with the blocks of every kind listed."""
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        out["sites"] = find_sites(g, GraphFacts(g, example), ("layer",))
+        (site,) = [s for s in out["sites"] if s.kind == kind]
+        assert site.why == ""
+        route_site(g, site, plan)
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = first_tensor(g(*example))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(module, backend=backend)(x)
+    return out["routed"], out["sites"]
+
+
 @pytest.mark.parametrize("keys", ["all", "selected"])
 def test_routed_attention_queries_see_all_or_only_the_routed_keys(keys):
     torch.manual_seed(0)
@@ -279,25 +301,13 @@ def test_routed_attention_queries_see_all_or_only_the_routed_keys(keys):
     capacity, k = 0.5, math.ceil(0.5 * 11)
     chosen = (x.reshape(-1, 16) @ router.weight + router.bias).reshape(3, 11).topk(k).indices
     chosen = chosen.sort(dim=1).values
-    out = {}
-
-    def backend(gm, example):
-        g = copy_graph_module(gm)
-        (site,) = residual_sites(g, GraphFacts(g, example))
-        assert site.kind == "attention" and site.why == ""
-        route_site(g, site, _Plan(router, capacity, None, keys))
-        g.graph.eliminate_dead_code()
-        g.recompile()
-        out["routed"] = first_tensor(g(*example))
-        return gm.forward
-
-    torch._dynamo.reset()
+    routed, sites = _route_the_one(block, x, "attention", _Plan(router, capacity, None, keys))
+    assert len(sites) == 1
     with torch.no_grad():
-        torch.compile(block, backend=backend)(x)
         full = block(x)
         for b in range(3):
             rows, rest = chosen[b], torch.tensor([t for t in range(11) if t not in chosen[b]])
-            got = out["routed"][b]
+            got = routed[b]
             assert torch.equal(got[rest], x[b, rest])  # skipped tokens keep their input
             want = full[b, rows] if keys == "all" else block(x[b:b + 1, rows])[0]
             torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-6)
@@ -350,33 +360,18 @@ class _Layer(torch.nn.Module):
 
 
 def test_a_routed_layer_runs_attention_and_mlp_on_the_routed_tokens_only():
-    from effc.passes.token_skip import find_sites
-
     torch.manual_seed(0)
     layer, x = _Layer().eval(), torch.randn(3, 11, 16)
     router = Router(torch.randn(16), 0.0, 1.0, 1)
     k = math.ceil(0.5 * 11)
     chosen = (x.reshape(-1, 16) @ router.weight).reshape(3, 11).topk(k).indices.sort(1).values
-    out = {}
-
-    def backend(gm, example):
-        g = copy_graph_module(gm)
-        sites = find_sites(g, GraphFacts(g, example), ("layer",))
-        (site,) = [s for s in sites if s.kind == "layer"]
-        assert site.why == "" and len(sites) == 3  # attention, mlp, and the layer of both
-        route_site(g, site, _Plan(router, 0.5, None, "selected"))
-        g.graph.eliminate_dead_code()
-        g.recompile()
-        out["routed"] = first_tensor(g(*example))
-        return gm.forward
-
-    torch._dynamo.reset()
+    routed, sites = _route_the_one(layer, x, "layer", _Plan(router, 0.5, None, "selected"))
+    assert len(sites) == 3  # attention, mlp, and the layer of both
     with torch.no_grad():
-        torch.compile(layer, backend=backend)(x)
         for b in range(3):
             rows = chosen[b]
             rest = torch.tensor([t for t in range(11) if t not in rows])
-            got = out["routed"][b]
+            got = routed[b]
             assert torch.equal(got[rest], x[b, rest])
             torch.testing.assert_close(got[rows], layer(x[b:b + 1, rows])[0], rtol=1e-5,
                                        atol=1e-6)
