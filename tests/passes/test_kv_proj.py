@@ -40,11 +40,13 @@ class _Rebuilds(effc.compiler.pass_manager.Instrument):
                                    for n in gm.graph.nodes))
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads):
+@pytest.mark.parametrize("kv_heads,knobs", [(2, {}), (4, {}), (2, {"keys": "none"}),
+                                            (2, {"values": False, "keys": "pairs"})],
+                         ids=["gqa", "mha", "values-only", "rope-planes-only"])
+def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, knobs):
     model, calib = _llama(kv_heads)
     ids = torch.randint(3, 96, (2, 7))
-    cache = effc.kv_cache(model, calib, ratio=0.5)
+    cache = effc.kv_cache(model, calib, ratio=0.5, **knobs)
     forward = model.forward
     with torch.inference_mode():
         ref = model.generate(ids, cache=cache.fresh(), **GEN)
@@ -65,7 +67,11 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads):
     assert rows and all(r.decision == "rewritten" for r in rows)
     assert {r.site for r in rows} == {"cache.layers.0", "cache.layers.1"}
     assert seen.counts and all(c == 0 for c in seen.counts)  # no full-width rebuild is left
-    assert folded.layers[0].keys.shape[-1] == 4  # the cache itself still stores r dims
+    layer = folded.layers[0]  # the cache itself still stores r dims where it projects
+    assert layer.keys.shape[-1] == (8 if knobs.get("keys") == "none" else 4)
+    assert layer.values.shape[-1] == (8 if knobs.get("values") is False else 4)
+    folds = {(r.details["keys"], r.details["values"]) for r in rows}
+    assert folds == {(knobs.get("keys") != "none", knobs.get("values", True))}
 
 
 def test_without_a_projected_cache_the_graph_is_left_as_is_and_said_so():
