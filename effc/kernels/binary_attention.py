@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effc.kernels.low_rank import lazy_triton
+
 
 def binary_codes(x: Tensor, proj: Tensor) -> Tensor:
     """sign(x P) as +-1 in x's dtype (0 counts as +1)."""
@@ -59,15 +61,9 @@ def binary_attention(q: Tensor, k: Tensor, v: Tensor, proj: Tensor, causal: bool
     return binary_attention_reference(q, k, v, proj, causal)
 
 
-@binary_attention.register_kernel("cuda")
-def _binary_attention_cuda(q, k, v, proj, causal):
-    """The Triton kernel (effc/kernels/binary_attention_triton.py; imported here, lazily, as it
-    imports this module); the reference where Triton is missing."""
-    try:
-        from effc.kernels.binary_attention_triton import binary_attention_triton
-    except ImportError:
-        return binary_attention_reference(q, k, v, proj, causal)
-    return binary_attention_triton(q, k, v, proj, causal)
+binary_attention.register_kernel("cuda")(
+    lazy_triton("effc.kernels.binary_attention_triton", "binary_attention_triton",
+                binary_attention_reference))
 
 
 @binary_attention.register_fake

@@ -19,6 +19,7 @@ kernel. Without Triton the op is still registered, with the reference only.
 """
 
 import hashlib
+import importlib
 import linecache
 import math
 from collections.abc import Sequence
@@ -222,6 +223,21 @@ def compile_kernel_text(module: str, name: str, text: str, namespace: dict):
     scope = {"__name__": module, "triton": triton, "tl": tl, **namespace}
     exec(compile(text, filename, "exec"), scope)
     return scope[name]
+
+
+def lazy_triton(module: str, name: str, reference):
+    """An op's CUDA kernel: the Triton implementation `module.name`, imported on the first
+    call (the Triton module imports the op's module, so not at registration), or
+    `reference` where Triton is missing. `op.register_kernel("cuda")(lazy_triton(...))`."""
+    def kernel(*args, **kwargs):
+        try:
+            impl = getattr(importlib.import_module(module), name)
+        except ImportError:
+            return reference(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    kernel.__doc__ = f"The Triton kernel {module}.{name}; {reference.__name__} without Triton."
+    return kernel
 
 
 def output_buffer(out: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:

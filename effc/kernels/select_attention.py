@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effc.kernels.low_rank import lazy_triton
+
 
 def select_count(tokens: int, top_k: int, initial: int, recent: int) -> int:
     """S: the tokens select_tokens keeps per sequence, min(T, initial + recent + top_k)."""
@@ -130,15 +132,9 @@ def _select_tokens(q: Tensor, k: Tensor, scale: float, top_k: int, initial: int,
     return select_tokens_reference(q, k, scale, top_k, initial, recent)
 
 
-@_select_tokens.register_kernel("cuda")
-def _select_tokens_cuda(q, k, scale, top_k, initial, recent):
-    """The Triton scores kernel (imported lazily, as it imports this module); the reference
-    where Triton is missing."""
-    try:
-        from effc.kernels.select_attention_triton import select_tokens_triton
-    except ImportError:
-        return select_tokens_reference(q, k, scale, top_k, initial, recent)
-    return select_tokens_triton(q, k, scale, top_k, initial, recent)
+_select_tokens.register_kernel("cuda")(
+    lazy_triton("effc.kernels.select_attention_triton", "select_tokens_triton",
+                select_tokens_reference))
 
 
 @_select_tokens.register_fake
@@ -151,14 +147,9 @@ def _gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: flo
     return gather_attention_reference(q, k, v, index, scale)
 
 
-@_gather_attention.register_kernel("cuda")
-def _gather_attention_cuda(q, k, v, index, scale):
-    """As _select_tokens_cuda."""
-    try:
-        from effc.kernels.select_attention_triton import gather_attention_triton
-    except ImportError:
-        return gather_attention_reference(q, k, v, index, scale)
-    return gather_attention_triton(q, k, v, index, scale)
+_gather_attention.register_kernel("cuda")(
+    lazy_triton("effc.kernels.select_attention_triton", "gather_attention_triton",
+                gather_attention_reference))
 
 
 @_gather_attention.register_fake
@@ -180,14 +171,9 @@ def _select_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int,
     return select_attention_reference(q, k, v, scale, top_k, initial, recent)
 
 
-@_select_attention.register_kernel("cuda")
-def _select_attention_cuda(q, k, v, scale, top_k, initial, recent):
-    """As _select_tokens_cuda: both Triton kernels."""
-    try:
-        from effc.kernels.select_attention_triton import select_attention_triton
-    except ImportError:
-        return select_attention_reference(q, k, v, scale, top_k, initial, recent)
-    return select_attention_triton(q, k, v, scale, top_k, initial, recent)
+_select_attention.register_kernel("cuda")(
+    lazy_triton("effc.kernels.select_attention_triton", "select_attention_triton",
+                select_attention_reference))
 
 
 @_select_attention.register_fake

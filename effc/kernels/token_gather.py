@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from effc.kernels.low_rank import lazy_triton
+
 
 def route_count(tokens: int, capacity: float) -> int:
     """Tokens kept per row in top-k mode: min(T, max(0, ceil(capacity * T - 1e-9)))."""
@@ -125,15 +127,9 @@ def _token_gather(x: Tensor, index: Tensor) -> Tensor:
     return token_gather_reference(x, index)
 
 
-@_token_gather.register_kernel("cuda")
-def _token_gather_cuda(x, index):
-    """The Triton kernel (imported lazily, as it imports this module); the reference where
-    Triton is missing."""
-    try:
-        from effc.kernels.token_gather_triton import token_gather_triton
-    except ImportError:
-        return token_gather_reference(x, index)
-    return token_gather_triton(x, index)
+_token_gather.register_kernel("cuda")(
+    lazy_triton("effc.kernels.token_gather_triton", "token_gather_triton",
+                token_gather_reference))
 
 
 @_token_gather.register_fake
@@ -148,14 +144,9 @@ def _token_scatter_add(x: Tensor, index: Tensor, update: Tensor,
     return token_scatter_add_reference(x, index, update, weight)
 
 
-@_token_scatter_add.register_kernel("cuda")
-def _token_scatter_add_cuda(x, index, update, weight=None):
-    """As _token_gather_cuda."""
-    try:
-        from effc.kernels.token_gather_triton import token_scatter_add_triton
-    except ImportError:
-        return token_scatter_add_reference(x, index, update, weight)
-    return token_scatter_add_triton(x, index, update, weight)
+_token_scatter_add.register_kernel("cuda")(
+    lazy_triton("effc.kernels.token_gather_triton", "token_scatter_add_triton",
+                token_scatter_add_reference))
 
 
 @_token_scatter_add.register_fake
