@@ -301,6 +301,11 @@ class TokenSkipPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg: TokenSkipConfig = self.config
+        # what this graph measured, for the rows: site key -> data the router was fitted on,
+        # (site key, capacity) -> squared output error with that site alone routed, ARanks
+        self.router_data: dict[str, str] = {}
+        self.measured: dict[tuple[str, float], float] = {}
+        self.aranks: dict[str, float] = {}
         found = self.found = find_sites(gm, ctx.facts, cfg.blocks)
         causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
         rows, eligible = self._eligible(found, ctx, causal)
@@ -308,7 +313,7 @@ class TokenSkipPass(Pass):
         if eligible and all(keys[s.key] in _PLANS for s in eligible):
             for site in eligible:  # decided by an earlier graph of this model
                 plan = _PLANS[keys[site.key]]
-                rows.append(self._apply(gm, site, plan, ctx, None, None)
+                rows.append(self._apply(gm, site, plan, ctx, None, None, checked=False)
                             if plan is not None else
                             self._row(site, "skipped", self._kept_reason(site)))
             ctx.note("token_skip: routing reused from the first graph that held these blocks "
@@ -353,13 +358,16 @@ class TokenSkipPass(Pass):
             if plan is not None and plan.capacity >= 1.0:
                 plan = None
             _PLANS[keys[site.key]] = plan
-            rows.append(self._apply(gm, site, plan, ctx, routers, oracle) if plan is not None
-                        else self._row(site, "skipped", self._kept_reason(site), routers, oracle))
+            rows.append(self._apply(gm, site, plan, ctx, routers, oracle, checked=True)
+                        if plan is not None else
+                        self._row(site, "skipped", self._kept_reason(site), routers, oracle))
         gm.graph.eliminate_dead_code()
         return PassResult(rows)
 
-    def _apply(self, gm, site: ResidualSite, plan: _Plan, ctx, routers, oracle) -> SiteRow:
-        why = _fails(gm, site, plan, ctx) or ctx.claim(site.name)
+    def _apply(self, gm, site: ResidualSite, plan: _Plan, ctx, routers, oracle, *,
+               checked: bool) -> SiteRow:
+        """Route `site` by `plan` (`checked`: it already ran routed on this graph's inputs)."""
+        why = (not checked and _fails(gm, site, plan, ctx)) or ctx.claim(site.name)
         if why:
             return self._row(site, "skipped", why)
         _restream(self.found, site.add, route_site(gm, site, plan, ctx, tuple(site.weights)))
@@ -440,7 +448,6 @@ class TokenSkipPass(Pass):
                 xs[s.key].append(x[:MAX_TOKENS].double())
                 ys[s.key].append(u[:MAX_TOKENS].double().norm(dim=-1))
         routers, oracle = {}, {}
-        self.router_data = {}
         for s in sites:
             if s.key in recorded:
                 x, y = recorded[s.key]
@@ -475,7 +482,6 @@ class TokenSkipPass(Pass):
                 ) -> dict[str, _Plan]:
         cfg: TokenSkipConfig = self.config
         plan = lambda s, c: self._plan(s.key, c, causal, routers, oracle)  # noqa: E731
-        self.measured: dict[tuple[str, float], float] = {}
         caps = (cfg.capacity,) if cfg.capacity is not None else CAPACITIES
         calls = max(1, cfg.max_forwards // max(1, len(sites) * len(caps)))
         for s in sites:
@@ -510,9 +516,10 @@ class TokenSkipPass(Pass):
                 break
             scale *= 0.5
         else:
-            chosen = {}
+            chosen, got = {}, 0.0
         self._summary(e2e, chosen, ctx, f"min_sqnr_db {bound:g}"
-                      + (" (the quality-bounded default)" if cfg.min_sqnr_db is None else ""))
+                      + (" (the quality-bounded default)" if cfg.min_sqnr_db is None else ""),
+                      got)
         return chosen
 
     def _by_arank(self, sites: list[ResidualSite], ctx) -> list[ResidualSite]:
@@ -523,7 +530,7 @@ class TokenSkipPass(Pass):
             found = re.search(r"\.(\d+)\.", "." + name + ".")
             if found:
                 maps.setdefault(int(found.group(1)), []).extend(kept)
-        self.aranks = {s.key: arank(maps[s.layer]) for s in sites if s.layer in maps}
+        self.aranks.update({s.key: arank(maps[s.layer]) for s in sites if s.layer in maps})
         if len(self.aranks) < len(sites):
             ctx.warn("layer_choice='arank' needs attention maps of every routed layer: "
                      "calibrate with effc.calibrate(model, batches, what=('inputs', "
@@ -535,10 +542,11 @@ class TokenSkipPass(Pass):
         live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
         return e2e.error2({}, None, self._graph(e2e, live)) if live else 0.0
 
-    def _summary(self, e2e: EndToEnd, chosen: dict[str, _Plan], ctx, rule: str) -> None:
+    def _summary(self, e2e: EndToEnd, chosen: dict[str, _Plan], ctx, rule: str,
+                 err2: float | None = None) -> None:
+        """The graph's note; `err2`: the choice's output error if already measured."""
         live = {k: p for k, p in chosen.items() if p.capacity < 1.0}
-        err2 = self._measure(e2e, live)
-        self.graph_error2 = err2
+        err2 = self._measure(e2e, live) if err2 is None else err2
         where = (f"{len(e2e.calls)} calibration sample calls" if e2e.source == "samples"
                  else "the inputs of the call being compiled")
         ctx.note(f"token_skip {rule}: {len(live)} blocks routed; graph main output SQNR "
@@ -574,7 +582,7 @@ class TokenSkipPass(Pass):
         r = plan.router if plan is not None else (routers or {}).get(key)
         if r is not None:
             details.update(router_r2=round(r.r2, 4), router_tokens=r.tokens)
-            if key in getattr(self, "router_data", {}):
+            if key in self.router_data:
                 details["router_data"] = self.router_data[key]
         if plan is not None:
             details.update(capacity=plan.capacity, routing="top_k" if plan.threshold is None
@@ -585,10 +593,10 @@ class TokenSkipPass(Pass):
             if plan.threshold is not None:
                 details["kept_fraction"] = round(
                     float((scores >= plan.threshold).double().mean()), 4)
-        if key in getattr(self, "aranks", {}):
+        if key in self.aranks:
             details["arank"] = round(self.aranks[key], 4)
         probe = plan.capacity if plan is not None else self.config.capacity
-        m = getattr(self, "measured", {}).get((key, probe))
+        m = self.measured.get((key, probe))
         if m is not None:  # the graph's output with this block alone routed at `probe`
             error["graph_sqnr_db_alone"] = round(db(m), 2)
         return SiteRow(self.name, site.name, decision, reason, details=details, error=error)
