@@ -24,18 +24,16 @@ least rank keeping `min_energy` of each layer's energy.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from effc.passes.kv_proj import KVProjConfig
 from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
-from effc.passes.kv_proj_math import (eigen, pca_basis, pca_error, plane_error, plane_scores,
+from effc.passes.kv_proj import KVProjConfig
+from effc.passes.kv_proj_math import (pca_basis, pca_error, plane_error, plane_scores,
                                       plane_selection, query_plane_energy, round_rank)
-
-_LAYER = re.compile(r"\.(\d+)\.")
+from effc.passes.residual_sites import layer_index
 
 
 class ProjectedLayer(DynamicLayer):
@@ -105,9 +103,8 @@ def _attention_modules(calibration) -> dict[int, str]:
     """layer index -> attention module path, from the calibration's per-head K/V moments."""
     out = {}
     for name in calibration.keys:
-        found = _LAYER.search("." + name + ".")
-        if found:
-            out[int(found.group(1))] = name
+        if layer_index(name) is not None:
+            out[layer_index(name)] = name
     return out
 
 
@@ -117,9 +114,8 @@ def _weight_modules(model: torch.nn.Module) -> dict[int, str]:
     for name, m in model.named_modules():
         if isinstance(getattr(m, "k_proj", None), torch.nn.Linear) and \
                 isinstance(getattr(m, "v_proj", None), torch.nn.Linear):
-            found = _LAYER.search("." + name + ".")
-            if found:
-                out[int(found.group(1))] = name
+            if layer_index(name) is not None:
+                out[layer_index(name)] = name
     return out
 
 
@@ -305,4 +301,4 @@ def _choose(options: list[SiteOptions], config: KVProjConfig, facts) -> dict[str
                        key=lambda c: c.bytes) for s in options}
 
 
-__all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "kv_cache", "eigen"]
+__all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "kv_cache"]

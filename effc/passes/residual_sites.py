@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import re
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from effc.compiler.calibration.observer import ADDS, module_of
 from effc.compiler.graph_facts import GraphFacts, node_value
 
-ADDS = (operator.add, torch.add, operator.iadd)
 ATTENTION = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
              F.softmax, torch.softmax)
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"),
             ("call_function", torch.reshape)}
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The first number in a dotted module or weight name: `model.layers.3.mlp` -> 3."""
+    found = _LAYER.search("." + name + ".")
+    return int(found.group(1)) if found else None
 
 
 @dataclasses.dataclass
@@ -80,12 +85,6 @@ def _ancestors(end: fx.Node, floor: int, order: dict[fx.Node, int]) -> set[fx.No
                 seen.add(a)
                 stack.append(a)
     return seen
-
-
-def _module(weight_name: str) -> str:
-    """`model.layers.0.mlp.down_proj.weight` -> `model.layers.0.mlp`."""
-    parts = weight_name.split(".")
-    return ".".join(parts[:-2]) if len(parts) > 2 else weight_name
 
 
 def _per_token(node: fx.Node, stream_shape: tuple) -> bool:
@@ -141,12 +140,11 @@ def residual_sites(gm: fx.GraphModule, facts: GraphFacts) -> list[ResidualSite]:
                 continue
             weights = list(dict.fromkeys(weights))
             matrices = [w for w in weights if facts.weights[w].value.dim() >= 2]
-            name = _module((matrices or weights)[-1])
+            name = module_of((matrices or weights)[-1])
             kind = "attention" if any(n.op == "call_function" and n.target in ATTENTION
                                       for n in branch) else "mlp"
-            found = _LAYER.search("." + name + ".")
             sites.append(ResidualSite(node, stream, update, branch, kind, name,
-                                      int(found.group(1)) if found else None, weights,
+                                      layer_index(name), weights,
                                       _problem(branch, members, node, stream, facts)))
             break
     return sites

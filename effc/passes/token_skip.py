@@ -22,7 +22,6 @@ tokens' keys (`keys="all"`) or only the routed ones.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -37,7 +36,7 @@ from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
                                 SiteOptions, allocate, db, end_to_end)
 from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_token_sizes,
-                                        layer_sites, residual_sites)
+                                        layer_index, layer_sites, residual_sites)
 from effc.passes.token_skip_math import Router, arank, fit_router, overlap, threshold
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
@@ -527,9 +526,8 @@ class TokenSkipPass(Pass):
         maps; unchanged, with a warning, where the maps are missing."""
         maps: dict[int, list] = {}
         for name, kept in (ctx.calibration.attention.items() if ctx.calibration else ()):
-            found = re.search(r"\.(\d+)\.", "." + name + ".")
-            if found:
-                maps.setdefault(int(found.group(1)), []).extend(kept)
+            if layer_index(name) is not None:
+                maps.setdefault(layer_index(name), []).extend(kept)
         self.aranks.update({s.key: arank(maps[s.layer]) for s in sites if s.layer in maps})
         if len(self.aranks) < len(sites):
             ctx.warn("layer_choice='arank' needs attention maps of every routed layer: "

@@ -387,7 +387,7 @@ def _residual(node: fx.Node, sites: dict[fx.Node, str], order: dict[fx.Node, int
     return (stream, node.args[u], behind[u]) if _is_ancestor(stream, sources[u], order) else None
 
 
-def _module_of(weight_name: str) -> str:
+def module_of(weight_name: str) -> str:
     """`model.layers.0.self_attn.k_proj.weight` -> `model.layers.0.self_attn`."""
     return weight_name.rsplit(".", 2)[0] if weight_name.count(".") >= 2 else weight_name
 
@@ -427,14 +427,14 @@ def instrument(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphMod
                 notes.append(f"attention at graph node {node.name}: no key projection found, "
                              f"K/V and maps not recorded")
                 continue
-            _insert(graph, node, observe_attention, (q, k, v, _module_of(proj)),
+            _insert(graph, node, observe_attention, (q, k, v, module_of(proj)),
                     {"attn_mask": node_arg(node, 3, "attn_mask"),
                      "is_causal": node_arg(node, 5, "is_causal", False),
                      "scale": node.kwargs.get("scale"), "kv_features": widths[proj]})
         elif node.op == "call_function" and node.target in SOFTMAXES and _feeds_matmul(node):
             proj = _projection_behind(node.args[0], sites, facts)
             if proj is not None:
-                _insert(graph, node, observe_probs, (node, _module_of(proj)), after=True)
+                _insert(graph, node, observe_probs, (node, module_of(proj)), after=True)
         elif residual := _residual(node, sites, order):
             _insert(graph, node, observe_residual, residual)
     weights = [n for n in nodes if facts.weight_name(n) is not None]
