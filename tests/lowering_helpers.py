@@ -6,8 +6,10 @@ import contextlib
 import inspect
 import os
 
+import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 import effc.kernels.low_rank  # noqa: F401  (torch.ops.effc.low_rank_linear)
@@ -58,3 +60,54 @@ def lower(fn, *inputs, **options):
 
 def as_tuple(out):
     return out if isinstance(out, (tuple, list)) else (out,)
+
+
+# torch's functions for the activations effc's GEMM ops fuse (effc.kernels.low_rank.ACTIVATIONS)
+TORCH_ACTIVATIONS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu,
+                     "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu}
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons are tight (some exact): keep fp32 dots in IEEE precision on CUDA.
+    A test module makes it autouse with `pytestmark = pytest.mark.usefixtures("no_tf32")`."""
+    matmul = torch.backends.cuda.matmul  # a property object: monkeypatch cannot restore it
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def on_device():
+    """EFFC_TEST_DEVICE=cuda: modules and inputs are made on the GPU."""
+    if DEVICE.type == "cpu":
+        yield
+        return
+    with torch.device(DEVICE):
+        yield
+
+
+def tol(dtype):
+    """The tolerance for a graph computed in `dtype` (its outputs may be cast to another)."""
+    return 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    """Seeded normal values, drawn on the CPU (the same on every device), on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, device="cpu").to(dtype=dtype, device=DEVICE)
+
+
+def assert_close(out, ref, dtype=None):
+    """Same dtype, shape and strides, values within tol(dtype or ref's dtype)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
+    t = tol(dtype or ref.dtype)
+    torch.testing.assert_close(out, ref, rtol=t, atol=t)
+
+
+def compile_triton(model, options=None, **kwargs):
+    """`model` compiled by effc with lowering="triton" (plus `options`)."""
+    return torch.compile(model, backend="effc", options={"lowering": "triton", **(options or {})},
+                         **kwargs)
+

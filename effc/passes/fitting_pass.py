@@ -26,7 +26,7 @@ from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, SiteOptions,
                                 allocation_summary, candidate_details, choose, end_to_end,
                                 output_sites)
-from effc.passes.weight_sites import Site, find_sites, skip_reason
+from effc.passes.weight_sites import Site, find_sites, skip_reason, still_built
 
 DEFAULT_MAX_ERROR = 0.05  # the default's per-site bound when nothing is measured end to end
 HEAD_REASON = ("output layer (feeds the main output directly): the default keeps it dense "
@@ -123,6 +123,16 @@ class FittingPass(Pass):
 
     def rewrite(self, gm: fx.GraphModule, ctx, w: Fitted, choice: Any, why: str) -> SiteRow:
         raise NotImplementedError
+
+    def exact(self, gm: fx.GraphModule, ctx, site: Site, note: str, fit: Any, choice: Any
+              ) -> SiteRow:
+        """Claim and rewrite a site whose weight already has the pass's structure (`fit`,
+        exact); `note` says what it is, and the row adds whether W is still built."""
+        denied = ctx.claim(site.weight_name, site.sources)
+        if denied:
+            return self.skip(site, denied)
+        return self.rewrite(gm, ctx, Fitted(site, None, note + still_built(site), fit), choice,
+                            "exact")
 
     def skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
         size = site.m * site.n

@@ -34,7 +34,7 @@ from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fi
                                            kronecker_structure, max_terms, params)
 from effc.compiler.metrics import matrix_rel_error
 from effc.passes.low_rank_math import output_error, weight_error
-from effc.passes.weight_sites import Site, replace_site, site_bias, site_rows, still_built
+from effc.passes.weight_sites import Site, replace_site, site_bias, site_rows
 
 
 
@@ -147,13 +147,9 @@ class HypercomplexPass(FittingPass):
         if found is None:
             return self.skip(site, f"{computed}, not a sum of at most n Kronecker products "
                                    f"for any n in {N_CHOICES} dividing it")
-        denied = ctx.claim(site.weight_name, site.sources)
-        if denied:
-            return self.skip(site, denied)
         fit, terms = found
-        note = (f"{computed}: a sum of {terms} Kronecker products at n={fit.n} (exact)"
-                + still_built(site))
-        return self.rewrite(gm, ctx, Fitted(site, None, note, fit), terms, "exact")
+        return self.exact(gm, ctx, site, f"{computed}: a sum of {terms} Kronecker products at "
+                                         f"n={fit.n} (exact)", fit, terms)
 
     # --- rewriting -------------------------------------------------------------------------
     def skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:

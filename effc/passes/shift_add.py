@@ -35,7 +35,7 @@ from effc.passes.budget import Candidate, SiteOptions, candidate_details
 from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.compiler.metrics import matrix_rel_error
 from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack
-from effc.passes.weight_sites import Site, replace_site, site_bias, still_built
+from effc.passes.weight_sites import Site, replace_site, site_bias
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -109,13 +109,9 @@ class ShiftAddPass(FittingPass):
         if exact is None:
             return self.skip(site, f"{computed}, not a scaled sum of at most "
                                    f"{self.config.max_terms} powers of two per element")
-        denied = ctx.claim(site.weight_name, site.sources)
-        if denied:
-            return self.skip(site, denied)
-        note = (f"{computed}: already a scaled sum of {exact.terms} powers of two per element "
-                f"(exact)" + still_built(site))
-        fits = _Fits({exact.terms: exact}, {exact.terms: 0.0})
-        return self.rewrite(gm, ctx, Fitted(site, None, note, fits), exact.terms, "exact")
+        return self.exact(gm, ctx, site, f"{computed}: already a scaled sum of {exact.terms} "
+                                         f"powers of two per element (exact)",
+                          _Fits({exact.terms: exact}, {exact.terms: 0.0}), exact.terms)
 
     def fit_site(self, site: Site, ctx, rule: str, e2e) -> Fitted:
         cfg: ShiftAddConfig = self.config

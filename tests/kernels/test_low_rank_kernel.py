@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lowering_helpers import DEVICE
+from lowering_helpers import DEVICE, no_tf32  # noqa: F401 (fixture)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from helpers import cuda_check
 
@@ -26,18 +26,11 @@ from effc.kernels.low_rank import (
     low_rank_linear_triton,
 )
 
+# fp32 comparisons are tight (some exact): no TF32 in CUDA runs (a lowering_helpers fixture)
+pytestmark = pytest.mark.usefixtures("no_tf32")
+
 OP = torch.ops.effc.low_rank_linear
 SMALL_BLOCKS = dict(block_m=16, block_n=16, block_k=16)  # the interpreter is slow; 16 is tl.dot's minimum
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 comparisons are tight: keep the kernel's fp32 dots in IEEE precision."""
-    matmul = torch.backends.cuda.matmul  # a property object: monkeypatch cannot restore it
-    saved = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    yield
-    matmul.allow_tf32 = saved
 
 
 def make_inputs(x_shape, n, rank, dtype=torch.float32, bias=True, seed=0):

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from lowering_helpers import DEVICE
+from lowering_helpers import DEVICE, TORCH_ACTIVATIONS, no_tf32  # noqa: F401 (fixture)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from helpers import cuda_check
 
@@ -19,20 +19,11 @@ import effc.kernels.phm as phm
 from effc.kernels.low_rank import ACTIVATIONS
 from effc.kernels.phm import kron_weight, phm_linear_reference, phm_linear_triton
 
+# fp32 comparisons are tight (some exact): no TF32 in CUDA runs (a lowering_helpers fixture)
+pytestmark = pytest.mark.usefixtures("no_tf32")
+
 OP = torch.ops.effc.phm_linear
 SMALL_BLOCKS = dict(block_m=16, block_p=16, block_k=16)  # the interpreter is slow; 16 is tl.dot's minimum
-_TORCH_ACTIVATIONS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu,
-                      "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 comparisons are tight: keep the kernel's fp32 dots in IEEE precision (CUDA runs)."""
-    matmul = torch.backends.cuda.matmul  # a property object: monkeypatch cannot restore it
-    saved = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    yield
-    matmul.allow_tf32 = saved
 
 
 def make_inputs(lead, terms, n, p, q, dtype=torch.float32, bias=True, seed=0, device=DEVICE):
@@ -47,7 +38,7 @@ def make_inputs(lead, terms, n, p, q, dtype=torch.float32, bias=True, seed=0, de
 
 
 def reference(x, a, s, b, activation="none"):
-    return _TORCH_ACTIVATIONS[activation](phm_linear_reference(x, a, s, b))
+    return TORCH_ACTIVATIONS[activation](phm_linear_reference(x, a, s, b))
 
 
 def fp32_oracle(x, a, s, b, activation="none"):

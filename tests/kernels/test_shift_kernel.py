@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from lowering_helpers import DEVICE
+from lowering_helpers import DEVICE, TORCH_ACTIVATIONS, no_tf32  # noqa: F401 (fixture)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from helpers import cuda_check
 
@@ -22,19 +22,10 @@ import effc.kernels.shift as shift
 from effc.kernels.low_rank import ACTIVATIONS
 from effc.kernels.shift import code_values, decode_weight, shift_linear_reference, shift_linear_triton
 
+# fp32 comparisons are tight (some exact): no TF32 in CUDA runs (a lowering_helpers fixture)
+pytestmark = pytest.mark.usefixtures("no_tf32")
+
 OP = torch.ops.effc.shift_linear
-_TORCH_ACTIVATIONS = {"none": lambda y: y, "relu": F.relu, "gelu": F.gelu,
-                      "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 comparisons are tight (some exact): keep fp32 dots in IEEE precision (CUDA runs)."""
-    matmul = torch.backends.cuda.matmul  # a property object: monkeypatch cannot restore it
-    saved = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    yield
-    matmul.allow_tf32 = saved
 
 
 def n_groups(k, group):
@@ -87,7 +78,7 @@ def naive_weight(codes, scale, group, n):
 
 
 def reference(x, codes, scale, b, group, activation="none"):
-    return _TORCH_ACTIVATIONS[activation](shift_linear_reference(x, codes, scale, b, group))
+    return TORCH_ACTIVATIONS[activation](shift_linear_reference(x, codes, scale, b, group))
 
 
 def run_poisoned(x, codes, scale, b, group, activation="none", **kwargs):
@@ -153,7 +144,7 @@ def test_kernel_bf16_matches_fp32_reference(variant, case):
     w = decode_weight(codes, scale, group, k, torch.bfloat16 if variant == "dot" else torch.float32)
     pre = F.linear(x.float(), w.float(), None if b is None else b.float())
     eps = torch.finfo(torch.bfloat16).eps
-    torch.testing.assert_close(y.float(), _TORCH_ACTIVATIONS[activation](pre), atol=3 * eps, rtol=3 * eps)
+    torch.testing.assert_close(y.float(), TORCH_ACTIVATIONS[activation](pre), atol=3 * eps, rtol=3 * eps)
 
 
 def test_kernel_cases_are_meaningful():

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import triton
-from lowering_helpers import DEVICE, as_tuple, lower, poisoned_outputs, traced
+from lowering_helpers import (DEVICE, as_tuple, assert_close, compile_triton, lower,
+                              on_device, poisoned_outputs, rand, traced)  # noqa: F401 (fixture)
 
 import effc
 import effc.kernels.phm  # noqa: F401  (torch.ops.effc.phm_linear)
@@ -44,25 +45,14 @@ from effc.compiler.lowering.codegen.templates import GemmLauncher
 from effc.compiler.lowering.ops import classify
 from effc.compiler.lowering.partition import partition
 
+# modules and inputs on EFFC_TEST_DEVICE (on_device is a lowering_helpers fixture)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 PHM = torch.ops.effc.phm_linear
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (lead, T, n, p, q): rows and p, q ragged over two blocks; and all of them inside one block
 SHAPES = [((37,), 2, 3, 20, 20), ((3, 5), 4, 2, 5, 7)]
 SHAPE_IDS = ["M37T2n3p20q20", "M3x5T4n2p5q7"]
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    if DEVICE.type == "cpu":
-        yield
-        return
-    with torch.device(DEVICE):  # EFFC_TEST_DEVICE=cuda: modules and inputs on the GPU
-        yield
-
-
-def tol(dtype):
-    """The tolerance for a graph computed in `dtype` (its outputs may be cast to another)."""
-    return 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
 
 
 def factors(terms, n, p, q, dtype=torch.float32, seed=0, bias=True):
@@ -72,17 +62,6 @@ def factors(terms, n, p, q, dtype=torch.float32, seed=0, bias=True):
     s = torch.randn(terms, p, q, generator=g, device="cpu") / (terms * q) ** 0.5
     b = torch.randn(n * p, generator=g, device="cpu") * 0.5 if bias else None
     return [None if t is None else t.to(dtype=dtype, device=DEVICE) for t in (a, s, b)]
-
-
-def rand(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, device="cpu").to(dtype=dtype, device=DEVICE)
-
-
-def assert_close(out, ref, dtype=None):
-    assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
-    t = tol(dtype or ref.dtype)
-    torch.testing.assert_close(out, ref, rtol=t, atol=t)
 
 
 class PhmBlock(nn.Module):
@@ -103,11 +82,6 @@ class PhmBlock(nn.Module):
         return h, gate
 
 
-def _compile(model, options=None, **kwargs):
-    return torch.compile(model, backend="effc", options={"lowering": "triton", **(options or {})},
-                         **kwargs)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_phm_ops_and_their_epilogues_are_one_kernel_each(shape, dtype):
@@ -119,7 +93,7 @@ def test_phm_ops_and_their_epilogues_are_one_kernel_each(shape, dtype):
     x, r = rand(*lead, n * q, dtype=dtype, seed=1), rand(*lead, n * p, dtype=dtype, seed=2)
     with torch.inference_mode():
         with poisoned_outputs():
-            out = _compile(model)(x, r)
+            out = compile_triton(model)(x, r)
         ref = model(x, r)
     (g,) = effc.report().graphs
     assert g.fallbacks == []
@@ -242,7 +216,7 @@ def test_dynamic_row_count_one_graph_two_sizes():
     terms, n, p, q = 2, 3, 20, 20
     a, s, b = factors(terms, n, p, q)
     fn = lambda x: F.gelu(PHM(x, a, s, b)) * 2.0
-    compiled = _compile(fn, dynamic=True)
+    compiled = compile_triton(fn, dynamic=True)
     for rows in (37, 20):
         x = rand(rows, n * q, seed=rows)
         with torch.inference_mode(), poisoned_outputs():
@@ -333,7 +307,7 @@ def test_a_hypercomplex_model_lowers_its_phm_ops_with_their_gelu():
         torch._dynamo.reset()
         effc.reset()
         with poisoned_outputs():
-            out = _compile(model, options)(x)
+            out = compile_triton(model, options)(x)
     (g,) = effc.report().graphs
     assert g.lowering == "triton" and g.fallbacks == []
     (record,) = g.passes

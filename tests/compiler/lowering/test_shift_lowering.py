@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import triton
-from lowering_helpers import DEVICE, as_tuple, lower, poisoned_outputs, traced
+from lowering_helpers import (DEVICE, as_tuple, assert_close, compile_triton, lower,
+                              on_device, poisoned_outputs, rand, traced)  # noqa: F401 (fixture)
 
 import effc
 import effc.kernels.shift as shift
@@ -52,6 +53,9 @@ from effc.compiler.lowering.codegen import cache, generate, shift_template
 from effc.compiler.lowering.codegen.templates import GemmLauncher
 from effc.compiler.lowering.ops import classify
 from effc.compiler.lowering.partition import partition
+
+# modules and inputs on EFFC_TEST_DEVICE (on_device is a lowering_helpers fixture)
+pytestmark = pytest.mark.usefixtures("on_device")
 
 SHIFT = torch.ops.effc.shift_linear
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -61,20 +65,6 @@ SHAPES = [((37,), 2, 20, 37, 12), ((17,), 1, 20, 37, 0), ((3, 5), 3, 20, 37, 12)
           ((1,), 2, 5, 7, 0)]
 SHAPE_IDS = ["dot-M37T2m20n37g12", "dot-M17T1m20n37g0", "shift-M3x5T3m20n37g12",
              "shift-M1T2m5n7g0"]
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    if DEVICE.type == "cpu":
-        yield
-        return
-    with torch.device(DEVICE):  # EFFC_TEST_DEVICE=cuda: modules and inputs on the GPU
-        yield
-
-
-def tol(dtype):
-    """The tolerance for a graph computed in `dtype` (its outputs may be cast to another)."""
-    return 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
 
 
 def weights(terms, m, n, group, dtype=torch.float32, seed=0, bias=True):
@@ -88,17 +78,6 @@ def weights(terms, m, n, group, dtype=torch.float32, seed=0, bias=True):
     b = torch.randn(m, generator=g) * 0.5 if bias else None
     return (codes.to(DEVICE), scale.to(dtype=dtype, device=DEVICE),
             None if b is None else b.to(dtype=dtype, device=DEVICE))
-
-
-def rand(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, device="cpu").to(dtype=dtype, device=DEVICE)
-
-
-def assert_close(out, ref, dtype=None):
-    assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
-    t = tol(dtype or ref.dtype)
-    torch.testing.assert_close(out, ref, rtol=t, atol=t)
 
 
 class ShiftBlock(nn.Module):
@@ -119,11 +98,6 @@ class ShiftBlock(nn.Module):
         gate = F.silu(SHIFT(x, self.c1, self.s1, None, self.group)) * \
             SHIFT(x, self.c2, self.s2, self.b2, self.group)
         return h, gate
-
-
-def _compile(model, options=None, **kwargs):
-    return torch.compile(model, backend="effc", options={"lowering": "triton", **(options or {})},
-                         **kwargs)
 
 
 class _Ran:
@@ -154,7 +128,7 @@ def test_shift_ops_and_their_epilogues_are_one_kernel_each(shape, dtype, monkeyp
     ran = _Ran(monkeypatch)
     with torch.inference_mode():
         with poisoned_outputs():
-            out = _compile(model)(x, r)
+            out = compile_triton(model)(x, r)
         ref = model(x, r)
     (g,) = effc.report().graphs
     assert g.fallbacks == []
@@ -329,7 +303,7 @@ def test_dynamic_row_count_one_graph_picks_the_variant_per_launch(monkeypatch):
     # the group a literal: dynamic=True would make a closure's int a SymInt input, and a shift
     # op whose group is not a Python int stays eager (the template takes it at generation)
     fn = lambda x: F.gelu(SHIFT(x, codes, scale, b, 12)) * 2.0
-    compiled = _compile(fn, dynamic=True)
+    compiled = compile_triton(fn, dynamic=True)
     ran = _Ran(monkeypatch)
     for rows in (33, 17, 16, 3):  # (not 37 = n: Dynamo would take them for one size)
         x = rand(rows, n, seed=rows)
@@ -438,7 +412,7 @@ def test_a_shift_add_model_lowers_its_shift_ops_with_their_gelu(monkeypatch):
     options = {"shift_add": {"terms": 2, "cache_decoded": False}}
     eager = torch.compile(model, backend="effc", options={**options, "lowering": "eager"},
                           dynamic=True)
-    lowered = _compile(model, options, dynamic=True)
+    lowered = compile_triton(model, options, dynamic=True)
     ran = _Ran(monkeypatch)
     for rows in (37, 5):
         x = rand(rows, 64, seed=11)
