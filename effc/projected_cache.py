@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
 from effc.passes.kv_proj import KVProjConfig
-from effc.passes.kv_proj_math import (pca_basis, pca_error, plane_error, plane_scores,
+from effc.passes.kv_proj_math import (pca_basis, pca_errors, plane_errors, plane_scores,
                                       plane_selection, query_plane_energy, round_rank)
 from effc.passes.residual_sites import layer_index
 
@@ -149,14 +149,13 @@ def _weight_moment_pair(params: dict, module: str, config, calibration
     return keys, values
 
 
-def _key_options(name: str, moment, scores, mode: str, dim: int, g: int, multiple: int, size: int):
-    ranks = sorted({round_rank(r, dim, multiple if mode == "pca" else max(2, multiple))
-                    for r in range(1, dim + 1)})
-    cands = []
-    for r in ranks:
-        err = plane_error(scores, r // 2) if mode == "pairs" else pca_error(moment, r)
-        cands.append(Candidate(r, g * r * size, err, bytes=g * r * size))
-    return SiteOptions(name, cands)
+def _options(name: str, errors: list[float], dim: int, g: int, multiple: int, size: int,
+             per: int = 1) -> SiteOptions:
+    """One layer's keys or values: a candidate per rank (a multiple of `multiple`, up to
+    `dim`), with its error `errors[rank // per]` and its bytes per token."""
+    ranks = sorted({round_rank(r, dim, multiple) for r in range(1, dim + 1)})
+    return SiteOptions(name, [Candidate(r, g * r * size, errors[r // per], bytes=g * r * size)
+                              for r in ranks])
 
 
 def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | None = None, *,
@@ -210,14 +209,13 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
                 qe = query_plane_energy(wq.detach().cpu(), inp, heads, g)
             scores = plane_scores(kmom, qe)
         facts[i] = (kmom, vmom, scores, g, d)
-        if mode != "none":
-            options.append(_key_options(f"{i}.k", kmom, scores, mode, d, g, config.multiple,
-                                        size))
+        if mode == "pairs":  # ranks are whole planes: 2 dims each
+            options.append(_options(f"{i}.k", plane_errors(scores), d, g,
+                                    max(2, config.multiple), size, per=2))
+        elif mode == "pca":
+            options.append(_options(f"{i}.k", pca_errors(kmom), d, g, config.multiple, size))
         if config.values:
-            ranks = sorted({round_rank(r, d, config.multiple) for r in range(1, d + 1)})
-            options.append(SiteOptions(f"{i}.v", [
-                Candidate(r, g * r * size, pca_error(vmom, r), bytes=g * r * size)
-                for r in ranks]))
+            options.append(_options(f"{i}.v", pca_errors(vmom), d, g, config.multiple, size))
     build = lambda choice: _build(choice, facts, mode, mods, layers_n)  # noqa: E731
     measure = _logit_error(model, batches, build) if batches else None
     if measure is not None and config.budget is not None:

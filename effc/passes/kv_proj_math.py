@@ -33,11 +33,23 @@ def pca_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
     return eigen(moment)[1][..., :rank].float()
 
 
+def pca_errors(moment: torch.Tensor) -> list[float]:
+    """Relative error sqrt(discarded energy / total energy) over all heads at every rank
+    0..d (one eigendecomposition for all of them)."""
+    return _tail_errors(eigen(moment)[0])
+
+
 def pca_error(moment: torch.Tensor, rank: int) -> float:
-    """Relative error sqrt(discarded energy / total energy) over all heads at `rank`."""
-    vals = eigen(moment)[0]
-    total = float(vals.sum())
-    return (float(vals[:, rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+    """pca_errors(moment)[rank]."""
+    return pca_errors(moment)[rank]
+
+
+def _tail_errors(values: torch.Tensor) -> list[float]:
+    """[H, n] non-negative values sorted descending per row -> sqrt(share of the total left
+    out when keeping the first r of each row), for r = 0..n."""
+    tails = torch.cat([values.sum(0).flip(0).cumsum(0).flip(0), values.new_zeros(1)])
+    total = float(tails[0])
+    return [(float(t) / total) ** 0.5 if total > 0 else 0.0 for t in tails]
 
 
 def plane_scores(key_moment: torch.Tensor, query_energy: torch.Tensor | None = None
@@ -63,11 +75,14 @@ def plane_selection(scores: torch.Tensor, planes: int) -> torch.Tensor:
     return sel
 
 
+def plane_errors(scores: torch.Tensor) -> list[float]:
+    """Relative error proxy of keeping 0..d/2 planes per head: sqrt(dropped score share)."""
+    return _tail_errors(scores.sort(dim=-1, descending=True).values)
+
+
 def plane_error(scores: torch.Tensor, planes: int) -> float:
-    """Relative error proxy of keeping `planes` planes: sqrt(dropped score share)."""
-    s = scores.sort(dim=-1, descending=True).values
-    total = float(s.sum())
-    return (float(s[:, planes:].sum()) / total) ** 0.5 if total > 0 else 0.0
+    """plane_errors(scores)[planes]."""
+    return plane_errors(scores)[planes]
 
 
 def query_plane_energy(w_q: torch.Tensor, moment: torch.Tensor | None, heads: int,
