@@ -209,3 +209,17 @@ def cuda_check(script: str, tmp_path) -> object:
         pytest.skip("no ptxas to compile for CUDA here")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mobilenet_crops(calibration: int, test: int, size: int):
+    """(torchvision's pretrained MobileNetV2, `calibration` crops from the left halves of the
+    photos scikit-image and scikit-learn ship, `test` crops from the right halves): the two
+    sets never share a pixel."""
+    from benchmarks.models import mobilenet_v2
+
+    images = mobilenet_v2.photos()
+    left = [img[:, :, : img.shape[2] // 2] for img in images]
+    right = [img[:, :, img.shape[2] // 2:] for img in images]
+    return (mobilenet_v2.pretrained(), mobilenet_v2.crops(left, calibration, size, seed=0),
+            mobilenet_v2.crops(right, test, size, seed=1))
+

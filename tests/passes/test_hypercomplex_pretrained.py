@@ -7,22 +7,17 @@ here and say why, and an asked-for budget must report the loss it costs.
 
 import pytest
 import torch
-from helpers import run_in_batches
+from helpers import mobilenet_crops, run_in_batches
 
 import effc
-from benchmarks.models import mobilenet_v2
 from effc.compiler.metrics import error_stats
 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    model = mobilenet_v2.pretrained()
-    images = mobilenet_v2.photos()
-    left = [img[:, :, : img.shape[2] // 2] for img in images]
-    right = [img[:, :, img.shape[2] // 2:] for img in images]
-    calib = effc.calibrate(model, list(mobilenet_v2.crops(left, 32, 96, seed=0).split(16)),
-                           progress=False, samples=1)
-    return model, calib, mobilenet_v2.crops(right, 32, 96, seed=1)
+    model, calib_x, test_x = mobilenet_crops(32, 32, 96)
+    calib = effc.calibrate(model, list(calib_x.split(16)), progress=False, samples=1)
+    return model, calib, test_x
 
 
 @pytest.mark.slow

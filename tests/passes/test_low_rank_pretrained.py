@@ -7,21 +7,15 @@ full measurement is benchmarks/low_rank_quality.py.
 
 import pytest
 import torch
-from helpers import run_in_batches
+from helpers import mobilenet_crops, run_in_batches
 
 import effc
-from benchmarks.models import mobilenet_v2
 from effc.compiler.metrics import error_stats
 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    model = mobilenet_v2.pretrained()
-    images = mobilenet_v2.photos()
-    left = [img[:, :, : img.shape[2] // 2] for img in images]
-    right = [img[:, :, img.shape[2] // 2:] for img in images]
-    calib_x = mobilenet_v2.crops(left, 48, 112, seed=0)
-    test_x = mobilenet_v2.crops(right, 64, 112, seed=1)
+    model, calib_x, test_x = mobilenet_crops(48, 64, 112)
     return model, list(calib_x.split(16)), test_x
 
 

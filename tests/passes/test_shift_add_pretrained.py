@@ -6,22 +6,16 @@ output-aware rounding on calibration data is the lever, and the default must kee
 
 import pytest
 import torch
-from helpers import run_in_batches
+from helpers import mobilenet_crops, run_in_batches
 
 import effc
-from benchmarks.models import mobilenet_v2
 from effc.compiler.metrics import error_stats
 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    model = mobilenet_v2.pretrained()
-    images = mobilenet_v2.photos()
-    left = [img[:, :, : img.shape[2] // 2] for img in images]
-    right = [img[:, :, img.shape[2] // 2:] for img in images]
-    calib = effc.calibrate(model, list(mobilenet_v2.crops(left, 48, 112, seed=0).split(16)),
-                           progress=False, samples=1)
-    test_x = mobilenet_v2.crops(right, 48, 112, seed=1)
+    model, calib_x, test_x = mobilenet_crops(48, 48, 112)
+    calib = effc.calibrate(model, list(calib_x.split(16)), progress=False, samples=1)
     with torch.no_grad():
         ref = model(test_x)
     return model, calib, test_x, ref
