@@ -134,6 +134,19 @@ class FittingPass(Pass):
         return self.rewrite(gm, ctx, Fitted(site, None, note + still_built(site), fit), choice,
                             "exact")
 
+    @staticmethod
+    def provenance(site: Site, options: SiteOptions | None) -> dict[str, Any]:
+        """A rewritten row's details every fitting pass reports: what a computed weight is
+        made of, the BatchNorm folded into it, and the candidates the allocator chose among."""
+        out: dict[str, Any] = {}
+        if site.computed:
+            out["computed_from"] = list(site.computed)
+        if site.bn is not None:
+            out["batch_norm_folded"] = site.bn.node.name
+        if options is not None:
+            out.update(candidate_details(options))
+        return out
+
     def skip(self, site: Site, why: str, options: SiteOptions | None = None) -> SiteRow:
         size = site.m * site.n
         details = {} if options is None else candidate_details(options)

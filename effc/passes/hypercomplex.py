@@ -28,7 +28,7 @@ import effc.kernels.phm_conv  # noqa: F401  (registers torch.ops.effc.phm_conv)
 from effc.compiler.config import knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
-from effc.passes.budget import Candidate, SiteOptions, candidate_details
+from effc.passes.budget import Candidate, SiteOptions
 from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.passes.hypercomplex_math import (N_CHOICES, KroneckerFit, kronecker_fit,
                                            kronecker_structure, max_terms, params)
@@ -191,12 +191,7 @@ class HypercomplexPass(FittingPass):
             "rule": "structure" if site.computed else self.config.rule, "why": why,
             ("out" if fit.whitened else "weight") + "_rel_fro_at_terms":
                 {str(t): round(err[t].item(), 6) for t in range(1, min(len(err) - 1, 2 * terms) + 1)}}
-        if site.computed:
-            details["computed_from"] = list(site.computed)
-        if site.bn is not None:
-            details["batch_norm_folded"] = site.bn.node.name
-        if options is not None:
-            details.update(candidate_details(options))
+        details.update(self.provenance(site, options))
         return SiteRow(self.name, site.weight_name, "rewritten", note, site.m * site.n,
                        params(site.m, site.n, fit.n, terms), _flops(site, None),
                        _flops(site, terms, fit.n), error, details)

@@ -31,7 +31,7 @@ from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
 from effc.passes.base import PassResult
 from effc.passes.binary_attention import binary_attention_sites
-from effc.passes.budget import Candidate, SiteOptions, candidate_details
+from effc.passes.budget import Candidate, SiteOptions
 from effc.passes.fitting_pass import Fitted, FittingConfig, FittingPass
 from effc.compiler.metrics import matrix_rel_error
 from effc.passes.shift_add_math import ShiftFit, exact_codes, fit, pack
@@ -208,12 +208,7 @@ class ShiftAddPass(FittingPass):
             "runtime_bytes": size * elem if self._cached(ctx) else f.bytes(elem)}
         if errors:
             details["error_at_terms"] = {str(t): round(e, 6) for t, e in errors.items()}
-        if site.computed:
-            details["computed_from"] = list(site.computed)
-        if site.bn is not None:
-            details["batch_norm_folded"] = site.bn.node.name
-        if options is not None:
-            details.update(candidate_details(options))
+        details.update(self.provenance(site, options))
         return SiteRow(self.name, site.weight_name, "rewritten", f"{note}; {decoded}", size,
                        size, error=error, details=details)
 
