@@ -24,6 +24,7 @@ from effc.compiler.graph_facts import GraphFacts, node_value
 
 ATTENTION = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
              F.softmax, torch.softmax)
+CONVS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"),
             ("call_function", torch.reshape)}
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -101,6 +102,10 @@ def _problem(branch: list[fx.Node], members: set[fx.Node], add: fx.Node, stream:
     shape = _shape(stream)
     if shape is None or len(shape) < 2:
         return "the residual stream's shape is not known or has no token dimension"
+    conv = next((n for n in branch if n.op == "call_function" and n.target in CONVS), None)
+    if conv is not None:
+        return (f"the block holds a convolution ({conv.name}): it mixes neighbouring "
+                f"positions, so it cannot run on a subset of them")
     for n in branch:
         outside = [u for u in n.users if u not in members and u is not add]
         if outside:

@@ -73,3 +73,19 @@ def test_token_sizes_in_branch_views_become_free():
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model.eval(), backend=backend)(**inputs)
+
+
+class _ConvResidual(nn.Module):  # MobileNetV2's inverted residual, in short
+    def __init__(self):
+        super().__init__()
+        self.expand, self.depthwise = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return x + self.project(torch.relu(self.depthwise(torch.relu(self.expand(x)))))
+
+
+def test_a_convolutional_branch_is_found_and_says_why_it_cannot_be_routed():
+    (site,) = _sites(_ConvResidual(), {"x": torch.randn(2, 8, 6, 6)})
+    assert site.weights[0] == "expand.weight" and "holds a convolution" in site.why
+
