@@ -163,12 +163,20 @@ def _randomized(m: torch.Tensor, L: torch.Tensor | None, rank: int) -> Factoriza
 
 
 def factorize(weight: torch.Tensor, moment: torch.Tensor | None = None, rank: int | None = None,
-              method: str = "auto") -> Factorization:
+              method: str = "auto", out_metric: torch.Tensor | None = None) -> Factorization:
     """Plain (moment None) or activation-aware (SVD-LLM) factorization, in float64.
 
     With `rank` given (a rank chosen before the spectrum is known), `method` "auto" computes
     only the top-`rank` factors of a large matrix (see `svd_method`); otherwise full SVD.
+    `out_metric` G (SPD, [m, m]) weighs the output error too: the truncation minimizes
+    E ||G^1/2 (W - A) x||^2, so errors go where G is small (see `softmax_fisher`).
     """
+    if out_metric is not None:
+        ev, q = torch.linalg.eigh(out_metric.double().to(weight.device))
+        root = ev.clamp_min(ev.max() * 1e-12).sqrt()
+        fac = factorize((q * root) @ q.T @ weight.detach().double(), moment, method="full")
+        fac.u = (q / root) @ q.T @ fac.u
+        return fac
     m = weight.detach().double()
     L = None if moment is None else cholesky_factor(moment.to(m.device))
     if svd_method(*m.shape, rank, method) == "randomized":
@@ -184,6 +192,26 @@ def factorize(weight: torch.Tensor, moment: torch.Tensor | None = None, rank: in
     return Factorization(p * root, v, s, whitened=True)
 
 
+def shrink(moment: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) C + alpha (tr C / n) I: the whitening moment pulled toward the identity of
+    the same trace, so directions the calibration rarely saw still count when fitting."""
+    if alpha <= 0:
+        return moment
+    scale = moment.diagonal().mean()
+    return (1 - alpha) * moment + alpha * scale * torch.eye(
+        moment.shape[0], dtype=moment.dtype, device=moment.device)
+
+
+def softmax_fisher(logits: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """E[diag(p) - p p^T] over rows of `logits` [N, m] (p = softmax), scaled to trace m and
+    shrunk toward I: the metric of the second-order KL between the output distributions, so a
+    head's truncation spends its rank on the classes the data actually puts mass on."""
+    p = logits.double().softmax(-1)
+    f = torch.diag(p.mean(0)) - p.T @ p / p.shape[0]
+    f = f * (f.shape[0] / f.trace().clamp_min(1e-30))
+    return shrink(f, shrinkage)
+
+
 def weight_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
                  ) -> dict[str, float]:
     """Relative Frobenius error and SQNR of u @ v (of u itself when v is None: any other
@@ -192,6 +220,23 @@ def weight_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None =
     approx = u.double() if v is None else u.double() @ v.double()
     diff, ref = (w - approx).norm().item(), w.norm().item()
     return {"weight_rel_fro": diff / ref if ref else 0.0, "weight_sqnr_db": sqnr_db(ref, diff)}
+
+
+def output_error_curve(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                       moment: torch.Tensor) -> torch.Tensor:
+    """[k+1] relative output error of u[:, :r] @ v[:r] for r = 0..k, against C = E[x x^T]:
+    the error curve of a factorization fitted with another metric (a shrunk C, an output
+    weighting), from one W C (m n^2) and prefix sums over the factor pairs."""
+    w, c = weight.detach().double(), moment.double().to(weight.device)
+    u, v = u.double(), v.double()
+    wc = w @ c
+    ref2 = (wc * w).sum()
+    dot = ((wc @ v.T) * u).sum(0)                         # <W x, u_i v_i x> per factor
+    gram = (v @ c @ v.T) * (u.T @ u)                      # <u_i v_i x, u_j v_j x>
+    zero = torch.zeros(1, dtype=w.dtype, device=w.device)
+    out2 = torch.cat([zero, gram.cumsum(0).cumsum(1).diagonal()])
+    diff2 = (ref2 - 2 * torch.cat([zero, dot.cumsum(0)]) + out2).clamp_min(0)
+    return (diff2 / ref2).sqrt() if ref2 > 0 else torch.zeros_like(diff2)
 
 
 def output_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,

@@ -242,5 +242,49 @@ def test_max_forwards_bounds_the_sensitivity_runs():
         "calibration": calib})
     notes = rep.graphs[0].notes
     assert any("sensitivities measured on 1 of the 4 sample calls" in n for n in notes), notes
-    # 4 reference runs, 2 sites x 1 call, the final choice checked on all 4 calls
+    # 4 reference runs, 2 sites x 1 call, the final choice checked on all 4 calls (no
+    # refining round: its 2 re-measurements would pass the bound)
     assert any("(10 forward passes)" in n for n in notes), notes
+
+
+class _Saturating:
+    """A stand-in for EndToEnd whose output error is not the linear sum the allocator assumes:
+    site "a" hurts like 0.1 e^2 (1 + (e / 0.2)^4) (harmless for small errors, much worse for
+    large), site "b" exactly like e^2. `realize` hands it the chosen candidates themselves."""
+
+    def __init__(self):
+        self.calls = [()]
+        self.runs = 0
+
+    def error2(self, replace, calls=None):
+        self.runs += 1
+        e = {k: c.error for k, c in replace.items()}
+        a, b = e.get("a", 0.0), e.get("b", 0.0)
+        return 0.1 * a ** 2 * (1 + (a / 0.2) ** 4) + b ** 2
+
+
+def test_refining_at_the_chosen_candidates_fixes_a_misjudged_probe():
+    from effc.passes.budget import _refine
+
+    def options():
+        # same costs for both; "a" has the lower own error at every size
+        return [SiteOptions(k, [Candidate(p, p, err, bytes=p) for p, err in
+                                ((1, 0.6 * f), (2, 0.4 * f), (3, 0.2 * f), (4, 0.1 * f))]
+                            + [Candidate(None, 8, 0.0, bytes=8)], 1.0, True)
+                for k, f in (("a", 0.9), ("b", 1.0))]
+
+    e2e = _Saturating()
+    sites = options()
+    for s in sites:  # what measure_sensitivities finds with its probe (own error 0.1 or less)
+        probe = min((c for c in s.candidates if 0 < c.error <= 0.1), key=lambda c: c.params)
+        s.sensitivity = e2e.error2({s.key: probe}) / probe.error ** 2
+    first = allocate(sites, max_params=6)
+    before = e2e.error2(first)
+    choice, after = _refine(sites, e2e, lambda c: c, first, before, 6, "params", 1, 512)
+    assert after == e2e.error2(choice) and after < 0.5 * before, (before, after)
+    # the probe saw "a" as harmless, so "a" got cut hardest; refined, "a" gets more back
+    assert first["a"].params < first["b"].params and choice["a"].params > first["a"].params
+    # the best of every split of the budget
+    best = min(e2e.error2({"a": ca, "b": cb}) for ca in sites[0].candidates
+               for cb in sites[1].candidates if ca.params + cb.params <= 6)
+    assert after == pytest.approx(best)

@@ -518,3 +518,36 @@ def test_a_trained_low_rank_product_is_rewritten_exactly_at_its_rank():
         model.v.mul_(2)
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
     assert effc.report().graphs[0].rederivations == 1
+
+
+def _decaying_linear(n_in, n_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(n_in, n_out)
+    u, _ = torch.linalg.qr(torch.randn(n_out, n_out, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n_in, n_out, generator=g))
+    with torch.no_grad():
+        lin.weight.copy_(u @ torch.diag(torch.arange(1, n_out + 1.0) ** -0.5) @ v.T)
+    return lin.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_shrinkage_guards_input_directions_the_calibration_rarely_saw(seed):
+    lin = _decaying_linear(64, 48, seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -1, 64)
+    test_x = torch.randn(4096, 64, generator=g) @ mix.T
+    calib_x = torch.randn(64, 64, generator=g) @ mix.T  # 64 rows for 64 features: auto 0.3
+    calib_x[:, 48:] *= 0.01  # features the calibration data hardly ever activates
+    calib = effc.calibrate(lin, [calib_x], progress=False, samples=0)
+    with torch.no_grad():
+        ref = lin(test_x)
+    errors = {}
+    for shrinkage in (0.0, "auto"):
+        compiled, _, _ = _compile(lin, test_x, calibration=calib,
+                                  low_rank={"rank": 24, "shrinkage": shrinkage,
+                                            "min_saving": 0.0})
+        with torch.no_grad():
+            errors[shrinkage] = error_stats(ref, compiled(test_x))["rel_fro"]
+    # unshrunk, the whitening neglects those features, and data that uses them pays for it
+    # (measured: 0.33-0.34 vs 0.37-0.40, 11-14 % lower)
+    assert errors["auto"] < 0.93 * errors[0.0], errors

@@ -215,3 +215,59 @@ def test_errors_of_a_whole_approximation_equal_those_of_its_factors():
         assert value == pytest.approx(weight_error(w, u, v)[key], rel=1e-9)
     for key, value in output_error(w, u @ v, None, c).items():
         assert value == pytest.approx(output_error(w, u, v, c)[key], rel=1e-9)
+
+
+def test_shrink_keeps_the_trace_and_pulls_toward_the_identity():
+    c = _correlated_moment(32)
+    assert lrm.shrink(c, 0.0) is c
+    half = lrm.shrink(c, 0.5)
+    assert half.trace().item() == pytest.approx(c.trace().item(), rel=1e-12)
+    off = ~torch.eye(32, dtype=torch.bool)
+    torch.testing.assert_close(half[off], 0.5 * c[off])
+    full = lrm.shrink(c, 1.0)
+    torch.testing.assert_close(full, c.diagonal().mean() * torch.eye(32, dtype=c.dtype))
+
+
+def test_softmax_fisher_is_the_mean_kl_hessian_scaled_to_trace_m():
+    torch.manual_seed(0)
+    z = torch.randn(50, 7, dtype=torch.float64) * 3
+    f = lrm.softmax_fisher(z, 0.0)
+    p = z.softmax(-1)
+    # the Hessian of KL(p || softmax(z + d)) in d at d = 0 is diag(p) - p p^T, per row
+    ref = sum(torch.diag(r) - torch.outer(r, r) for r in p) / len(p)
+    torch.testing.assert_close(f, ref * 7 / ref.trace())
+    assert f.trace().item() == pytest.approx(7.0)
+    # a 0.3 shrink keeps it symmetric positive definite although each row's Hessian is singular
+    assert torch.linalg.eigvalsh(lrm.softmax_fisher(z, 0.3)).min() > 0.29
+
+
+def test_output_error_curve_is_the_measured_error_at_every_rank():
+    w = _decaying(24, 40, seed=3).double()
+    c = _correlated_moment(40)
+    fac = factorize(w, lrm.shrink(c, 0.4))  # fitted with another moment than the one judged
+    curve = lrm.output_error_curve(w, fac.u, fac.v, c)
+    assert curve[0].item() == pytest.approx(1.0)
+    for r in (1, 5, 17, 24):
+        u, v = fac.factors(r)
+        # (at full rank the error is 0 up to the cancellation in ||Wx||^2 - 2<.,.> + ||Ax||^2)
+        assert curve[r].item() == pytest.approx(output_error(w, u, v, c)["out_rel_fro"],
+                                                rel=1e-6, abs=1e-6)
+
+
+def test_an_output_metric_moves_the_error_to_the_outputs_it_weighs_little():
+    w = _decaying(30, 40, seed=5).double()
+    c = _correlated_moment(40)
+    g = torch.diag(torch.logspace(1, -2, 30, dtype=torch.float64))  # early outputs matter
+    plain, weighted = factorize(w, c), factorize(w, c, out_metric=g)
+    root = g.sqrt()
+    for r in (4, 10, 20):
+        err = {name: [output_error(m @ w, m @ fac.factors(r)[0], fac.factors(r)[1], c)
+                      ["out_rel_fro"] for m in (root, torch.eye(30, dtype=w.dtype))]
+               for name, fac in (("plain", plain), ("weighted", weighted))}
+        # each fit is optimal in its own metric (the weighted one by the same truncation)
+        assert err["weighted"][0] < err["plain"][0]
+        assert err["plain"][1] < err["weighted"][1]
+    # the spectrum of the weighted fit is that of G^1/2 W L: its tail is the weighted error
+    u, v = weighted.factors(10)
+    assert weighted.tail_rel_error()[10].item() == pytest.approx(
+        output_error(root @ w, root @ u, v, c)["out_rel_fro"], rel=1e-6)

@@ -33,7 +33,7 @@ class InputMoment:
     """
 
     sum_xxt: torch.Tensor
-    rows: int
+    rows: int                # 0: unknown (a moment given directly, see from_moments)
     sample_xxt: torch.Tensor | None = None
     sample_rows: int = 0
 
@@ -130,11 +130,12 @@ class Calibration:
         return "\n".join(lines)
 
     @classmethod
-    def from_moments(cls, moments: dict[str, torch.Tensor], rows: int = 1,
+    def from_moments(cls, moments: dict[str, torch.Tensor], rows: int | None = None,
                      weight_shapes: dict[str, tuple[int, ...]] | None = None) -> Calibration:
-        """Statistics given directly: weight name -> E[x x^T] (or a sum with `rows`)."""
-        return cls({k: InputMoment(v.to(torch.float64) * rows, rows) for k, v in moments.items()},
-                   dict(weight_shapes or {}))
+        """Statistics given directly: weight name -> E[x x^T] over `rows` rows (None: unknown,
+        taken as exact, so low_rank's automatic shrinkage leaves it alone)."""
+        return cls({k: InputMoment(v.to(torch.float64) * (rows or 1), rows or 0)
+                    for k, v in moments.items()}, dict(weight_shapes or {}))
 
     # --- what passes read ------------------------------------------------------------------
     def input_moment(self, weight_name: str) -> torch.Tensor | None:
