@@ -25,36 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_*)
+from effc.passes.kv_proj import SelectConfig
 
 NAME = "effc_select"
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectConfig:
-    """How many cached tokens a decode step attends to: initial + recent + top_k."""
-
-    top_k: int = 256
-    initial: int = 4
-    recent: int = 64
-    reuse: float | None = None  # reuse the last selection while queries keep this cosine
-
-    def __post_init__(self) -> None:
-        for key in ("top_k", "initial", "recent"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"effc option 'kv_proj.select.{key}': expected an int >= 0, "
-                                 f"got {value!r}")
-        if self.reuse is not None and (isinstance(self.reuse, bool) or not isinstance(
-                self.reuse, (int, float)) or not -1.0 <= self.reuse <= 1.0):
-            raise ValueError(f"effc option 'kv_proj.select.reuse': expected None or a cosine "
-                             f"in [-1, 1], got {self.reuse!r}")
-        if self.top_k + self.initial + self.recent == 0:
-            raise ValueError("effc option 'kv_proj.select': top_k + initial + recent must be "
-                             "> 0")
-
-    @property
-    def budget(self) -> int:
-        return self.top_k + self.initial + self.recent
 
 
 def select_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -11,6 +11,11 @@ scaled_dot_product_attention and moves the projections to the single query and o
 Exact algebra; the attention then reads the r-wide cache directly. The rebuild nodes become
 dead and are removed. Graphs without a projected cache are left as they are (the report says
 so); the compression itself, and its knobs, belong to effc.kv_cache.
+
+`select` (TokenSelect, part 2 of kv_proj): every decode-step attention (one query token, no
+mask) becomes effc.select_attention, which attends to the first `initial`, the last `recent`
+and the `top_k` best-voted cached tokens (exact while the cache holds no more than that). The
+selection cache across steps (`reuse`) needs eager decoding: effc.use_select_attention.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
+import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_attention)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import node_arg
+from effc.compiler.graph_facts import copy_node_meta, node_arg, node_value
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 
@@ -32,6 +38,34 @@ SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_do
 MATMULS = (torch.matmul, operator.matmul)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
 COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """How many cached tokens a decode step attends to: initial + recent + top_k."""
+
+    top_k: int = 256
+    initial: int = 4
+    recent: int = 64
+    reuse: float | None = None  # reuse the last selection while queries keep this cosine
+
+    def __post_init__(self) -> None:
+        for key in ("top_k", "initial", "recent"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"effc option 'kv_proj.select.{key}': expected an int >= 0, "
+                                 f"got {value!r}")
+        if self.reuse is not None and (isinstance(self.reuse, bool) or not isinstance(
+                self.reuse, (int, float)) or not -1.0 <= self.reuse <= 1.0):
+            raise ValueError(f"effc option 'kv_proj.select.reuse': expected None or a cosine "
+                             f"in [-1, 1], got {self.reuse!r}")
+        if self.top_k + self.initial + self.recent == 0:
+            raise ValueError("effc option 'kv_proj.select': top_k + initial + recent must be "
+                             "> 0")
+
+    @property
+    def budget(self) -> int:
+        return self.top_k + self.initial + self.recent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +91,27 @@ class KVProjConfig(PassConfig):
                 "from W_k/W_v (and the recorded input moments where present; RoPE averaged "
                 "over positions); auto: calibration when it holds K/V moments")
     multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
+    select: bool | dict = knob(
+        False, "decode steps attend to selected cached tokens: True, or a dict of top_k "
+               "(256), initial (4), recent (64); False: every cached token")
 
     def validate(self, key: str) -> None:
         if self.ratio is not None and self.budget is not None:
             raise ValueError(f"effc option {key!r}: give one of ratio, budget; got both")
+        self.selection  # noqa: B018  (raises ValueError naming the bad select key)
+
+    @property
+    def selection(self):
+        """The validated token-selection settings, or None when `select` is off."""
+        if self.select is False:
+            return None
+        given = {} if self.select is True else dict(self.select)
+        unknown = set(given) - {"top_k", "initial", "recent"}
+        if unknown:
+            raise ValueError(f"effc option 'kv_proj.select': unknown keys {sorted(unknown)}; "
+                             f"accepted: top_k, initial, recent (the selection cache, reuse, "
+                             f"needs eager decoding: effc.use_select_attention)")
+        return SelectConfig(**given)
 
 
 
@@ -117,9 +168,50 @@ class KVProjPass(Pass):
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue
             rows.append(self._fold(graph, node, keys, values, site))
+        if cfg.selection is not None:
+            rows += self._select(gm, ctx, cfg.selection)
         if rows:
             graph.eliminate_dead_code()
         return PassResult(rows)
+
+    def _select(self, gm: fx.GraphModule, ctx, sel) -> list[SiteRow]:
+        """Each decode-step attention -> effc.select_attention (see the module docstring)."""
+        rows = []
+        for i, node in enumerate(n for n in list(gm.graph.nodes)
+                                 if n.op == "call_function" and n.target in SDPA):
+            site = f"select:attention.{i}"
+            q, k = node_value(node.args[0]), node_value(node.args[1])
+            why = ("excluded by filters" if not ctx.selected(site) else
+                   f"a query of {q.shape[2]} tokens (a prefill): selection is for decode steps"
+                   if q.shape[2] != 1 else
+                   "an attention mask (padding or a custom mask) is given"
+                   if node_arg(node, 3, "attn_mask") is not None else
+                   "dropout in attention" if node_arg(node, 4, "dropout_p", 0.0) else
+                   "is_causal with one query attends to the first token only"
+                   if node_arg(node, 5, "is_causal", False) else
+                   f"query heads ({q.shape[1]}) are not a multiple of the KV heads ({k.shape[1]})"
+                   if q.shape[1] % k.shape[1] else "")
+            if why:
+                rows.append(SiteRow(self.name, site, "skipped", why))
+                continue
+            scale = node_arg(node, 6, "scale")
+            if scale is None:
+                scale = float(q.shape[-1]) ** -0.5
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    torch.ops.effc.select_attention.default,
+                    (node.args[0], node.args[1], node.args[2], float(scale), sel.top_k,
+                     sel.initial, sel.recent))
+            copy_node_meta(new, node)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            rows.append(SiteRow(self.name, site, "rewritten",
+                                f"a decode step attends to at most {sel.budget} cached tokens "
+                                f"(first {sel.initial}, last {sel.recent}, top {sel.top_k} by "
+                                f"the heads' soft vote); exact while the cache is no longer",
+                                details={"top_k": sel.top_k, "initial": sel.initial,
+                                         "recent": sel.recent}))
+        return rows
 
     def _fold(self, graph: fx.Graph, node: fx.Node, keys, values, site: str) -> SiteRow:
         q = node.args[0]

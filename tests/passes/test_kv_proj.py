@@ -96,3 +96,58 @@ def test_compression_knobs_as_a_compile_option_warn_that_they_belong_to_kv_cache
             torch.randint(3, 96, (1, 5)))
     assert any("effc.kv_cache" in r.getMessage() and "budget" in r.getMessage()
                for r in caplog.records)
+
+
+def _generate(model, ids, options=None):
+    forward = model.forward
+    torch._dynamo.reset()
+    effc.reset()
+    try:
+        if options is not None:
+            model.forward = torch.compile(forward, backend="effc", options=options)
+        with torch.inference_mode():
+            return model.generate(ids, **GEN)
+    finally:
+        model.forward = forward
+
+
+def test_select_as_a_compile_option_selects_like_the_eager_switch():
+    (model, _), ids = _llama(), torch.randint(3, 96, (2, 40))
+    dense = _generate(model, ids)
+    compiled = _generate(model, ids, {"kv_proj": {"select": {"top_k": 8, "initial": 2,
+                                                             "recent": 4}}})
+    rows = [r for r in effc.report().sites if r.site.startswith("select:")]
+    effc.use_select_attention(model, top_k=8, initial=2, recent=4)
+    try:
+        eager = _generate(model, ids)
+    finally:
+        effc.restore_attention(model)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # it did select: the decode steps' logits differ from full attention's
+    assert max((a - b).abs().max().item() for a, b in zip(compiled.scores, dense.scores)) > 1e-3
+    rewritten = [r for r in rows if r.decision == "rewritten"]
+    prefill = [r for r in rows if r.decision == "skipped"]
+    assert rewritten and all("at most 14 cached tokens" in r.reason for r in rewritten)
+    assert len(rewritten) % 2 == 0  # two layers per decode graph
+    assert prefill and all("a query of 40 tokens (a prefill)" in r.reason for r in prefill)
+
+
+def test_select_covering_the_cache_keeps_the_model():
+    (model, _), ids = _llama(), torch.randint(3, 96, (2, 40))
+    dense = _generate(model, ids, {})
+    selected = _generate(model, ids, {"kv_proj": {"select": True}})  # 324 >= 46 tokens
+    assert any(r.decision == "rewritten" for r in effc.report().sites)
+    assert torch.equal(selected.sequences, dense.sequences)
+    for a, b in zip(selected.scores, dense.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("select,key", [({"top_k": -1}, "kv_proj.select.top_k"),
+                                        ({"topk": 3}, "kv_proj.select"),
+                                        ({"reuse": 0.9}, "kv_proj.select"),
+                                        ("yes", "kv_proj.select")])
+def test_bad_select_settings_name_the_key(select, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        effc.Config.from_options({"kv_proj": {"select": select}}, env={})
