@@ -428,7 +428,6 @@ class LowRankPass(Pass):
                     ranks: dict[str, tuple[int | None, str]], ctx) -> None:
         """Refit the chosen sites in graph order on the inputs the rewritten sites before them
         produce; keep the refits only if the measured output error drops."""
-        cfg: LowRankConfig = self.config
         chosen = {w.site.weight_name: w for w in work if ranks[w.site.weight_name][0] is not None}
         if not chosen:
             return
