@@ -7,8 +7,8 @@
     windows run teacher-forced through `effc.kv_cache(...)` (prefill attention reads the
     projected cache, as decoding does), next-token agreement with the unmodified model and
     perplexity, against the cache bytes measured after the run. Values only, keys only (PCA
-    after RoPE, or whole RoPE planes), both uniform, budgets through the allocator, and
-    data-free bases from the weights.
+    after RoPE, whole RoPE planes, or latent before RoPE), both uniform, budgets through the
+    allocator, and data-free bases from the weights.
 (b) CPU time of one decode step (batch 1) at 256..2048 cached tokens: the plain DynamicCache
     vs the projected cache at budget 0.5 (half the bytes), eagerly (K and V rebuilt to full
     width every step) and compiled by effc with the kv_proj pass (attention in r dims).
@@ -34,11 +34,15 @@ VARIANTS = [
     ("values only, ratio 0.25", {"ratio": 0.25, "keys": "none"}),
     ("keys only, PCA, ratio 0.5", {"ratio": 0.5, "values": False}),
     ("keys only, RoPE planes, ratio 0.5", {"ratio": 0.5, "keys": "pairs", "values": False}),
+    ("keys only, latent before RoPE, ratio 0.5", {"ratio": 0.5, "keys": "latent",
+                                                  "values": False}),
     ("keys and values, ratio 0.75", {"ratio": 0.75}),
     ("keys and values, ratio 0.5", {"ratio": 0.5}),
     ("budget 0.75", {"budget": 0.75}),
     ("budget 0.5", {"budget": 0.5}),
     ("budget 0.375", {"budget": 0.375}),
+    ("budget 0.5, latent keys", {"budget": 0.5, "keys": "latent"}),
+    ("budget 0.375, latent keys", {"budget": 0.375, "keys": "latent"}),
     ("budget 0.5, effect measured on 2 calibration batches", {"budget": 0.5, "measure": 2}),
     ("budget 0.375, effect measured on 2 calibration batches", {"budget": 0.375, "measure": 2}),
     ("default (min_energy 0.99)", {}),
@@ -83,7 +87,8 @@ def part_a(quick: bool) -> str:
         calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
         rows = [["unmodified", *_evaluate(model, windows, lambda: None)]]
         for label, knobs in VARIANTS:
-            if name == "text_gpt2" and (knobs.get("keys") == "pairs" or "bases" in knobs):
+            if name == "text_gpt2" and (knobs.get("keys") in ("pairs", "latent")
+                                        or "bases" in knobs):
                 continue  # no RoPE; a fused c_attn (data-free bases read k_proj/v_proj)
             knobs = dict(knobs)
             measure = knobs.pop("measure", 0)

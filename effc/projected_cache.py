@@ -16,7 +16,9 @@ decoding will see, so a teacher-forced evaluation measures the compressed model.
 Keys and values use PCA bases of the calibration's per-head moments of what the cache stores
 (keys after RoPE: restored before attention, so the rotation needs no care). `keys="pairs"`
 keeps whole RoPE rotation planes instead (dims i and i + d/2), the selection that commutes with
-the rotation and so could fold into W_q/W_k; it measured worse than PCA on the Llama here. Ranks are uniform across a layer's heads (the cache
+the rotation and so could fold into W_q/W_k; it measured worse than PCA on the Llama here.
+`keys="latent"` (Palu) caches the keys before RoPE, projected on the PCA of W_k x, and rotates
+them back at rebuild. Ranks are uniform across a layer's heads (the cache
 tensors stay rectangular), chosen per layer and per K/V by `ratio`, a `budget` of cache bytes
 (the shared allocator, each layer's own energy error as the data-free proxy), or by default the
 least rank keeping `min_energy` of each layer's energy.
@@ -36,13 +38,30 @@ from effc.passes.kv_proj_math import (pca_basis, pca_errors, plane_errors, plane
 from effc.passes.residual_sites import layer_index
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
 class ProjectedLayer(DynamicLayer):
-    """A DynamicLayer whose tensors are projected: [B, G, T, r] instead of [B, G, T, d]."""
+    """A DynamicLayer whose tensors are projected: [B, G, T, r] instead of [B, G, T, d].
+
+    With `rotary` (keys="latent", Palu's way) the key basis applies before RoPE: an incoming
+    key is rotated back to k = W_k x (the rotation of its position undone), stored as k P, and
+    rebuilt as RoPE(L P^T) at its position. The layer then also keeps each token's position
+    id ([B, T] int64), since a batch's positions need not be the cache's slot numbers."""
 
     def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
-                 **kwargs: Any):
+                 rotary: torch.nn.Module | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.key_basis, self.value_basis = key_basis, value_basis  # [G, d, r] or None
+        self.rotary = rotary if key_basis is not None else None
+        self.positions: torch.Tensor | None = None
+
+    def _rope(self, like: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(like, position_ids=positions)
+        return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)  # [B, 1, T, d]
 
     @staticmethod
     def _down(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -54,13 +73,40 @@ class ProjectedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary is not None:
+            new = _positions(key_states, self.positions, kwargs)
+            cos, sin = self._rope(key_states, new)
+            # undo RoPE: R^T k / |R|^2 (cos^2 + sin^2 is the rotation's scale squared)
+            key_states = (key_states * cos - _rotate_half(key_states) * sin) / (cos * cos +
+                                                                                 sin * sin)
+            self.positions = new if self.positions is None else torch.cat(
+                [self.positions, new], dim=-1)
         k = self._down(key_states, self.key_basis)
         v = self._down(value_states, self.value_basis)
         if not self.is_initialized:
             self.lazy_initialization(k, v)
         self.keys = torch.cat([self.keys, k], dim=-2)
         self.values = torch.cat([self.values, v], dim=-2)
-        return self._up(self.keys, self.key_basis), self._up(self.values, self.value_basis)
+        keys = self._up(self.keys, self.key_basis)
+        if self.rotary is not None:
+            cos, sin = self._rope(keys, self.positions)
+            keys = keys * cos + _rotate_half(keys) * sin
+        return keys, self._up(self.values, self.value_basis)
+
+
+def _positions(key_states: torch.Tensor, cached: torch.Tensor | None, kwargs: dict
+               ) -> torch.Tensor:
+    """The position ids [B, T_new] of incoming keys: the attention's `position_ids` when the
+    model passes them on to the cache (transformers' Llama family does), else the slots after
+    the cached ones."""
+    pos = kwargs.get("kwargs", {}).get("position_ids") if isinstance(
+        kwargs.get("kwargs"), dict) else None
+    pos = pos if pos is not None else kwargs.get("position_ids")
+    bsz, tokens = key_states.shape[0], key_states.shape[2]
+    if pos is None:
+        start = 0 if cached is None else cached.shape[-1]
+        pos = torch.arange(start, start + tokens, device=key_states.device)
+    return pos.to(key_states.device, torch.int64).expand(bsz, tokens)
 
 
 class ProjectedCache(Cache):
@@ -75,15 +121,16 @@ class ProjectedCache(Cache):
 
     def fresh(self) -> ProjectedCache:
         """An empty cache with the same bases and ranks (one per generate() call)."""
-        out = ProjectedCache([ProjectedLayer(layer.key_basis, layer.value_basis)
+        out = ProjectedCache([ProjectedLayer(layer.key_basis, layer.value_basis, layer.rotary)
                               for layer in self.layers], self.plan, self.head_dim)
         out.measured_sqnr_db = self.measured_sqnr_db
         return out
 
     def nbytes(self) -> int:
-        """Bytes the cache's key and value tensors hold now."""
+        """Bytes the cache's key and value tensors hold now (and latent keys' position ids)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
-                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+                   for t in (layer.keys, layer.values, layer.positions)
+                   if isinstance(t, torch.Tensor))
 
     def dense_nbytes(self) -> int:
         """Bytes a full-width cache would hold for the same tokens."""
@@ -119,13 +166,23 @@ def _weight_modules(model: torch.nn.Module) -> dict[int, str]:
     return out
 
 
-def _weight_moment_pair(params: dict, module: str, config, calibration
+def _rotary(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's rotary embedding module (its forward(x, position_ids) gives cos, sin)."""
+    for m in model.modules():
+        if type(m).__name__.endswith("RotaryEmbedding"):
+            return m
+    raise ValueError(f"effc option 'kv_proj.keys': 'latent' caches keys before RoPE, but "
+                     f"{type(model).__name__} has no rotary embedding module; use 'pca'")
+
+
+def _weight_moment_pair(params: dict, module: str, config, calibration, rotated: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free per-KV-head second moments of the cached keys and values: W C W^T per head
     (C: the projection input's recorded moment, else the identity) plus the bias's b b^T.
     Under RoPE the cached keys are rotated by position-dependent angles; averaged over
     positions, each rotation plane (dims i, i + d/2) keeps its energy, split evenly between
-    its two dims, and planes decorrelate, so the key moment becomes that diagonal."""
+    its two dims, and planes decorrelate, so the key moment becomes that diagonal
+    (`rotated=False`: the keys before RoPE, W_k x, whose moment W_k C W_k^T is exact)."""
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     moments = []
     for proj in ("k_proj", "v_proj"):
@@ -142,7 +199,7 @@ def _weight_moment_pair(params: dict, module: str, config, calibration
         moments.append(m)
     keys, values = moments
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    if rope:
+    if rope and rotated:
         diag = keys.diagonal(dim1=-2, dim2=-1)
         plane = (diag[:, : d // 2] + diag[:, d // 2:]) / 2
         keys = torch.diag_embed(torch.cat([plane, plane], dim=-1))
@@ -181,6 +238,8 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
     text = model.config.get_text_config(decoder=True)
     layers_n = text.num_hidden_layers
     heads = text.num_attention_heads
+    mode = config.keys if config.keys != "auto" else "pca"
+    rotary = _rotary(model) if mode == "latent" else None
     mods = _weight_modules(model) if from_weights else _attention_modules(calibration)
     missing = [i for i in range(layers_n) if i not in mods]
     if missing:
@@ -188,8 +247,12 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
                  else "key/value moments in the calibration")
         raise ValueError(f"effc.kv_cache: no {where} for layers {missing}; "
                          f"calibrate with effc.calibrate(model, batches, what=('inputs', 'kv'))")
-    mode = config.keys if config.keys != "auto" else "pca"
     params = dict(model.named_parameters())
+    if mode == "latent":
+        weights = _weight_modules(model)
+        if sorted(weights) != list(range(layers_n)):
+            raise ValueError("effc option 'kv_proj.keys': 'latent' needs k_proj/v_proj linears "
+                             "in every layer (the keys before RoPE are W_k x)")
     size = next(model.parameters()).element_size()
     options, facts = [], {}
     for i in range(layers_n):
@@ -198,6 +261,8 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
         else:
             km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
             kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
+        if mode == "latent":  # the keys before RoPE: W_k C W_k^T, C the input's moment
+            kmom = _weight_moment_pair(params, weights[i], text, calibration, rotated=False)[0]
         g, d = kmom.shape[0], kmom.shape[-1]
         scores = None
         if mode == "pairs":
@@ -212,11 +277,11 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
         if mode == "pairs":  # ranks are whole planes: 2 dims each
             options.append(_options(f"{i}.k", plane_errors(scores), d, g,
                                     max(2, config.multiple), size, per=2))
-        elif mode == "pca":
+        elif mode in ("pca", "latent"):
             options.append(_options(f"{i}.k", pca_errors(kmom), d, g, config.multiple, size))
         if config.values:
             options.append(_options(f"{i}.v", pca_errors(vmom), d, g, config.multiple, size))
-    build = lambda choice: _build(choice, facts, mode, mods, layers_n)  # noqa: E731
+    build = lambda choice: _build(choice, facts, mode, mods, layers_n, rotary)  # noqa: E731
     measure = _logit_error(model, batches, build) if batches else None
     if measure is not None and config.budget is not None:
         for site in options:  # end-to-end sensitivity from one probe candidate per site
@@ -261,7 +326,7 @@ def _logit_error(model, batches, build):
 
 
 def _build(choice: dict[str, Candidate], facts, mode: str, mods: dict[int, str],
-           layers_n: int) -> ProjectedCache:
+           layers_n: int, rotary: torch.nn.Module | None = None) -> ProjectedCache:
     """The cache for one choice of ranks (a site missing from `choice` is kept whole)."""
     layers, plan = [], []
     for i in range(layers_n):
@@ -272,7 +337,7 @@ def _build(choice: dict[str, Candidate], facts, mode: str, mods: dict[int, str],
         kb = None if rk >= d else (plane_selection(scores, rk // 2) if mode == "pairs"
                                    else pca_basis(kmom, rk))
         vb = None if rv >= d else pca_basis(vmom, rv)
-        layers.append(ProjectedLayer(kb, vb))
+        layers.append(ProjectedLayer(kb, vb, rotary))
         plan.append({"layer": i, "module": mods[i], "keys": mode if kb is not None else "full",
                      "key_rank": rk, "value_rank": rv, "head_dim": d, "kv_heads": g,
                      "key_error": 0.0 if kc is None else round(kc.error, 6),

@@ -181,3 +181,67 @@ def test_a_calibration_without_kv_moments_falls_back_to_data_free_bases():
     assert all(torch.equal(a.key_basis, b.key_basis) and torch.equal(a.value_basis,
                                                                      b.value_basis)
                for a, b in zip(auto.layers, weights.layers))
+
+
+def _latent_identity_cache(model):
+    """A latent-key cache whose bases are the identity: only the RoPE round trip acts."""
+    from effc.projected_cache import ProjectedCache, ProjectedLayer, _rotary
+
+    eye = torch.eye(8).expand(2, 8, 8).contiguous()
+    layers = [ProjectedLayer(eye, None, _rotary(model)) for _ in range(2)]
+    return ProjectedCache(layers, [], 8)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_latent_keys_undo_and_redo_rope_at_each_tokens_position(padded):
+    model, _ = _llama()
+    ids = torch.randint(3, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:  # the second row starts 3 tokens late: its positions are not the cache slots
+        ids[1, :3], mask[1, :3] = 0, 0
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=mask, **GEN)
+        cache = _latent_identity_cache(model)
+        out = model.generate(ids, attention_mask=mask, cache=cache, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    layer = cache.layers[0]
+    if padded:  # generate's position ids, not the slot numbers
+        assert layer.positions[1, 3:].tolist() == list(range(layer.positions.shape[1] - 3))
+    # the positions are part of what the cache holds (int64 per token)
+    assert cache.nbytes() == sum(l.keys.numel() * 4 + l.values.numel() * 4 +
+                                 l.positions.numel() * 8 for l in cache.layers)
+
+
+def test_latent_keys_store_the_rank_and_rebuild_the_projection_before_rope():
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.inference_mode():
+        cache = effc.kv_cache(model, calib, ratio=0.5, keys="latent", values=False)
+        model(ids, cache=cache)
+    attn = model.model.layers[0].self_attn
+    layer = cache.layers[0]
+    assert layer.keys.shape == (2, 2, 7, 4) and layer.values.shape == (2, 2, 7, 8)
+    assert cache.summary()[0]["keys"] == "latent"
+    # what attention reads: RoPE of (W_k x) P P^T, explicitly
+    with torch.inference_mode():
+        x = model.model.embed_tokens(ids)
+        x = model.model.layers[0].input_layernorm(x)
+        k = attn.k_proj(x).view(2, 7, 2, 8).transpose(1, 2)
+        p = layer.key_basis
+        rebuilt = k @ p @ p.transpose(-1, -2)
+        pos = torch.arange(7).expand(2, 7)
+        cos, sin = model.model.rotary_emb(x, pos)
+        _, want = apply_rotary_pos_emb(rebuilt, rebuilt, cos, sin)
+        got, _ = cache.fresh().layers[0].update(
+            apply_rotary_pos_emb(k, k, cos, sin)[1], torch.zeros(2, 2, 7, 8),
+            kwargs={"position_ids": pos})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_keys_need_rope():
+    cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    with pytest.raises(ValueError, match=r"kv_proj\.keys.*no rotary embedding"):
+        effc.kv_cache(model, ratio=0.5, keys="latent")

@@ -89,8 +89,19 @@ def select_from_votes(votes: Tensor, top_k: int, initial: int, recent: int) -> T
     if initial + recent + top_k >= tokens:
         return every.expand(bsz, tokens).contiguous()
     middle = votes[:, initial:tokens - recent]
-    top = torch.sort(middle, dim=1, descending=True, stable=True).indices[:, :top_k]
-    top = top.sort(dim=1).values + initial
+    if top_k == 0:
+        top = middle.new_empty((bsz, 0), dtype=torch.int64)
+    elif middle.isnan().any():  # NaN outranks every number in a descending sort
+        top = torch.sort(middle, dim=1, descending=True, stable=True).indices[:, :top_k]
+        top = top.sort(dim=1).values + initial
+    else:
+        # the stable sort's picks without sorting T values: all above the k-th largest vote,
+        # then its equals from the lowest index up (O(T), where the sort was O(T log T))
+        kth = torch.topk(middle, top_k, dim=1, sorted=False).values.min(1, keepdim=True).values
+        above = middle > kth
+        equal = middle == kth
+        take = above | (equal & (equal.cumsum(1) <= top_k - above.sum(1, keepdim=True)))
+        top = take.nonzero()[:, 1].reshape(bsz, top_k) + initial  # ascending per row
     head, tail = every[:initial], every[tokens - recent:]
     return torch.cat([head.expand(bsz, initial), top, tail.expand(bsz, recent)], dim=1)
 

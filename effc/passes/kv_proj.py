@@ -81,10 +81,11 @@ class KVProjConfig(PassConfig):
     min_energy: float = knob(0.99, "the default: the least rank keeping this share of each "
                              "layer's key (score) and value energy", min=0.0, max=1.0,
                              min_exclusive=True)
-    keys: Literal["auto", "pca", "pairs", "none"] = knob(
-        "auto", "pca: a PCA basis of the keys the cache stores (after RoPE); pairs: whole "
-                "RoPE planes (commutes with the rotation, so it could fold into W_q/W_k; "
-                "measured worse); none: keys kept whole; auto: pca")
+    keys: Literal["auto", "pca", "latent", "pairs", "none"] = knob(
+        "auto", "pca: a PCA basis of the keys the cache stores (after RoPE); latent: a PCA "
+                "basis of the keys before RoPE (W_k x), rotated at rebuild (Palu's way); "
+                "pairs: whole RoPE planes (commutes with the rotation, so it could fold into "
+                "W_q/W_k; measured worse); none: keys kept whole; auto: pca")
     values: bool = knob(True, "project the values too")
     bases: Literal["auto", "calibration", "weights"] = knob(
         "auto", "calibration: PCA of the recorded per-head K/V moments; weights: data-free, "
