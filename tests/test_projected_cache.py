@@ -52,7 +52,7 @@ def test_the_cache_tensors_really_shrink_in_generate(compiled):
         model.forward = torch.compile(forward, backend="effc")
     try:
         with torch.inference_mode():
-            cache = effc.kv_cache(model, calib, ratio=0.5)
+            cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
             out = model.generate(ids, cache=cache, **GEN)
     finally:
         model.forward = forward
@@ -62,14 +62,14 @@ def test_the_cache_tensors_really_shrink_in_generate(compiled):
     assert cache.nbytes() == 2 * 2 * (2 * 2 * tokens * 4) * 4  # layers x K/V x elements x fp32
     assert cache.nbytes() * 2 == cache.dense_nbytes()
     with torch.inference_mode():
-        again = effc.kv_cache(model, calib, ratio=0.5)
+        again = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
         eager = model.generate(ids, cache=again, **GEN)
     assert torch.equal(out.sequences, eager.sequences)  # compiled and eager agree
 
 
 def test_attention_reads_the_projection_of_what_it_wrote():
     model, calib = _llama()
-    cache = effc.kv_cache(model, calib, ratio=0.5)
+    cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
     layer = cache.layers[0]
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     keys, values = layer.update(k, v)
@@ -103,10 +103,12 @@ def test_a_budget_keeps_that_share_of_the_bytes_and_beats_uniform_ranks():
     with torch.inference_mode():
         ref = model(ids).logits
         errors = {}
-        for label, knobs in (("budget", {"budget": 0.5}), ("uniform", {"ratio": 0.5})):
-            cache = effc.kv_cache(model, calib, **knobs)
+        for label, knobs in (("budget", {"budget": 0.5}), ("uniform", {"ratio": 0.5}),
+                             ("latent budget", {"budget": 0.5, "keys": "latent"})):
+            cache = effc.kv_cache(model, calib, **{"keys": "pca", **knobs})
             out = model(ids, cache=cache, use_cache=True).logits
             errors[label] = ((out - ref).norm() / ref.norm()).item()
+            # the budget counts latent keys' position ids too
             assert cache.nbytes() <= 0.5 * cache.dense_nbytes()
     assert errors["budget"] <= errors["uniform"] * 1.05, errors
 
@@ -245,3 +247,13 @@ def test_latent_keys_need_rope():
     model = tf.GPT2LMHeadModel(cfg).eval()
     with pytest.raises(ValueError, match=r"kv_proj\.keys.*no rotary embedding"):
         effc.kv_cache(model, ratio=0.5, keys="latent")
+
+
+def test_auto_keys_are_latent_for_rope_models_and_pca_otherwise():
+    model, calib = _llama()
+    assert {p["keys"] for p in effc.kv_cache(model, calib, ratio=0.5).summary()} == {"latent"}
+    cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    gpt2 = tf.GPT2LMHeadModel(cfg).eval()
+    calib = effc.calibrate(gpt2, [torch.randint(3, 96, (2, 16))], what=("inputs", "kv"),
+                           progress=False)
+    assert {p["keys"] for p in effc.kv_cache(gpt2, calib, ratio=0.5).summary()} == {"pca"}

@@ -85,7 +85,8 @@ class KVProjConfig(PassConfig):
         "auto", "pca: a PCA basis of the keys the cache stores (after RoPE); latent: a PCA "
                 "basis of the keys before RoPE (W_k x), rotated at rebuild (Palu's way); "
                 "pairs: whole RoPE planes (commutes with the rotation, so it could fold into "
-                "W_q/W_k; measured worse); none: keys kept whole; auto: pca")
+                "W_q/W_k; measured worse); none: keys kept whole; auto: latent for RoPE models with "
+                "k_proj/v_proj linears, else pca")
     values: bool = knob(True, "project the values too")
     bases: Literal["auto", "calibration", "weights"] = knob(
         "auto", "calibration: PCA of the recorded per-head K/V moments; weights: data-free, "
