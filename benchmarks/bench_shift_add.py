@@ -69,7 +69,7 @@ def part_a(quick: bool) -> str:
 
     out = []
     for make in (_mobilenet, _llama):
-        subject = make(64 if quick else 256)
+        subject = make(64 if quick else 512)
         calib = effc.calibrate(subject.model, subject.batches, progress=False, samples=2)
         scope = subject.scope
         rows = []

@@ -56,6 +56,10 @@ class FittingConfig(PassConfig):
     output_layers: Literal["auto"] | bool = knob(
         "auto", "sites that feed the main output directly: auto: the default rule takes them "
                 "only when measured end to end; True: always; False: never")
+    shrinkage: Literal["auto"] | float = knob(
+        "auto", "fraction of the calibration moment a site is fitted with that is replaced by "
+                "the identity of the same trace (as low_rank's); auto: input features / "
+                "calibration rows, at most 0.3", min=0.0, max=1.0)
 
     def validate(self, key: str) -> None:
         given = [r for r in self.RULES if getattr(self, r) is not None]
@@ -207,6 +211,12 @@ class FittingPass(Pass):
         if moment is not None and moment.shape != (site.n, site.n):
             return None, f"calibration moment is {tuple(moment.shape)}"
         return moment, why
+
+    def whitening(self, site: Site, ctx, held_out: bool = False) -> torch.Tensor | None:
+        """The moment a site is fitted with: E[x x^T] (over the non-sample calls with
+        `held_out`) shrunk per the `shrinkage` knob; None when the calibration lacks it."""
+        m = ctx.calibration.whitening_moment(site.weight_name, self.config.shrinkage, held_out)
+        return m if m is not None and m.shape == (site.n, site.n) else None
 
     def _local(self, work: list[Fitted], rule: str, ctx) -> dict[str, tuple[Any, str]]:
         cfg = self.config

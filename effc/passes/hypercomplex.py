@@ -84,7 +84,8 @@ class HypercomplexPass(FittingPass):
         if site.bn is not None:
             note += "; BatchNorm folded"
         try:
-            fit = kronecker_fit(site.matrix, cfg.n, moment if cfg.whiten else None)
+            fit = kronecker_fit(site.matrix, cfg.n, self.whitening(site, ctx)
+                                if cfg.whiten and moment is not None else None)
         except (RuntimeError, ValueError) as exc:
             if ctx.config.strict:
                 raise
@@ -92,8 +93,8 @@ class HypercomplexPass(FittingPass):
         held = None  # for allocation: fitted without the sample calls it is measured on
         if moment is not None and cfg.whiten and rule in self.ALLOCATED_RULES and \
                 e2e is not None and e2e.source == "samples":
-            rest = ctx.calibration.held_out_moment(site.weight_name)
-            if rest is not None and rest.shape == moment.shape:
+            rest = self.whitening(site, ctx, held_out=True)
+            if rest is not None:
                 try:
                     held = kronecker_fit(site.matrix, cfg.n, rest)
                 except (RuntimeError, ValueError):

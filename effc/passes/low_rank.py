@@ -25,6 +25,7 @@ import torch.fx as fx
 
 import effc.kernels.low_rank  # noqa: F401  (registers torch.ops.effc.low_rank_linear)
 import effc.kernels.low_rank_conv  # noqa: F401  (registers torch.ops.effc.low_rank_conv)
+from effc.compiler.calibration.statistics import shrinkage_for
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import copy_node_meta
 from effc.compiler.report import SiteRow
@@ -48,7 +49,6 @@ MIN_GAIN = 0.01             # compensation is kept if it lowers the squared outp
 # sample rows); on the pretrained MobileNetV2's classifier, 0.3 to 0.6 gave the best top-1
 # agreement on held-out photos at ranks 256 and 384, with 32 or 96 rows alike
 FISHER_SHRINKAGE = 0.3
-MAX_AUTO_SHRINKAGE = 0.3    # shrinkage="auto": features / rows, at most this
 MAX_FISHER_OUTPUTS = 8192   # an eigendecomposition of [m, m]: larger heads keep output_fit mse
 
 
@@ -269,10 +269,7 @@ class LowRankPass(Pass):
 
     def _shrunk(self, moment: torch.Tensor, rows: int) -> torch.Tensor:
         """The whitening moment shrunk as the `shrinkage` knob says."""
-        alpha = self.config.shrinkage
-        if alpha == "auto":  # rows 0: a moment given directly, taken as exact
-            alpha = min(MAX_AUTO_SHRINKAGE, moment.shape[0] / rows) if rows > 0 else 0.0
-        return shrink(moment, alpha)
+        return shrink(moment, shrinkage_for(self.config.shrinkage, moment.shape[0], rows))
 
     def _held_out(self, site: Site, ctx, metric: torch.Tensor | None = None
                   ) -> Factorization | None:

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from effc.compiler.calibration.statistics import shrink
 from effc.compiler.metrics import sqnr_db
 
 SVD_METHODS = ("auto", "full", "randomized")
@@ -190,16 +191,6 @@ def factorize(weight: torch.Tensor, moment: torch.Tensor | None = None, rank: in
     # v = sqrt(s) Q^T L^{-1}: solve L^T v^T = Q sqrt(s) instead of inverting L.
     v = torch.linalg.solve_triangular(L.T, (qh.T * root), upper=True).T
     return Factorization(p * root, v, s, whitened=True)
-
-
-def shrink(moment: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) C + alpha (tr C / n) I: the whitening moment pulled toward the identity of
-    the same trace, so directions the calibration rarely saw still count when fitting."""
-    if alpha <= 0:
-        return moment
-    scale = moment.diagonal().mean()
-    return (1 - alpha) * moment + alpha * scale * torch.eye(
-        moment.shape[0], dtype=moment.dtype, device=moment.device)
 
 
 def softmax_fisher(logits: torch.Tensor, shrinkage: float) -> torch.Tensor:

@@ -116,7 +116,7 @@ class ShiftAddPass(FittingPass):
     def fit_site(self, site: Site, ctx, rule: str, e2e) -> Fitted:
         cfg: ShiftAddConfig = self.config
         moment, why = self.moment(site, ctx)
-        use = moment if cfg.output_aware else None
+        use = self.whitening(site, ctx) if cfg.output_aware and moment is not None else None
         note = ("output-aware rounding (calibration)" if use is not None else
                 f"weight-error rounding ({why or 'output_aware=False'})")
         if site.bn is not None:
@@ -131,8 +131,8 @@ class ShiftAddPass(FittingPass):
         held = None
         if use is not None and rule in self.ALLOCATED_RULES and e2e is not None and \
                 e2e.source == "samples":
-            rest = ctx.calibration.held_out_moment(site.weight_name)
-            held = fits(rest) if rest is not None and rest.shape == use.shape else None
+            rest = self.whitening(site, ctx, held_out=True)
+            held = fits(rest) if rest is not None else None
         return Fitted(site, moment, note, fits(use), held_out=held)
 
     def local_choice(self, w: Fitted, rule: str, bound: float, label: str

@@ -21,6 +21,27 @@ _FORMAT = "effc.calibration"
 ROUTER_ROWS = 8192  # residual stream rows kept per residual add (token_skip's routers)
 WHAT = ("inputs", "kv", "residuals", "attention")  # what calibrate(..., what=) accepts
 _MISSING = "calibration has no statistics for"
+MAX_AUTO_SHRINKAGE = 0.3  # shrinkage "auto": input features / rows, at most this
+
+
+def shrink(moment: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) C + alpha (tr C / n) I: a whitening moment pulled toward the identity of the
+    same trace, so directions the calibration rarely saw still count when fitting."""
+    if alpha <= 0:
+        return moment
+    scale = moment.diagonal().mean()
+    return (1 - alpha) * moment + alpha * scale * torch.eye(
+        moment.shape[0], dtype=moment.dtype, device=moment.device)
+
+
+def shrinkage_for(alpha: float | str, features: int, rows: int) -> float:
+    """The shrinkage knob's value for a moment of `features` from `rows` rows: "auto" is
+    features / rows, at most MAX_AUTO_SHRINKAGE (a moment from few rows per feature is
+    trusted less; on MobileNetV2's classifier, 96 rows of 1280 features, shrinking kept 1-2 dB
+    more output SQNR on other photos); rows 0 (a moment given directly) is taken as exact."""
+    if alpha != "auto":
+        return float(alpha)
+    return min(MAX_AUTO_SHRINKAGE, features / rows) if rows > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -171,6 +192,17 @@ class Calibration:
         """(E[x x^T], "") for a site, or (None, why not): missing, or recorded for another model."""
         why = self.problem(weight_name, weight_shape)
         return (None, why) if why else (self.inputs[weight_name].mean(), "")
+
+    def whitening_moment(self, weight_name: str, alpha: float | str, held_out: bool = False
+                         ) -> torch.Tensor | None:
+        """E[x x^T] (over the non-sample calls with `held_out`) shrunk as the passes'
+        `shrinkage` knob says, or None when not recorded."""
+        m = self.inputs.get(weight_name)
+        moment = self.held_out_moment(weight_name) if held_out else self.input_moment(weight_name)
+        if moment is None:
+            return None
+        rows = m.rows - m.sample_rows if held_out else m.rows
+        return shrink(moment, shrinkage_for(alpha, moment.shape[0], rows))
 
     def held_out_moment(self, weight_name: str) -> torch.Tensor | None:
         """E[x x^T] without the rows of the sample calls (None if that leaves nothing)."""
