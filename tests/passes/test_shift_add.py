@@ -230,3 +230,27 @@ def test_binary_attention_is_opt_in_and_reports_its_measured_error():
                             shift_add={"attention": "binary", "include": ["attention:*"]})
     row = next(s for s in rep.sites if s.site.startswith("attention:"))
     assert row.decision == "skipped" and "attention mask" in row.reason
+
+
+def test_auto_shrinkage_guards_input_directions_the_calibration_rarely_saw():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48).eval()
+    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -1, 64)
+    test_x = torch.randn(4096, 64, generator=g) @ mix.T
+    calib_x = torch.randn(64, 64, generator=g) @ mix.T  # 64 rows for 64 features: auto 0.3
+    calib_x[:, 48:] *= 0.01  # features the calibration data hardly ever activates
+    calib = effc.calibrate(lin, [calib_x], progress=False, samples=0)
+    with torch.no_grad():
+        ref = lin(test_x)
+    errors = {}
+    for shrinkage in (0.0, "auto"):
+        torch._dynamo.reset()
+        effc.reset()
+        fn = torch.compile(lin, backend="effc", options={
+            "shift_add": {"terms": 1, "shrinkage": shrinkage}, "calibration": calib})
+        with torch.no_grad():
+            errors[shrinkage] = ((fn(test_x) - ref).norm() / ref.norm()).item()
+        assert [s.decision for s in effc.report().sites] == ["rewritten"]
+    # measured 0.133 vs 0.137: rounding is a small lever next to a low-rank truncation (there
+    # 11-14 %); on MobileNetV2 at 2 terms it moved top-1 agreement from 0.939 to 0.949
+    assert errors["auto"] < 0.985 * errors[0.0], errors
