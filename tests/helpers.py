@@ -223,3 +223,14 @@ def mobilenet_crops(calibration: int, test: int, size: int):
     return (mobilenet_v2.pretrained(), mobilenet_v2.crops(left, calibration, size, seed=0),
             mobilenet_v2.crops(right, test, size, seed=1))
 
+
+
+def rarely_seen_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration rows, test rows) of 64 correlated features where the 64 calibration rows
+    hardly ever activate the last 16 (scaled by 0.01): what shrinkage guards against."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -1, 64)
+    test_x = torch.randn(4096, 64, generator=g) @ mix.T
+    calib_x = torch.randn(64, 64, generator=g) @ mix.T  # 64 rows for 64 features: auto 0.3
+    calib_x[:, 48:] *= 0.01
+    return calib_x, test_x

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from helpers import SmallCNN, first_tensor, hf_model
+from helpers import SmallCNN, first_tensor, hf_model, rarely_seen_inputs
 
 import effc
 from effc.compiler.calibration import Calibration
@@ -533,11 +533,7 @@ def _decaying_linear(n_in, n_out, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auto_shrinkage_guards_input_directions_the_calibration_rarely_saw(seed):
     lin = _decaying_linear(64, 48, seed)
-    g = torch.Generator().manual_seed(seed + 10)
-    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -1, 64)
-    test_x = torch.randn(4096, 64, generator=g) @ mix.T
-    calib_x = torch.randn(64, 64, generator=g) @ mix.T  # 64 rows for 64 features: auto 0.3
-    calib_x[:, 48:] *= 0.01  # features the calibration data hardly ever activates
+    calib_x, test_x = rarely_seen_inputs(seed + 10)
     calib = effc.calibrate(lin, [calib_x], progress=False, samples=0)
     with torch.no_grad():
         ref = lin(test_x)

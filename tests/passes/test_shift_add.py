@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import first_tensor, hf_model
+from helpers import first_tensor, hf_model, rarely_seen_inputs
 
 import effc
 from effc.compiler.pass_manager import Instrument
@@ -233,12 +233,9 @@ def test_binary_attention_is_opt_in_and_reports_its_measured_error():
 
 
 def test_auto_shrinkage_guards_input_directions_the_calibration_rarely_saw():
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     lin = nn.Linear(64, 48).eval()
-    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -1, 64)
-    test_x = torch.randn(4096, 64, generator=g) @ mix.T
-    calib_x = torch.randn(64, 64, generator=g) @ mix.T  # 64 rows for 64 features: auto 0.3
-    calib_x[:, 48:] *= 0.01  # features the calibration data hardly ever activates
+    calib_x, test_x = rarely_seen_inputs(0)
     calib = effc.calibrate(lin, [calib_x], progress=False, samples=0)
     with torch.no_grad():
         ref = lin(test_x)
