@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from effc.kernels.low_rank import lazy_triton
+from effc.kernels.ordering import stable_top_k
 
 
 def select_count(tokens: int, top_k: int, initial: int, recent: int) -> int:
@@ -88,25 +89,7 @@ def select_from_votes(votes: Tensor, top_k: int, initial: int, recent: int) -> T
     every = torch.arange(tokens, dtype=torch.int64, device=votes.device)
     if initial + recent + top_k >= tokens:
         return every.expand(bsz, tokens).contiguous()
-    middle = votes[:, initial:tokens - recent]
-    if top_k == 0:
-        top = middle.new_empty((bsz, 0), dtype=torch.int64)
-    elif middle.isnan().any():  # NaN outranks every number in a descending sort
-        top = torch.sort(middle, dim=1, descending=True, stable=True).indices[:, :top_k]
-        top = top.sort(dim=1).values + initial
-    else:
-        # the stable sort's picks without sorting T values (O(T), where the sort was
-        # O(T log T)): topk's, when no other vote ties the k-th largest; else all above it,
-        # then its equals from the lowest index up
-        vals, top = torch.topk(middle, top_k, dim=1, sorted=False)
-        kth = vals.min(1, keepdim=True).values
-        if bool(((middle >= kth).sum(1) == top_k).all()):
-            top = top.sort(dim=1).values + initial
-        else:
-            above = middle > kth
-            equal = middle == kth
-            take = above | (equal & (equal.cumsum(1) <= top_k - above.sum(1, keepdim=True)))
-            top = take.nonzero()[:, 1].reshape(bsz, top_k) + initial  # ascending per row
+    top = stable_top_k(votes[:, initial:tokens - recent], top_k) + initial
     head, tail = every[:initial], every[tokens - recent:]
     return torch.cat([head.expand(bsz, initial), top, tail.expand(bsz, recent)], dim=1)
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from effc.kernels.low_rank import lazy_triton
+from effc.kernels.ordering import stable_top_k
 
 
 def route_count(tokens: int, capacity: float) -> int:
@@ -79,8 +80,7 @@ def token_route_reference(scores: Tensor, capacity: float,
         keep = scores.to(compute_dtype(scores.dtype)) >= threshold
         return torch.nonzero(keep.reshape(-1)).reshape(-1)
     k = route_count(tokens, capacity)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    order = order.sort(dim=1).values
+    order = stable_top_k(scores, k)
     base = torch.arange(rows, dtype=torch.int64, device=scores.device)[:, None] * tokens
     return (order + base).reshape(-1)
 
@@ -108,7 +108,7 @@ def token_scatter_add_reference(x: Tensor, index: Tensor, update: Tensor,
 
 @torch.library.custom_op("effc::token_route", mutates_args=())
 def _token_route(scores: Tensor, capacity: float, threshold: Optional[float] = None) -> Tensor:
-    """Torch on every device (a sort and a nonzero; no kernel of ours)."""
+    """Torch on every device (a top-k or a nonzero; no kernel of ours)."""
     return token_route_reference(scores, capacity, threshold)
 
 

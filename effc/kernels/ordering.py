@@ -1,0 +1,27 @@
+"""Top-k by a stable order, shared by the ops that pick rows by score (token_route,
+select_tokens): their CPU paths, and the oracles of their Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stable_top_k(values: Tensor, k: int) -> Tensor:
+    """Per row of `values` [R, N], the column indices [R, k] (int64, ascending) of the k
+    largest: a stable descending sort's first k (equal values: the lower index; NaN above
+    every number), found in O(N) with topk when no other value ties the k-th largest."""
+    rows = values.shape[0]
+    if k == 0:
+        return values.new_empty((rows, 0), dtype=torch.int64)
+    if values.isnan().any():  # NaN outranks every number in a descending sort
+        top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+        return top.sort(dim=1).values
+    vals, top = torch.topk(values, k, dim=1, sorted=False)
+    kth = vals.min(1, keepdim=True).values
+    if bool(((values >= kth).sum(1) == k).all()):
+        return top.sort(dim=1).values
+    above = values > kth  # ties at the k-th: all above it, then its equals from the lowest index
+    equal = values == kth
+    take = above | (equal & (equal.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    return take.nonzero()[:, 1].reshape(rows, k)
