@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
 from effc.passes.kv_proj import KVProjConfig
@@ -43,17 +43,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-class ProjectedLayer(DynamicLayer):
-    """A DynamicLayer whose tensors are projected: [B, G, T, r] instead of [B, G, T, d].
+class _Projecting:
+    """What a projected cache layer does on top of transformers' layer: store K P_k, V P_v
+    ([B, G, T, r] instead of [B, G, T, d]) and hand attention K P_k P_k^T, V P_v P_v^T.
 
     With `rotary` (keys="latent", Palu's way) the key basis applies before RoPE: an incoming
     key is rotated back to k = W_k x (the rotation of its position undone), stored as k P, and
     rebuilt as RoPE(L P^T) at its position. The layer then also keeps each token's position
     id ([B, T] int64), since a batch's positions need not be the cache's slot numbers."""
 
-    def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
-                 rotary: torch.nn.Module | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
+    def _bases(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
+               rotary: torch.nn.Module | None) -> None:
         self.key_basis, self.value_basis = key_basis, value_basis  # [G, d, r] or None
         self.rotary = rotary if key_basis is not None else None
         self.positions: torch.Tensor | None = None
@@ -71,40 +71,90 @@ class ProjectedLayer(DynamicLayer):
     def _up(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
         return x if basis is None else x @ basis.to(x.device, x.dtype).transpose(-1, -2)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, kwargs: dict,
+               start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(K P_k, V P_v, the new tokens' position ids when keys are latent); `start`: how
+        many tokens the layer holds already."""
+        new = None
         if self.rotary is not None:
-            new = _positions(key_states, self.positions, kwargs)
+            new = _positions(key_states, start, kwargs)
             cos, sin = self._rope(key_states, new)
             # undo RoPE: R^T k / |R|^2 (cos^2 + sin^2 is the rotation's scale squared)
             key_states = (key_states * cos - _rotate_half(key_states) * sin) / (cos * cos +
                                                                                  sin * sin)
+        return self._down(key_states, self.key_basis), self._down(value_states,
+                                                                  self.value_basis), new
+
+    def _read(self, keys: torch.Tensor, values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-width keys and values attention reads, from the stored ones."""
+        keys = self._up(keys, self.key_basis)
+        if self.rotary is not None:
+            cos, sin = self._rope(keys, self.positions)
+            keys = keys * cos + _rotate_half(keys) * sin
+        return keys, self._up(values, self.value_basis)
+
+
+class ProjectedLayer(_Projecting, DynamicLayer):
+    """A DynamicLayer whose tensors are projected (see _Projecting)."""
+
+    def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
+                 rotary: torch.nn.Module | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._bases(key_basis, value_basis, rotary)
+
+    def fresh(self) -> ProjectedLayer:
+        return ProjectedLayer(self.key_basis, self.value_basis, self.rotary)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        start = 0 if self.positions is None else self.positions.shape[-1]
+        k, v, new = self._store(key_states, value_states, kwargs, start)
+        if new is not None:
             self.positions = new if self.positions is None else torch.cat(
                 [self.positions, new], dim=-1)
-        k = self._down(key_states, self.key_basis)
-        v = self._down(value_states, self.value_basis)
         if not self.is_initialized:
             self.lazy_initialization(k, v)
         self.keys = torch.cat([self.keys, k], dim=-2)
         self.values = torch.cat([self.values, v], dim=-2)
-        keys = self._up(self.keys, self.key_basis)
-        if self.rotary is not None:
-            cos, sin = self._rope(keys, self.positions)
-            keys = keys * cos + _rotate_half(keys) * sin
-        return keys, self._up(self.values, self.value_basis)
+        return self._read(self.keys, self.values)
 
 
-def _positions(key_states: torch.Tensor, cached: torch.Tensor | None, kwargs: dict
-               ) -> torch.Tensor:
+class ProjectedStaticLayer(_Projecting, StaticLayer):
+    """A StaticLayer whose preallocated tensors are projected: [B, G, max_cache_len, r]."""
+
+    def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
+                 rotary: torch.nn.Module | None = None, *, max_cache_len: int, **kwargs: Any):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self._bases(key_basis, value_basis, rotary)
+
+    def fresh(self) -> ProjectedStaticLayer:
+        return ProjectedStaticLayer(self.key_basis, self.value_basis, self.rotary,
+                                    max_cache_len=self.max_cache_len)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(self.cumulative_length) if self.is_initialized else 0
+        k, v, new = self._store(key_states, value_states, kwargs, start)
+        if new is not None:
+            if self.positions is None:
+                self.positions = torch.zeros(new.shape[0], self.max_cache_len,
+                                             dtype=torch.int64, device=new.device)
+            slots = torch.arange(start, start + new.shape[1], device=new.device)
+            self.positions.index_copy_(1, slots, new)
+        keys, values = StaticLayer.update(self, k, v)
+        return self._read(keys, values)
+
+
+def _positions(key_states: torch.Tensor, start: int, kwargs: dict) -> torch.Tensor:
     """The position ids [B, T_new] of incoming keys: the attention's `position_ids` when the
     model passes them on to the cache (transformers' Llama family does), else the slots after
-    the cached ones."""
+    the `start` cached ones."""
     pos = kwargs.get("kwargs", {}).get("position_ids") if isinstance(
         kwargs.get("kwargs"), dict) else None
     pos = pos if pos is not None else kwargs.get("position_ids")
     bsz, tokens = key_states.shape[0], key_states.shape[2]
     if pos is None:
-        start = 0 if cached is None else cached.shape[-1]
         pos = torch.arange(start, start + tokens, device=key_states.device)
     return pos.to(key_states.device, torch.int64).expand(bsz, tokens)
 
@@ -121,8 +171,7 @@ class ProjectedCache(Cache):
 
     def fresh(self) -> ProjectedCache:
         """An empty cache with the same bases and ranks (one per generate() call)."""
-        out = ProjectedCache([ProjectedLayer(layer.key_basis, layer.value_basis, layer.rotary)
-                              for layer in self.layers], self.plan, self.head_dim)
+        out = ProjectedCache([layer.fresh() for layer in self.layers], self.plan, self.head_dim)
         out.measured_sqnr_db = self.measured_sqnr_db
         return out
 
@@ -227,14 +276,21 @@ def _options(name: str, errors: list[float], dim: int, g: int, multiple: int, si
 
 
 def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | None = None, *,
-             batches: list | None = None, **knobs: Any) -> ProjectedCache:
+             batches: list | None = None, max_cache_len: int | None = None,
+             **knobs: Any) -> ProjectedCache:
     """A ProjectedCache for `model` from `effc.calibrate(model, batches, what=("inputs",
     "kv"))`, or data-free from its weights (no calibration, or bases="weights"); knobs as
     KVProjConfig's (ValueError naming a bad one).
 
     `batches` (a few, in the form calibrate takes): a `budget` then weighs each layer's
     keys and values by their measured effect on the logits over these batches (one forward
-    per site and batch, plus one to check), instead of the layers' own energy errors."""
+    per site and batch, plus one to check), instead of the layers' own energy errors.
+    `max_cache_len`: a static cache instead (transformers' StaticCache, for compiled decoding
+    without recompiles): its tensors are preallocated for that many tokens, r wide."""
+    if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(
+            max_cache_len, int) or max_cache_len < 1):
+        raise ValueError(f"effc.kv_cache: max_cache_len must be a positive int (tokens), got "
+                         f"{max_cache_len!r}")
     if config is None:
         from effc.compiler.config import parse_fields
 
@@ -306,6 +362,10 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
                 site.measured = True
     choice = _choose(options, config, facts)
     cache = build(choice)
+    if max_cache_len is not None:
+        cache = ProjectedCache([ProjectedStaticLayer(layer.key_basis, layer.value_basis,
+                                                     layer.rotary, max_cache_len=max_cache_len)
+                                for layer in cache.layers], cache.plan, cache.head_dim)
     if measure is not None:
         cache.measured_sqnr_db = db(measure(choice))
         for row in cache.plan:
@@ -376,4 +436,4 @@ def _choose(options: list[SiteOptions], config: KVProjConfig, facts) -> dict[str
                        key=lambda c: c.bytes) for s in options}
 
 
-__all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "kv_cache"]
+__all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "ProjectedStaticLayer", "kv_cache"]

@@ -257,3 +257,48 @@ def test_auto_keys_are_latent_for_rope_models_and_pca_otherwise():
     calib = effc.calibrate(gpt2, [torch.randint(3, 96, (2, 16))], what=("inputs", "kv"),
                            progress=False)
     assert {p["keys"] for p in effc.kv_cache(gpt2, calib, ratio=0.5).summary()} == {"pca"}
+
+
+@pytest.mark.parametrize("keys", ["pca", "latent"])
+def test_a_static_cache_is_preallocated_r_wide_and_generates_what_the_dynamic_one_does(keys):
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.inference_mode():
+        dynamic = model.generate(ids, cache=effc.kv_cache(model, calib, ratio=0.5, keys=keys),
+                                 **GEN)
+        cache = effc.kv_cache(model, calib, ratio=0.5, keys=keys, max_cache_len=16)
+        static = model.generate(ids, cache=cache, **GEN)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    layer = cache.layers[0]
+    assert layer.keys.shape == (2, 2, 16, 4) and layer.values.shape == (2, 2, 16, 4)
+    positions = 2 * 16 * 8 * 2 if keys == "latent" else 0  # int64 per slot, per layer
+    assert cache.nbytes() == 2 * 2 * (2 * 2 * 16 * 4) * 4 + positions
+
+
+def test_a_static_projected_cache_decodes_compiled_like_eager():
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 7))
+    forward = model.forward
+    with torch.inference_mode():
+        eager = model.generate(ids, cache=effc.kv_cache(model, calib, ratio=0.5,
+                                                        max_cache_len=16), **GEN)
+        torch._dynamo.reset()
+        effc.reset()
+        model.forward = torch.compile(forward, backend="effc", options={"kv_proj": True})
+        try:
+            compiled = model.generate(ids, cache=effc.kv_cache(model, calib, ratio=0.5,
+                                                               max_cache_len=16), **GEN)
+        finally:
+            model.forward = forward
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_bad_max_cache_len_raises(bad):
+    model, calib = _llama()
+    with pytest.raises(ValueError, match="max_cache_len"):
+        effc.kv_cache(model, calib, ratio=0.5, max_cache_len=bad)

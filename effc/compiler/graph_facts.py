@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import operator
 import os
 import re
 import sys
@@ -336,3 +337,24 @@ def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, swap: dict | None = N
             obj = getattr(obj, part)
         return obj
     raise RuntimeError(f"cannot execute node {node.name} ({node.op})")
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether a node writes into a tensor in place (x.index_copy_(...), x[i] = y, an op
+    with a mutable schema): FX's default dead-code test keeps only some of these."""
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        return (node.target is operator.setitem
+                or getattr(node.target, "__name__", "").endswith("_")
+                or (schema is not None and schema.is_mutable))
+    return False
+
+
+def remove_dead_code(graph: fx.Graph) -> None:
+    """graph.eliminate_dead_code(), keeping every in-place write: a static KV cache's
+    `keys.index_copy_(...)` has no users, yet the next call reads what it wrote."""
+    graph.eliminate_dead_code(is_impure_node=_mutates)

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_attention)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import copy_node_meta, node_arg, node_value
+from effc.compiler.graph_facts import copy_node_meta, node_arg, node_value, remove_dead_code
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 
@@ -173,7 +173,7 @@ class KVProjPass(Pass):
         if cfg.selection is not None:
             rows += self._select(gm, ctx, cfg.selection)
         if rows:
-            graph.eliminate_dead_code()
+            remove_dead_code(graph)
         return PassResult(rows)
 
     def _select(self, gm: fx.GraphModule, ctx, sel) -> list[SiteRow]:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module,
-                                       copy_node_meta, node_arg, node_value)
+                                       copy_node_meta, node_arg, node_value, remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
@@ -267,7 +267,7 @@ def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
         return "the rewrite could not be checked on the inputs of the call being compiled"
     try:
         route_site(g, twin, plan)
-        g.graph.eliminate_dead_code()
+        remove_dead_code(g.graph)
         g.recompile()
         with torch.no_grad():
             g(*ctx.facts.fresh(args))
@@ -317,7 +317,7 @@ class TokenSkipPass(Pass):
                             self._row(site, "skipped", self._kept_reason(site)))
             ctx.note("token_skip: routing reused from the first graph that held these blocks "
                      "(same weights, options and calibration)")
-            gm.graph.eliminate_dead_code()
+            remove_dead_code(gm.graph)
             return PassResult(rows)
         if not eligible:
             return PassResult(rows)
@@ -360,7 +360,7 @@ class TokenSkipPass(Pass):
             rows.append(self._apply(gm, site, plan, ctx, routers, oracle, checked=True)
                         if plan is not None else
                         self._row(site, "skipped", self._kept_reason(site), routers, oracle))
-        gm.graph.eliminate_dead_code()
+        remove_dead_code(gm.graph)
         return PassResult(rows)
 
     def _apply(self, gm, site: ResidualSite, plan: _Plan, ctx, routers, oracle, *,
@@ -473,7 +473,7 @@ class TokenSkipPass(Pass):
         for s in found:
             if s.key in plans:
                 _restream(found, s.add, route_site(g, s, plans[s.key]))
-        g.graph.eliminate_dead_code()
+        remove_dead_code(g.graph)
         g.recompile()
         return g
 

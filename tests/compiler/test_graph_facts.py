@@ -197,3 +197,25 @@ def test_a_graph_break_inside_a_submodule_keeps_the_full_names():
     assert names <= set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
     assert "block.0.scale" in names and "block.0.fc.weight" in names
     assert "scale" in weights(seen["sources_only"])  # what source paths alone would say
+
+
+def test_remove_dead_code_keeps_in_place_writes_without_users():
+    import torch.fx as fx
+
+    from effc.compiler.graph_facts import remove_dead_code
+
+    class Writes(torch.nn.Module):
+        def forward(self, buf, x, i):
+            buf.index_copy_(0, i, x)   # no user: the caller reads buf afterwards
+            torch.add(x, 2)            # dead
+            return x + 1
+
+    gm = fx.symbolic_trace(Writes())
+    remove_dead_code(gm.graph)
+    gm.recompile()
+    ops = [str(n.target) for n in gm.graph.nodes if n.op in ("call_method", "call_function")]
+    assert "index_copy_" in ops and not any("torch.add" in o or "add" == o for o in ops)
+    assert len(ops) == 2  # index_copy_ and x + 1
+    buf = torch.zeros(3, 2)
+    gm(buf, torch.ones(2, 2), torch.tensor([1, 2]))
+    assert buf.sum().item() == 4.0
