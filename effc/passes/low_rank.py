@@ -34,9 +34,9 @@ from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, Candidate, EndToEnd, SiteOp
                                 allocation_summary, candidate_details, choose, db, end_to_end,
                                 output_sites)
 from effc.passes.compensation import compensated_target, sequential_fit
-from effc.passes.low_rank_math import (Factorization, factorize, max_profitable_rank,
-                                       output_error, output_error_curve, round_rank, shrink,
-                                       softmax_fisher, weight_error)
+from effc.passes.low_rank_math import (Factorization, OutputMetric, factorize,
+                                       max_profitable_rank, output_error, output_error_curve,
+                                       round_rank, shrink, softmax_fisher, weight_error)
 from effc.passes.weight_sites import (STRUCTURE_TOL, Site, find_sites, replace_site, site_bias,
                                       site_rows, skip_reason, still_built)
 
@@ -134,7 +134,7 @@ class _Work:
     # the factorization ranks are chosen with: fitted without the calibration's sample calls,
     # so that measuring on the samples does not measure on the fitting data
     held_out: Factorization | None = None
-    metric: torch.Tensor | None = None  # output metric of a head fitted with output_fit="kl"
+    metric: OutputMetric | None = None  # of a head fitted with output_fit="kl"
 
     @property
     def choosing(self) -> Factorization:
@@ -252,7 +252,7 @@ class LowRankPass(Pass):
         return end_to_end(gm, ctx, allocated=allocated,
                           compensate=cfg.compensate or cfg.output_fit == "kl")
 
-    def _output_metric(self, site: Site, e2e: EndToEnd | None) -> tuple[torch.Tensor | None, str]:
+    def _output_metric(self, site: Site, e2e: EndToEnd | None) -> tuple[OutputMetric | None, str]:
         """The Fisher metric a head is fitted with (output_fit="kl"), or None, and why."""
         if e2e is None or e2e.source != "samples" or not e2e.reference[0]:
             return None, ("output layer fitted for its mean squared error (output_fit='kl' "
@@ -263,7 +263,7 @@ class LowRankPass(Pass):
                           f"has {outs[0].shape[-1]} features, the layer {site.m}; output_fit="
                           f"'kl' needs them equal and at most {MAX_FISHER_OUTPUTS})")
         rows = torch.cat([o.reshape(-1, site.m) for o in outs])
-        metric = softmax_fisher(rows, FISHER_SHRINKAGE)
+        metric = OutputMetric.of(softmax_fisher(rows, FISHER_SHRINKAGE))
         return metric, (f"output layer fitted for the KL of its softmax (Fisher information of "
                         f"{rows.shape[0]} sample output rows, shrunk {FISHER_SHRINKAGE:g} toward I)")
 
@@ -271,16 +271,15 @@ class LowRankPass(Pass):
         """The whitening moment shrunk as the `shrinkage` knob says."""
         return shrink(moment, shrinkage_for(self.config.shrinkage, moment.shape[0], rows))
 
-    def _held_out(self, site: Site, ctx, metric: torch.Tensor | None = None
+    def _held_out(self, site: Site, ctx, metric: OutputMetric | None = None
                   ) -> Factorization | None:
         """The whitened factorization from the moments of the non-sample calibration calls."""
-        moment = ctx.calibration.held_out_moment(site.weight_name)
+        moment = ctx.calibration.whitening_moment(site.weight_name, self.config.shrinkage,
+                                                  held_out=True)
         if moment is None or moment.shape != (site.n, site.n):
             return None
         try:
-            m = ctx.calibration.inputs[site.weight_name]
-            return factorize(site.matrix, self._shrunk(moment, m.rows - m.sample_rows),
-                             out_metric=metric)
+            return factorize(site.matrix, moment, out_metric=metric)
         except (RuntimeError, ValueError):
             return None
 

@@ -163,20 +163,35 @@ def _randomized(m: torch.Tensor, L: torch.Tensor | None, rank: int) -> Factoriza
     return Factorization(u, v, s, whitened=L is not None, method="randomized", total_energy=total)
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputMetric:
+    """G^1/2 and G^-1/2 of an SPD output metric G [m, m], from one eigendecomposition (a head
+    is factorized up to three times: its fit, its held-out fit, its compensated refit)."""
+
+    root: torch.Tensor
+    inv_root: torch.Tensor
+
+    @classmethod
+    def of(cls, metric: torch.Tensor) -> OutputMetric:
+        ev, q = torch.linalg.eigh(metric.double())
+        r = ev.clamp_min(ev.max() * 1e-12).sqrt()
+        return cls((q * r) @ q.T, (q / r) @ q.T)
+
+
 def factorize(weight: torch.Tensor, moment: torch.Tensor | None = None, rank: int | None = None,
-              method: str = "auto", out_metric: torch.Tensor | None = None) -> Factorization:
+              method: str = "auto", out_metric: OutputMetric | None = None) -> Factorization:
     """Plain (moment None) or activation-aware (SVD-LLM) factorization, in float64.
 
     With `rank` given (a rank chosen before the spectrum is known), `method` "auto" computes
     only the top-`rank` factors of a large matrix (see `svd_method`); otherwise full SVD.
-    `out_metric` G (SPD, [m, m]) weighs the output error too: the truncation minimizes
+    `out_metric` (of G, SPD [m, m]) weighs the output error too: the truncation minimizes
     E ||G^1/2 (W - A) x||^2, so errors go where G is small (see `softmax_fisher`).
     """
     if out_metric is not None:
-        ev, q = torch.linalg.eigh(out_metric.double().to(weight.device))
-        root = ev.clamp_min(ev.max() * 1e-12).sqrt()
-        fac = factorize((q * root) @ q.T @ weight.detach().double(), moment, method="full")
-        fac.u = (q / root) @ q.T @ fac.u
+        dev = weight.device
+        fac = factorize(out_metric.root.to(dev) @ weight.detach().double(), moment,
+                        method="full")
+        fac.u = out_metric.inv_root.to(dev) @ fac.u
         return fac
     m = weight.detach().double()
     L = None if moment is None else cholesky_factor(moment.to(m.device))

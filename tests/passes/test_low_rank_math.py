@@ -258,7 +258,7 @@ def test_an_output_metric_moves_the_error_to_the_outputs_it_weighs_little():
     w = _decaying(30, 40, seed=5).double()
     c = _correlated_moment(40)
     g = torch.diag(torch.logspace(1, -2, 30, dtype=torch.float64))  # early outputs matter
-    plain, weighted = factorize(w, c), factorize(w, c, out_metric=g)
+    plain, weighted = factorize(w, c), factorize(w, c, out_metric=lrm.OutputMetric.of(g))
     root = g.sqrt()
     for r in (4, 10, 20):
         err = {name: [output_error(m @ w, m @ fac.factors(r)[0], fac.factors(r)[1], c)
