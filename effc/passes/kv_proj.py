@@ -140,6 +140,12 @@ def rebuild(node) -> tuple[fx.Node, fx.Node, str] | None:
     return (lat, t.args[0], basis[1]) if basis is not None else None
 
 
+def _scale(sdpa: fx.Node):
+    """The softmax scale an SDPA call uses: its `scale`, else 1/sqrt of the query's head dim."""
+    scale = node_arg(sdpa, 6, "scale")
+    return scale if scale is not None else float(node_value(sdpa.args[0]).shape[-1]) ** -0.5
+
+
 class KVProjPass(Pass):
     """Attention in the projected dimensions of an effc.kv_cache; see the module docstring."""
 
@@ -196,13 +202,10 @@ class KVProjPass(Pass):
             if why:
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue
-            scale = node_arg(node, 6, "scale")
-            if scale is None:
-                scale = float(q.shape[-1]) ** -0.5
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
                     torch.ops.effc.select_attention.default,
-                    (node.args[0], node.args[1], node.args[2], float(scale), sel.top_k,
+                    (node.args[0], node.args[1], node.args[2], float(_scale(node)), sel.top_k,
                      sel.initial, sel.recent))
             copy_node_meta(new, node)
             node.replace_all_uses_with(new)
@@ -217,9 +220,7 @@ class KVProjPass(Pass):
 
     def _fold(self, graph: fx.Graph, node: fx.Node, keys, values, site: str) -> SiteRow:
         q = node.args[0]
-        scale = node_arg(node, 6, "scale")
-        if scale is None:
-            scale = float(q.meta["example_value"].shape[-1]) ** -0.5
+        scale = _scale(node)
         heads = q.meta["example_value"].shape[1]
 
         def per_head(basis: fx.Node) -> fx.Node:
