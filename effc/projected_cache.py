@@ -215,22 +215,28 @@ def _weight_modules(model: torch.nn.Module) -> dict[int, str]:
     return out
 
 
-def _rotary(model: torch.nn.Module) -> torch.nn.Module:
+def _rotary(model: torch.nn.Module) -> torch.nn.Module | None:
     """The model's rotary embedding module (its forward(x, position_ids) gives cos, sin)."""
-    for m in model.modules():
-        if type(m).__name__.endswith("RotaryEmbedding"):
-            return m
-    raise ValueError(f"effc option 'kv_proj.keys': 'latent' caches keys before RoPE, but "
-                     f"{type(model).__name__} has no rotary embedding module; use 'pca'")
+    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")),
+                None)
 
 
-def _auto_keys(model: torch.nn.Module, layers_n: int) -> str:
-    """keys="auto": latent (before RoPE) where the model has RoPE and k_proj/v_proj linears in
-    every layer (on the Llama trained here: 0.974 next-token agreement at half the cache's
-    bytes, 0.960 with PCA after RoPE), else pca."""
-    has_rope = any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules())
-    return "latent" if has_rope and sorted(_weight_modules(model)) == list(range(layers_n)) \
-        else "pca"
+def _key_mode(config: KVProjConfig, model: torch.nn.Module, rotary: torch.nn.Module | None,
+              weights: dict[int, str], layers_n: int) -> str:
+    """The keys knob resolved: "auto" is latent (before RoPE) where the model has RoPE and
+    k_proj/v_proj linears in every layer (on the Llama trained here: 0.974 next-token
+    agreement at half the cache's bytes, 0.960 with PCA after RoPE), else pca. "latent"
+    without either is a ValueError."""
+    every = sorted(weights) == list(range(layers_n))
+    if config.keys == "auto":
+        return "latent" if rotary is not None and every else "pca"
+    if config.keys == "latent" and rotary is None:
+        raise ValueError(f"effc option 'kv_proj.keys': 'latent' caches keys before RoPE, but "
+                         f"{type(model).__name__} has no rotary embedding module; use 'pca'")
+    if config.keys == "latent" and not every:
+        raise ValueError("effc option 'kv_proj.keys': 'latent' needs k_proj/v_proj linears in "
+                         "every layer (the keys before RoPE are W_k x)")
+    return config.keys
 
 
 def _weight_moment_pair(params: dict, module: str, config, calibration, rotated: bool = True
@@ -305,9 +311,12 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
     text = model.config.get_text_config(decoder=True)
     layers_n = text.num_hidden_layers
     heads = text.num_attention_heads
-    mode = config.keys if config.keys != "auto" else _auto_keys(model, layers_n)
-    rotary = _rotary(model) if mode == "latent" else None
-    mods = _weight_modules(model) if from_weights else _attention_modules(calibration)
+    weights = _weight_modules(model)
+    rotary = _rotary(model)
+    mode = _key_mode(config, model, rotary, weights, layers_n)
+    if mode != "latent":
+        rotary = None
+    mods = weights if from_weights else _attention_modules(calibration)
     missing = [i for i in range(layers_n) if i not in mods]
     if missing:
         where = ("attention modules with k_proj and v_proj (data-free bases)" if from_weights
@@ -315,11 +324,6 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
         raise ValueError(f"effc.kv_cache: no {where} for layers {missing}; "
                          f"calibrate with effc.calibrate(model, batches, what=('inputs', 'kv'))")
     params = dict(model.named_parameters())
-    if mode == "latent":
-        weights = _weight_modules(model)
-        if sorted(weights) != list(range(layers_n)):
-            raise ValueError("effc option 'kv_proj.keys': 'latent' needs k_proj/v_proj linears "
-                             "in every layer (the keys before RoPE are W_k x)")
     size = next(model.parameters()).element_size()
     options, facts = [], {}
     for i in range(layers_n):
