@@ -3,7 +3,8 @@
     compiled = torch.compile(model, backend="effc", options={"debug_dir": "effc_debug"})
 
 The backend is registered through the `torch_dynamo_backends` entry point, so
-`backend="effc"` works without importing this package.
+`backend="effc"` works without importing this package once it is installed; importing it
+registers the backend too (a checkout on PYTHONPATH has no entry point).
 """
 
 from effc.compiler.backend import reset, session_report as report
@@ -21,6 +22,18 @@ from effc.passes.shift_add import ShiftAddConfig
 from effc.passes.token_skip import TokenSkipConfig
 
 __version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    import torch._dynamo
+
+    if "effc" not in torch._dynamo.list_backends(exclude_tags=()):
+        from effc.compiler.backend import effc_backend as backend
+
+        torch._dynamo.register_backend(backend, name="effc")
+
+
+_register_backend()
 __all__ = ["Calibration", "Config", "HypercomplexConfig", "KVProjConfig", "LowRankConfig",
            "ProjectedCache", "Report", "calibrate", "explain", "kv_cache", "phm_linear", "report",
            "reset", "restore_attention", "ShiftAddConfig", "shift_linear", "TokenSkipConfig",

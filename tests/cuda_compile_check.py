@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ import effc.kernels.low_rank  # noqa: E402,F401
 LOW_RANK = torch.ops.effc.low_rank_linear
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CALLS: list[tuple] = []
+# a multiply-add contracted in fp16/bf16 (math functions work in fp32, so only contraction
+# of the generated code's own ops makes these)
+HALF_FMA = re.compile(r"fma\.rn(?:\.ftz)?\.b?f16")
 
 
 def _record(self, *args, **kwargs):
@@ -131,7 +135,8 @@ def _compiles(arch: int) -> list[dict]:
         variants = [(kernel.fn, {**kwargs, **c.all_kwargs()}) for c in kernel.configs] \
             if isinstance(kernel, Autotuner) else [(kernel, kwargs)]
         for fn, kw in variants:
-            options = {k: kw[k] for k in ("num_warps", "num_stages") if kw.get(k) is not None}
+            options = {k: kw[k] for k in ("num_warps", "num_stages", "enable_fp_fusion")
+                       if kw.get(k) is not None}
             sig, consts = _signature(fn, args, kw)
             key = (fn.fn.__module__, fn.__name__, tuple(sig.items()), tuple(consts.items()),
                    tuple(options.items()))
@@ -145,7 +150,8 @@ def _compiles(arch: int) -> list[dict]:
             try:
                 done = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
                                       options=options)
-                row.update(ok=True, shared=done.metadata.shared, cubin=len(done.asm["cubin"]))
+                row.update(ok=True, shared=done.metadata.shared, cubin=len(done.asm["cubin"]),
+                           half_fma=len(HALF_FMA.findall(done.asm["ptx"])))
             except Exception as exc:  # reported, not raised: the test lists every failure
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
             row["seconds"] = round(time.perf_counter() - start, 2)

@@ -181,7 +181,7 @@ def column_splits(row_blocks: int, col_blocks: int, device: torch.device) -> int
     """
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 1
-    return max(1, min(-(-target // row_blocks), col_blocks))
+    return max(1, min(-(-target // max(row_blocks, 1)), col_blocks))  # 0 rows: one program
 
 
 def fused_fills_gpu(m: int, n: int, device: torch.device) -> bool:

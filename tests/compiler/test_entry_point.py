@@ -1,4 +1,5 @@
-"""backend="effc" is found through the torch_dynamo_backends entry point, without `import effc`."""
+"""backend="effc" is found through the torch_dynamo_backends entry point, without `import effc`,
+and `import effc` registers it where no entry point is installed."""
 
 import subprocess
 import sys
@@ -25,3 +26,27 @@ def test_backend_found_by_name_in_a_fresh_interpreter():
                           timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("graphs 1")
+
+
+@pytest.mark.slow
+def test_import_registers_the_backend_where_no_entry_point_exists():
+    """A checkout on PYTHONPATH (a GPU machine, a notebook) has no installed entry point:
+    `import effc` registers the backend itself."""
+    code = textwrap.dedent("""
+        import importlib.metadata as md, torch
+        real = md.entry_points
+        md.entry_points = lambda **kw: (md.EntryPoints([])
+                                        if kw.get("group") == "torch_dynamo_backends"
+                                        else real(**kw))
+        assert "effc" not in torch._dynamo.list_backends(exclude_tags=())
+        import effc
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        x = torch.randn(4, 8)
+        with torch.no_grad():
+            assert torch.equal(torch.compile(model, backend="effc")(x), model(x))
+        print("registered", "effc" in torch._dynamo.list_backends(exclude_tags=()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "registered True"

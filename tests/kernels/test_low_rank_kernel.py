@@ -33,7 +33,7 @@ OP = torch.ops.effc.low_rank_linear
 SMALL_BLOCKS = dict(block_m=16, block_n=16, block_k=16)  # the interpreter is slow; 16 is tl.dot's minimum
 
 
-def make_inputs(x_shape, n, rank, dtype=torch.float32, bias=True, seed=0):
+def make_inputs(x_shape, n, rank, dtype=torch.float32, bias=True, seed=0, device=DEVICE):
     """Random operands scaled so the pre-activation is O(1) with both signs."""
     g = torch.Generator().manual_seed(seed)
     k = x_shape[-1]
@@ -41,7 +41,7 @@ def make_inputs(x_shape, n, rank, dtype=torch.float32, bias=True, seed=0):
     v = torch.randn(rank, k, generator=g) / k**0.5
     u = torch.randn(n, rank, generator=g) / rank**0.5
     b = torch.randn(n, generator=g) * 0.5 if bias else None
-    cast = lambda t: None if t is None else t.to(dtype=dtype, device=DEVICE)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
     return cast(x), cast(v), cast(u), cast(b)
 
 
@@ -205,10 +205,11 @@ def test_reference_equals_dense_linear(bias):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_op_cpu_is_the_reference(activation):
+    """On CPU tensors (also on a CUDA machine) the op is the torch reference, bit for bit."""
     for bias in (True, False):
-        x, v, u, b = make_inputs((2, 5, 45), 29, 11, bias=bias, seed=4)
+        x, v, u, b = make_inputs((2, 5, 45), 29, 11, bias=bias, seed=4, device="cpu")
         assert torch.equal(OP(x, v, u, b, activation), low_rank_linear_reference(x, v, u, b, activation))
-    x, v, u, b = make_inputs((45,), 29, 11, dtype=torch.bfloat16, seed=4)
+    x, v, u, b = make_inputs((45,), 29, 11, dtype=torch.bfloat16, seed=4, device="cpu")
     y = OP(x, v, u, b, activation)
     assert y.shape == (29,) and y.dtype == torch.bfloat16
     assert torch.equal(y, low_rank_linear_reference(x, v, u, b, activation))

@@ -54,3 +54,8 @@ def test_every_generated_kernel_compiles_for_sm90(tmp_path):
     assert len(rank128) == 2 * len(LOW_RANK_CONFIGS)  # fp32 and bf16, every config
     too_big = [r for r in compiles if r["shared"] > SM90_SHARED_BYTES]
     assert not too_big, too_big
+    # pointwise and row kernels round every op as eager does: no fp16/bf16 multiply-add
+    # contracted into an FMA (with Triton's default fp fusion, rope compiles to fma.rn.f16)
+    contracted = [r for r in compiles if r["kernel"].startswith(("fused_", "row_"))
+                  and r["half_fma"]]
+    assert not contracted, contracted

@@ -17,6 +17,11 @@ import torch
 import torch.fx as fx
 
 POISON_OUTPUTS = False  # tests: fill outputs with NaN before launch, so unwritten elements show
+# Generated code rounds every op's result to the tensor's dtype, as eager does. Triton on a GPU
+# turns those fp32 ops with their round trips into native fp16/bf16 ops and then contracts a
+# multiply and an add into one FMA (one rounding instead of two): rope and x * w + b then differ
+# from eager by many ulps where they cancel. Every generated kernel is compiled without that.
+NO_FMA = {"enable_fp_fusion": False}
 
 
 def alloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device,

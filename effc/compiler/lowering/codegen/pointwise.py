@@ -30,7 +30,8 @@ from effc.compiler.lowering.codegen.common import (TL_DTYPE, CodegenError, assig
                                           broadcast_dims, describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, output_order,
                                           size_symbols, strides_of, texpr)
-from effc.compiler.lowering.codegen.launch import Launcher, Unfit, alloc, cdiv, single_or_tuple
+from effc.compiler.lowering.codegen.launch import (NO_FMA, Launcher, Unfit, alloc, cdiv,
+                                                  single_or_tuple)
 from effc.compiler.lowering.ops import meta
 from effc.compiler.lowering.partition import Group
 
@@ -265,5 +266,5 @@ class PointwiseLauncher(Launcher):
             strides += [own[p.order[j] - lead] for j in ip.dims]
         args += [o.permute(p.order) if permuted else o for o in outs]  # iteration order
         args += ([numel] if p.xnumel_arg else []) + [it_shape[k] for k in p.dynamic] + strides
-        self.kernel[(cdiv(numel, XBLOCK),)](*args, XBLOCK=XBLOCK)
+        self.kernel[(cdiv(numel, XBLOCK),)](*args, XBLOCK=XBLOCK, **NO_FMA)
         return single_or_tuple(outs)

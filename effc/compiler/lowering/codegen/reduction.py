@@ -30,8 +30,8 @@ from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenErro
                                           describe, dim_indices, expr, jit_def,
                                           memory_order, module_text, next_pow2, operand,
                                           row_major, scalar, size_symbols, strides_of, texpr)
-from effc.compiler.lowering.codegen.launch import (Launcher, alloc, broadcast, cdiv, check_static, dense,
-                                          sibling, single_or_tuple)
+from effc.compiler.lowering.codegen.launch import (NO_FMA, Launcher, alloc, broadcast, cdiv,
+                                                  check_static, dense, sibling, single_or_tuple)
 from effc.compiler.lowering.ops import Op, meta
 from effc.compiler.lowering.partition import Group
 
@@ -362,6 +362,7 @@ class RowLauncher(Launcher):
             strides += [out.stride(k) for k in o.dims]
         args += outs + ([rows] if p.rnumel_arg else []) + [shape[k] for k in p.dynamic] + strides
         self._kernel(looped)[(cdiv(rows, rblock),)](
-            *args, RBLOCK=rblock, BLOCK_N=block_n, num_warps=4 if rblock * block_n <= 2048 else 8)
+            *args, RBLOCK=rblock, BLOCK_N=block_n, num_warps=4 if rblock * block_n <= 2048 else 8,
+            **NO_FMA)
         self.last_variant = "looped" if looped else "persistent"
         return single_or_tuple(outs)

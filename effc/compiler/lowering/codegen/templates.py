@@ -52,8 +52,8 @@ from effc.compiler.lowering.codegen.common import (TL_DTYPE, assign, CodegenErro
                                           memory_order, module_text, next_pow2, operand, rounded,
                                           row_major, strides_of)
 from effc.compiler.lowering.codegen import phm_template, shift_template
-from effc.compiler.lowering.codegen.launch import (Launcher, alloc, cdiv, check_static, sibling,
-                                          single_or_tuple)
+from effc.compiler.lowering.codegen.launch import (NO_FMA, Launcher, alloc, cdiv, check_static,
+                                                  sibling, single_or_tuple)
 from effc.compiler.lowering.ops import Op, meta
 from effc.compiler.lowering.partition import Group
 from effc.kernels.low_rank import (BIAS_ADD, column_splits, dot_constexprs, fused_fills_gpu,
@@ -380,12 +380,13 @@ class GemmLauncher(Launcher):
             return (rows * cols,)  # the dense template orders its tiles in groups itself
 
         if p.target == "cuda":  # triton.autotune picks BLOCK_*, num_warps and num_stages
-            kernel[grid](*args, **consts)
+            kernel[grid](*args, **consts, **NO_FMA)
             self.last_config = None
         else:
             config = dict(phm_template.INTERPRETER_CONFIG if phm else
                           shift_template.INTERPRETER_CONFIGS[self.last_variant]
                           if template == "shift" else INTERPRETER_CONFIG)
-            kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2)
+            kernel[grid(config)](*args, **consts, **config, num_warps=4, num_stages=2,
+                                 **NO_FMA)
             self.last_config = config
         return single_or_tuple(outs)
