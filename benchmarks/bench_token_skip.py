@@ -1,6 +1,6 @@
 """token_skip benchmarks: quality vs MLP token work, and CPU time vs sequence length.
 
-    .venv/bin/python benchmarks/bench_token_skip.py                 # both parts, prints tables
+    .venv/bin/python benchmarks/bench_token_skip.py                 # all parts, prints tables
     .venv/bin/python benchmarks/bench_token_skip.py --part a --record   # also BENCHMARKS.md
 
 (a) Quality, training-free, on the byte-level Llama trained here (held-out text: next-token
@@ -13,6 +13,8 @@
     routing (exactly ceil(c T) tokens per routed block, so the FLOP ratio is exact).
 (c) CUDA only: the gather/scatter Triton kernels vs torch, and a routed MLP block vs a whole
     one, with triton.testing.do_bench.
+(d) As (b), on a Llama of width 512 built from config (random weights, time only): how much
+    of the saving the routing realizes once the MLP is not tiny next to its fixed cost.
 """
 
 from __future__ import annotations
@@ -146,40 +148,70 @@ def _flops(cfg, tokens: int, mlp_kept: float) -> float:
     return n * (proj + attention) + mlp * mlp_kept * n + d * vocab * tokens
 
 
-def part_b(quick: bool) -> str:
-    from benchmarks.models import text_lm
+SETTINGS = [("capacity 0.5, layers [1, 2]", {"capacity": 0.5}, 0.75),
+            ("capacity 0.5, all 4 layers", {"capacity": 0.5, "layers": [0, 1, 2, 3]}, 0.5)]
+TIME_HEADERS = ["tokens", "setting", "FLOP ratio", "time ratio vs eager",
+                "share of the FLOP saving realized", "time ratio vs effc", "share realized vs effc"]
 
-    model, (train_ids, _) = text_lm.get_model("text_llama")
+
+def _time_rows(model, ids_of, lengths, repeats: int) -> list[list]:
+    """Per length: eager, effc with no pass, and each of SETTINGS (top-k routing), timed
+    interleaved; rows of TIME_HEADERS."""
     rows = []
-    settings = [("capacity 0.5, layers [1, 2]", {"capacity": 0.5}, 0.75),
-                ("capacity 0.5, all 4 layers", {"capacity": 0.5, "layers": [0, 1, 2, 3]}, 0.5)]
-    for tokens in ((128, 512) if quick else (128, 512, 1024, 2048)):
-        ids = train_ids[:tokens].unsqueeze(0)
+    for tokens in lengths:
+        ids = ids_of(tokens)
         fns = {"eager": lambda: model(ids)}
         plain = _compiled(model, {})  # effc without passes: what the routing alone changes
         with torch.no_grad():
             plain(ids)
         fns["effc"] = lambda: plain(ids)
-        for label, knobs, _ in settings:
+        for label, knobs, _ in SETTINGS:
             compiled = _compiled(model, {"token_skip": {**knobs, "routing": "top_k"}})
             with torch.no_grad():
                 compiled(ids)
             fns[label] = (lambda c: lambda: c(ids))(compiled)
-        times = time_interleaved(fns, repeats=5 if quick else 41)
-        for label, _, kept in settings:
+        times = time_interleaved(fns, repeats=repeats)
+        for label, _, kept in SETTINGS:
             flop = _flops(model.config, tokens, kept) / _flops(model.config, tokens, 1.0)
             ratio = times[label] / times["eager"]
             own = times[label] / times["effc"]
             realized = (1 - ratio) / (1 - flop) if flop < 1 else float("nan")
             rows.append([tokens, label, flop, ratio, realized, own,
                          (1 - own) / (1 - flop) if flop < 1 else float("nan")])
+    return rows
+
+
+def part_b(quick: bool) -> str:
+    from benchmarks.models import text_lm
+
+    model, (train_ids, _) = text_lm.get_model("text_llama")
+    rows = _time_rows(model, lambda t: train_ids[:t].unsqueeze(0),
+                      (128, 512) if quick else (128, 512, 1024, 2048), 5 if quick else 41)
     return (f"(b) CPU time of one forward vs eager (batch 1, top-k routing), {machine()}\n\n"
             "Medians of 41 interleaved runs; a 1 % timing change moves a realized share by "
             "0.05-0.1 here, so read it to +-0.15. \"vs effc\": against effc with no pass, "
-            "which isolates what the routing changes.\n\n"
-            + table(["tokens", "setting", "FLOP ratio", "time ratio vs eager",
-                     "share of the FLOP saving realized", "time ratio vs effc",
-                     "share realized vs effc"], rows))
+            "which isolates what the routing changes.\n\n" + table(TIME_HEADERS, rows))
+
+
+def part_d(quick: bool) -> str:
+    """The text Llama is 128 wide, so the routing's fixed cost per token (score, gather,
+    scatter) weighs against an MLP of only 3 x 128 x 256 multiply-adds per token. The same
+    timing on a Llama of a more usual width, built from config (random weights: time only)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    d = 256 if quick else 512
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=d * 11 // 4,
+                         num_hidden_layers=4, num_attention_heads=d // 64,
+                         num_key_value_heads=d // 64, max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    repeats = 3 if quick else 11
+    rows = _time_rows(model, lambda t: torch.randint(0, 256, (1, t)),
+                      (512,) if quick else (512, 1024, 2048), repeats)
+    return (f"(d) CPU time of one forward vs eager at width {d} (Llama from config, FFN "
+            f"{cfg.intermediate_size}, 4 layers, random weights, batch 1, top-k routing), "
+            f"{machine()}\n\nMedians of {repeats} interleaved runs; \"vs effc\" as in (b).\n\n"
+            + table(TIME_HEADERS, rows))
 
 
 def part_c(quick: bool) -> str:
@@ -223,7 +255,7 @@ def part_c(quick: bool) -> str:
 
 
 def main() -> None:
-    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c}, "token_skip")
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "token_skip")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ shared allocator, or, by default, as much skipping as keeps the graph's main out
 sample inputs (else on the call being compiled, with a warning). The first and last layers
 are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
 are routed in encoders and ViTs (`blocks`); a routed attention's queries attend to all
-tokens' keys (`keys="all"`) or only the routed ones.
+tokens' keys (`keys="all"`) or only the routed ones. Trained routers (a Mixture-of-Depths
+model's) load from a file (`router`), with their updates scaled by sigmoid(score)
+(`residual_weight`) as such routers are trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -37,7 +41,8 @@ from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndT
                                 SiteOptions, allocate, db, end_to_end)
 from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_token_sizes,
                                         layer_index, layer_sites, residual_sites)
-from effc.passes.token_skip_math import Router, arank, fit_router, overlap, threshold
+from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
+                                         threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -75,6 +80,13 @@ class TokenSkipConfig(PassConfig):
         "auto", "top_k: ceil(capacity*T) tokens per sequence; threshold: per token, causal; "
                 "auto: threshold in causal graphs (decoders), top_k otherwise")
     max_forwards: int = knob(512, "bound on the graph runs that measure candidates", min=1)
+    router: str = knob(
+        "fit", "fit: a ridge router per site, fitted on calibration data; or the path of a "
+               "torch.save file of trained routers, {site name: {'weight': [d], 'bias': b}} "
+               "(site names as the report lists them); sites it does not name are kept whole")
+    residual_weight: Literal["none", "sigmoid"] = knob(
+        "none", "sigmoid: a routed token's update is scaled by sigmoid(its router score), "
+                "x + sigmoid(r) f(x), as Mixture-of-Depths trains its routers; none: x + f(x)")
 
     def validate(self, key: str) -> None:
         given = [k for k in ("capacity", "budget", "min_sqnr_db") if getattr(self, k) is not None]
@@ -84,6 +96,8 @@ class TokenSkipConfig(PassConfig):
         if self.layers != "auto" and any(i < 0 for i in self.layers):
             raise ValueError(f"effc option '{key}.layers': expected layer indices >= 0 or "
                              f"'auto', got {self.layers!r}")
+        if self.router != "fit":
+            load_routers(self.router, f"{key}.router")  # a bad file fails here, named
 
 
 @dataclasses.dataclass
@@ -94,6 +108,7 @@ class _Plan:
     capacity: float
     threshold: float | None  # None: top-k
     keys: str = "all"        # attention blocks: the keys the routed queries see
+    weighted: bool = False   # updates scaled by sigmoid(router score)
     info: dict = dataclasses.field(default_factory=dict)  # what the deciding graph measured
 
 
@@ -157,19 +172,30 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         with graph.inserting_before(site.add.next):
             delta = graph.call_function(torch.sub, (site.add, rows))
             upd = graph.call_method("reshape", (delta, (-1, d)))
-            out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
+            out = graph.call_function(ops.token_scatter_add.default,
+                                      (x2d, index, upd, _gate(graph, plan, scores, index)))
             out = graph.call_method("view_as", (out, site.stream))
         copy_node_meta(out, site.add)
         site.add.replace_all_uses_with(out, delete_user_cb=lambda u: u is not delta)
         return out
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
-        out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, None))
+        out = graph.call_function(ops.token_scatter_add.default,
+                                  (x2d, index, upd, _gate(graph, plan, scores, index)))
         out = graph.call_method("view_as", (out, site.stream))
     copy_node_meta(out, site.add)  # same value as the add had: a later site reads its shape
     site.add.replace_all_uses_with(out)
     graph.erase_node(site.add)
     return out
+
+
+def _gate(graph: fx.Graph, plan: _Plan, scores: fx.Node, index: fx.Node) -> fx.Node | None:
+    """residual_weight="sigmoid": the routed tokens' sigmoid(score), the scatter's weight."""
+    if not plan.weighted:
+        return None
+    flat = graph.call_method("reshape", (scores, (-1,)))
+    return graph.call_function(torch.sigmoid, (graph.call_function(
+        torch.index_select, (flat, 0, index)),))
 
 
 def _restream(sites: list[ResidualSite], old: fx.Node, new: fx.Node) -> None:
@@ -226,7 +252,8 @@ def clear_plans() -> None:
 def _plan_key(site: ResidualSite, ctx, cfg: PassConfig) -> tuple:
     weights = tuple((w, id(ctx.facts.weights[w].value), ctx.facts.weights[w].value._version)
                     for w in site.weights)
-    return site.name, weights, repr(cfg), id(ctx.calibration)
+    stamp = os.stat(cfg.router).st_mtime_ns if getattr(cfg, "router", "fit") != "fit" else 0
+    return site.name, weights, repr(cfg), stamp, id(ctx.calibration)
 
 
 def _masked(site: ResidualSite) -> bool:
@@ -335,8 +362,9 @@ class TokenSkipPass(Pass):
         probe = cfg.capacity if cfg.capacity is not None and 0 < cfg.capacity < 1 else 0.5
         usable = []
         for site in eligible:  # a block that cannot run on routed rows is not measured
-            why = _fails(gm, site, self._plan(site.key, probe, causal, routers, oracle),
-                         ctx)
+            why = (f"{cfg.router} holds no trained router for this site" if site.key not in
+                   routers else
+                   _fails(gm, site, self._plan(site.key, probe, causal, routers, oracle), ctx))
             if why:
                 rows.append(self._row(site, "skipped", why))
             else:
@@ -447,7 +475,22 @@ class TokenSkipPass(Pass):
                 xs[s.key].append(x[:MAX_TOKENS].double())
                 ys[s.key].append(u[:MAX_TOKENS].double().norm(dim=-1))
         routers, oracle = {}, {}
+        trained = load_routers(self.config.router) if self.config.router != "fit" else None
         for s in sites:
+            if trained is not None:
+                r = trained.get(s.name)
+                if r is None or r.weight.numel() != s.features:
+                    if r is not None:
+                        ctx.warn(f"{self.config.router}: the router of {s.name} has "
+                                 f"{r.weight.numel()} weights, the block's input {s.features} "
+                                 f"features; the block is kept whole")
+                    continue
+                x = recorded[s.key][0] if s.key in recorded else torch.cat(xs[s.key])
+                y = recorded[s.key][1] if s.key in recorded else torch.cat(ys[s.key])
+                routers[s.key] = r
+                oracle[s.key] = (r.scores(x), y)
+                self.router_data[s.key] = f"trained, from {self.config.router}"
+                continue
             if s.key in recorded:
                 x, y = recorded[s.key]
                 self.router_data[s.key] = "calibration residual rows"
@@ -463,7 +506,8 @@ class TokenSkipPass(Pass):
     # --- choosing capacities ----------------------------------------------------------------
     def _plan(self, key: str, capacity: float, causal: bool, routers, oracle) -> _Plan:
         thr = threshold(oracle[key][0], capacity) if causal else None
-        return _Plan(routers[key], capacity, thr, self.config.keys)
+        return _Plan(routers[key], capacity, thr, self.config.keys,
+                     self.config.residual_weight == "sigmoid")
 
     def _graph(self, e2e: EndToEnd, plans: dict[str, _Plan]) -> fx.GraphModule:
         """A copy of the measured graph with `plans` (by add-node name) applied."""
@@ -565,7 +609,10 @@ class TokenSkipPass(Pass):
             return "block dropped (capacity 0): every token keeps its input"
         how = ("per-token threshold (causal)" if plan.threshold is not None
                else "top-k per sequence")
-        return f"capacity {plan.capacity:g}, {how}, ridge router on the update norm"
+        router = ("trained router" if math.isnan(plan.router.r2)
+                  else "ridge router on the update norm")
+        gate = ", updates scaled by sigmoid(score)" if plan.weighted else ""
+        return f"capacity {plan.capacity:g}, {how}, {router}{gate}"
 
     def _row(self, site: ResidualSite, decision: str, reason: str, routers=None, oracle=None,
              plan: _Plan | None = None) -> SiteRow:
@@ -579,7 +626,8 @@ class TokenSkipPass(Pass):
                 "routing": "top_k" if plan.threshold is None else "threshold", **plan.info})
         r = plan.router if plan is not None else (routers or {}).get(key)
         if r is not None:
-            details.update(router_r2=round(r.r2, 4), router_tokens=r.tokens)
+            if not math.isnan(r.r2):  # a fitted router (a trained one has no fit to report)
+                details.update(router_r2=round(r.r2, 4), router_tokens=r.tokens)
             if key in self.router_data:
                 details["router_data"] = self.router_data[key]
         if plan is not None:

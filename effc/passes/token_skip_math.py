@@ -11,9 +11,12 @@ form (float64), which keeps the router a single dot product per token at run tim
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from effc.kernels.token_gather import route_count as kept_tokens
 
@@ -47,6 +50,44 @@ def fit_router(x: torch.Tensor, target: torch.Tensor) -> Router:
     var = (y - y.mean()).pow(2).sum()
     r2 = 1.0 - float((y - pred).pow(2).sum() / var) if var > 0 else 1.0
     return Router(coef[:-1].float(), float(coef[-1]), r2, int(y.numel()))
+
+
+def load_routers(path: str, key: str = "token_skip.router") -> dict[str, Router]:
+    """Trained routers from a file written by torch.save: {site name: {"weight": [d] tensor,
+    "bias": number}}, site names as token_skip's report lists them. Read once per version of
+    the file; a missing or malformed file is a ValueError naming the option `key`."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise ValueError(f"effc option {key!r}: expected 'fit' or the path of a router file, "
+                         f"got {path!r} ({exc.strerror})") from None
+    return {name: dataclasses.replace(r, weight=r.weight.clone())  # callers own their copy
+            for name, r in _load_routers(path, stamp, key)}
+
+
+@functools.lru_cache(maxsize=8)
+def _load_routers(path: str, stamp: int, key: str) -> tuple[tuple[str, Router], ...]:
+    expected = ("{site name: {'weight': 1-D float tensor, 'bias': number}}, as written by "
+                "torch.save")
+    try:  # real tensors: under Dynamo's tracing context torch.load would make fake ones
+        with unset_fake_temporarily(), torch._guards.tracing(None):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: say which option and what was expected
+        raise ValueError(f"effc option {key!r}: {path!r} is not a router file "
+                         f"({type(exc).__name__}: {exc}); expected {expected}") from None
+    out = []
+    for name, entry in (data.items() if isinstance(data, dict) else [(None, None)]):
+        w = entry.get("weight") if isinstance(entry, dict) else None
+        b = entry.get("bias", 0.0) if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(w, torch.Tensor) or w.dim() != 1 or \
+                not w.is_floating_point() or isinstance(b, bool) or \
+                not isinstance(b, (int, float, torch.Tensor)) or \
+                (isinstance(b, torch.Tensor) and b.numel() != 1):
+            raise ValueError(f"effc option {key!r}: {path!r} holds "
+                             f"{type(data).__name__ if name is None else repr(name)}, not a "
+                             f"router; expected {expected}")
+        out.append((name, Router(w.detach().float(), float(b), math.nan, 0)))
+    return tuple(out)
 
 
 def threshold(scores: torch.Tensor, capacity: float) -> float:

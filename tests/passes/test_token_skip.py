@@ -390,3 +390,99 @@ def test_layers_route_through_the_pass_in_encoders_only():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
                                         "blocks": ["layer"]}})(**inputs)
     assert _rows() == [] and any("non-causal" in r.reason for r in _rows("skipped"))
+
+
+class _PreNormStack(torch.nn.Module):
+    """Three blocks x + mlp(ln(x)): sites layers.0.mlp .. layers.2.mlp."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {"ln": torch.nn.LayerNorm(d), "mlp": torch.nn.Sequential(
+                torch.nn.Linear(d, 32), torch.nn.GELU(), torch.nn.Linear(32, d))})
+            for _ in range(3))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = x + block["mlp"](block["ln"](x))
+        return x
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "sigmoid"])
+def test_a_trained_router_file_routes_as_mixture_of_depths(tmp_path, weighted):
+    """Layer 1's router from a file: its top half of tokens by x . w + b go through the MLP,
+    their update scaled by sigmoid(score) when asked; the output equals that computed by
+    hand. Layer 0's router in the file is used too, since layers are named."""
+    torch.manual_seed(0)
+    model, x = _PreNormStack().eval(), torch.randn(2, 10, 16)
+    routers = {f"layers.{i}.mlp": {"weight": torch.randn(16), "bias": 0.3} for i in (0, 1)}
+    path = tmp_path / "routers.pt"
+    torch.save(routers, path)
+    options = {"capacity": 0.5, "layers": [0, 1, 2], "router": str(path),
+               "residual_weight": "sigmoid" if weighted else "none"}
+    with torch.no_grad():
+        out = _compile(model, {"token_skip": options})(x)
+        ref = x
+        for i, block in enumerate(model.layers):
+            update = block["mlp"](block["ln"](ref))
+            if i < 2:
+                r = routers[f"layers.{i}.mlp"]
+                score = ref @ r["weight"] + r["bias"]                      # [2, 10]
+                keep = torch.zeros_like(score, dtype=torch.bool)
+                keep.scatter_(1, score.topk(5, dim=1).indices, True)       # ceil(0.5 * 10)
+                gate = torch.sigmoid(score) if weighted else torch.ones_like(score)
+                update = torch.where(keep[..., None], update * gate[..., None], 0.0)
+            ref = ref + update
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    rows = {r.site: r for g in effc.report().graphs for p in g.passes if p.name == "token_skip"
+            for r in p.sites}
+    assert rows["layers.0.mlp"].decision == rows["layers.1.mlp"].decision == "rewritten"
+    assert "trained router" in rows["layers.1.mlp"].reason
+    assert ("sigmoid" in rows["layers.1.mlp"].reason) == weighted
+    assert rows["layers.1.mlp"].details["router_data"] == f"trained, from {path}"
+    assert rows["layers.2.mlp"].decision == "skipped"
+    assert "no trained router" in rows["layers.2.mlp"].reason
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "No such file"),
+    ({"layers.1.mlp": torch.randn(16)}, "not a router"),
+    ({"layers.1.mlp": {"weight": torch.randn(4, 4)}}, "not a router"),
+    ([1, 2], "holds list"),
+])
+def test_a_bad_router_file_is_a_value_error_naming_the_key(tmp_path, content, match):
+    path = tmp_path / "routers.pt"
+    if content is not None:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=re.escape("'token_skip.router'") + ".*" + match):
+        effc.Config.from_options({"token_skip": {"router": str(path)}})
+
+
+def test_a_router_of_the_wrong_width_keeps_its_block_whole_with_a_warning(tmp_path, caplog):
+    torch.manual_seed(0)
+    model, x = _PreNormStack().eval(), torch.randn(2, 10, 16)
+    path = tmp_path / "routers.pt"
+    torch.save({"layers.1.mlp": {"weight": torch.randn(8), "bias": 0.0}}, path)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="effc"):
+        out = _compile(model, {"token_skip": {"capacity": 0.5, "router": str(path)}})(x)
+        assert torch.equal(out, model(x))
+    assert "has 8 weights, the block's input 16 features" in caplog.text
+    assert _rows() == []
+
+
+def test_a_trained_router_routes_decoders_per_token_and_stays_causal(tmp_path):
+    """In a decoder the trained router's scores get a per-token threshold set on the
+    calibration scores, so a prefix's logits are those of the whole sequence."""
+    model = _llama(layers=3)
+    path = tmp_path / "routers.pt"
+    torch.save({"model.layers.1.mlp": {"weight": torch.randn(32), "bias": 0.0}}, path)
+    ids = torch.randint(3, 96, (2, 16))
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5, "router": str(path),
+                                               "residual_weight": "sigmoid"}})
+    with torch.no_grad():
+        full = compiled(ids).logits
+        (row,) = _rows()
+        prefix = compiled(ids[:, :10]).logits
+    assert row.site == "model.layers.1.mlp" and row.details["routing"] == "threshold"
+    assert "trained router" in row.reason and 0.2 <= row.details["kept_fraction"] <= 0.8
+    assert (prefix - full[:, :10]).abs().max() <= 1e-5 * full.abs().max()
