@@ -220,25 +220,54 @@ def part_c(quick: bool) -> str:
 
 def part_d(quick: bool) -> str:
     """CUDA only: one decode step's attention at 4k..64k cached tokens (B=1, 32 query heads,
-    8 KV heads, head_dim 128): SDPA over the whole cache vs effc.select_attention (Triton)."""
+    8 KV heads, head_dim 128): SDPA over the whole cache vs effc.select_attention (Triton),
+    and select_attention's steps timed alone (the score kernel, the head vote, the top-k,
+    the gather kernel) with the host time of one call, so a gap between the op and its steps
+    shows as launch and dispatch overhead."""
     if not torch.cuda.is_available():
         return "(d) skipped: no CUDA device"
+    import time
+
     from triton.testing import do_bench
 
     import effc.kernels.select_attention  # noqa: F401
+    from effc.kernels.select_attention import select_from_votes, soft_votes
+    from effc.kernels.select_attention_triton import gather_attention_triton, score_logits_triton
 
-    rows = []
+    top_k, initial, recent, scale = 256, 4, 64, 128 ** -0.5
+    rows, steps = [], []
     for t in (4096, 16384, 65536):
         for dtype in (torch.float16, torch.bfloat16):
             q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dtype)
             k, v = (torch.randn(1, 8, t, 128, device="cuda", dtype=dtype) for _ in range(2))
             full = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            sel = do_bench(lambda: torch.ops.effc.select_attention(q, k, v, 128 ** -0.5, 256,
-                                                                   4, 64))
+            op = lambda: torch.ops.effc.select_attention(q, k, v, scale, top_k,  # noqa: E731
+                                                         initial, recent)
+            sel = do_bench(op)
             rows.append([t, str(dtype).removeprefix("torch."), full, sel, full / sel])
+            if dtype is not torch.float16:
+                continue
+            logits = score_logits_triton(q, k, scale)
+            votes = soft_votes(logits)
+            index = select_from_votes(votes, top_k, initial, recent)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                op()
+            host = (time.perf_counter() - start) / 20 * 1e3  # includes any sync inside
+            torch.cuda.synchronize()
+            steps.append([t, do_bench(lambda: score_logits_triton(q, k, scale)),
+                          do_bench(lambda: soft_votes(logits)),
+                          do_bench(lambda: select_from_votes(votes, top_k, initial, recent)),
+                          do_bench(lambda: gather_attention_triton(q, k, v, index, scale)),
+                          sel, host])
     return (f"(d) decode-step attention, {torch.cuda.get_device_name()}\n\n"
             + table(["cached tokens", "dtype", "SDPA ms", "select_attention ms", "speedup"],
-                    rows))
+                    rows)
+            + "\n\nselect_attention's steps alone, float16, ms (host: wall time of one call "
+              "issued back to back, no sync after it)\n\n"
+            + table(["cached tokens", "score kernel", "head vote", "top-k", "gather kernel",
+                     "whole op", "host per call"], steps))
 
 
 def main() -> None:

@@ -23,20 +23,25 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15,
                      warmup: int = 2, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin in one run."""
+    """Median seconds per call of each candidate, timed round-robin in one run. With CUDA in
+    use, each timing starts and ends with a synchronize: GPU time, not the host's launches."""
     names = list(candidates)
     with torch.inference_mode():
         for name in names:
             for _ in range(warmup):
                 candidates[name]()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # (after the warmup)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         samples: dict[str, list[float]] = {n: [] for n in names}
         for rep in range(repeats):
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
                 fn = candidates[name]
+                sync()
                 start = time.perf_counter()
                 for _ in range(inner):
                     fn()
+                sync()
                 samples[name].append((time.perf_counter() - start) / inner)
     return {n: statistics.median(s) for n, s in samples.items()}
 
