@@ -7,13 +7,18 @@ import torch
 from torch import Tensor
 
 
-def stable_top_k(values: Tensor, k: int) -> Tensor:
+def stable_top_k(values: Tensor, k: int, sync_free: bool | None = None) -> Tensor:
     """Per row of `values` [R, N], the column indices [R, k] (int64, ascending) of the k
     largest: a stable descending sort's first k (equal values: the lower index; NaN above
-    every number), found in O(N) with topk when no other value ties the k-th largest."""
+    every number). On the CPU, found in O(N) with topk when no other value ties the k-th
+    largest; that check reads values back to the host, so on a GPU (`sync_free`, the default
+    off the CPU) the sort itself is used: no synchronization, and CUDA graphs can capture it."""
     rows = values.shape[0]
     if k == 0:
         return values.new_empty((rows, 0), dtype=torch.int64)
+    if sync_free if sync_free is not None else values.device.type != "cpu":
+        top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+        return top.sort(dim=1).values
     if values.isnan().any():  # NaN outranks every number in a descending sort
         top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
         return top.sort(dim=1).values

@@ -29,3 +29,16 @@ def test_nan_outranks_every_number_as_in_the_sort():
     values = torch.tensor([[0.5, float("nan"), 2.0, float("inf"), 1.0]])
     assert stable_top_k(values, 2).tolist() == [[1, 3]]
     assert torch.equal(stable_top_k(values, 3), _sorted_first(values, 3))
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["topk", "sort"])
+def test_both_paths_pick_the_same_tokens(sync_free):
+    """The GPU's sync-free path (a sort) and the CPU's topk path agree, ties and NaN too."""
+    g = torch.Generator().manual_seed(1)
+    tied = torch.randint(0, 4, (3, 500), generator=g).float()
+    tied[1, 7] = float("nan")
+    for values in (tied, torch.randn(2, 333, generator=g)):
+        for k in (1, 37, 250, 333):
+            k = min(k, values.shape[1])
+            assert torch.equal(stable_top_k(values, k, sync_free=sync_free),
+                               _sorted_first(values, k))
