@@ -12,6 +12,7 @@
 (b) CPU time of one 4096 x 4096 linear at batch 1 and 64: dense, shift_linear decoding its
     packed codes per call (memory saved), and the decoded weight cached (memory not saved).
 (c) CUDA only: the two Triton variants (exponent-add shifts; decode to the dot) vs cuBLAS.
+(d) opt-in binary attention, training-free, on the digits ViT: accuracy by code width.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
-from benchmarks.common import machine, run_parts, table, time_interleaved  # noqa: E402
+from benchmarks.common import (machine, main_output, run_parts, table,  # noqa: E402
+                               time_interleaved)
 from effc.compiler.graph_facts import matches  # noqa: E402
 from effc.passes.shift_add_math import fit, pack  # noqa: E402
 
@@ -148,8 +150,36 @@ def part_c(quick: bool) -> str:
             table(["dtype", "batch", "kernel", "ms", "speedup vs cuBLAS"], rows))
 
 
+def part_d(quick: bool) -> str:
+    """Opt-in binary attention (attention="binary"), training-free, on the digits ViT: test
+    accuracy and agreement with the dense model for several code widths. Every attention of
+    the ViT is replaced; no weight is touched."""
+    from benchmarks.models import digits
+
+    model, (_, _, xte, yte) = digits.get_model("digits_vit")
+    n = (128 if quick else len(xte)) // 128 * 128
+    xte, yte = xte[:n], yte[:n]
+
+    def predict(m):
+        with torch.no_grad():
+            return torch.cat([main_output(m(x)).argmax(-1) for x in xte.split(128)])
+
+    dense = predict(model)
+    rows = [["dense", "-", (dense == yte).float().mean().item(), 1.0]]
+    for bits in (32, 64, 256):
+        torch._dynamo.reset()
+        effc.reset()
+        compiled = torch.compile(model, backend="effc", options={"shift_add": {
+            "attention": "binary", "attention_bits": bits, "include": ["attention:*"]}})
+        pred = predict(compiled)
+        rows.append([f"binary attention, {bits} bits", bits,
+                     (pred == yte).float().mean().item(), (pred == dense).float().mean().item()])
+    return (f"(d) binary attention, training-free, digits ViT ({n} test images), {machine()}\n\n"
+            + table(["variant", "code bits", "test accuracy", "agreement with dense"], rows))
+
+
 def main() -> None:
-    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c}, "shift_add")
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "shift_add")
 
 
 if __name__ == "__main__":

@@ -318,6 +318,20 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str) -> fx
     return node
 
 
+class ValueCapture(fx.Interpreter):
+    """Runs a graph and keeps the values of the nodes named in `wanted` (detached)."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out.detach()
+        return out
+
+
 def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, swap: dict | None = None) -> Any:
     """Execute one node with values from `env` (`swap`: node -> value overrides)."""
     def value(n: fx.Node) -> Any:

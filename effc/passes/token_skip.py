@@ -33,8 +33,9 @@ import torch.fx as fx
 
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module,
-                                       copy_node_meta, node_arg, node_value, remove_dead_code)
+from effc.compiler.graph_facts import (GraphFacts, ValueCapture, add_constant,
+                                       copy_graph_module, copy_node_meta, node_arg, node_value,
+                                       remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
@@ -304,20 +305,6 @@ def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
     return ""
 
 
-class _Capture(fx.Interpreter):
-    """Runs a graph and keeps the values of some nodes."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = out.detach()
-        return out
-
-
 class TokenSkipPass(Pass):
     """Mixture-of-Depths routing; see the module docstring."""
 
@@ -461,7 +448,7 @@ class TokenSkipPass(Pass):
         wanted = {n.name for s in sites if s.key not in recorded
                   for n in (s.stream, s.update)}
         for args in (e2e.calls if wanted else []):
-            cap = _Capture(e2e.gm, wanted)
+            cap = ValueCapture(e2e.gm, wanted)
             with torch.no_grad():
                 cap.run(*e2e.facts.fresh(args))
             for s in sites:
