@@ -429,17 +429,19 @@ def main() -> None:
         text = f"{title}; {where}; {dtype}\n\n" + fn(smoke, device, dtype)
         print(text + "\n", flush=True)
         sections.append(text)
+        if args.record and not smoke:  # after each part: a run cut short keeps what it measured
+            if CUDA:
+                record("lowering", "## Triton lowering (bench_lowering.py)\n\n"
+                       + "\n\n".join(sections))
+            else:
+                record("lowering_host", "## Triton lowering: host overhead per launch and "
+                       "lowering time, CPU (bench_lowering.py --part c,d)\n\n"
+                       + "\n\n".join(sections))
     if smoke:
         print(f"smoke: every output matched its eager reference (rel err <= {SMOKE_TOL}); "
               "no timings were taken")
-    if args.record:
-        if smoke:
+        if args.record:
             print("--record ignored: BENCHMARKS.md takes numbers from a full run only")
-        elif CUDA:
-            record("lowering", "## Triton lowering (bench_lowering.py)\n\n" + "\n\n".join(sections))
-        else:
-            record("lowering_host", "## Triton lowering: host overhead per launch and lowering "
-                   "time, CPU (bench_lowering.py --part c,d)\n\n" + "\n\n".join(sections))
 
 
 if __name__ == "__main__":
