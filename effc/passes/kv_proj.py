@@ -140,6 +140,19 @@ def rebuild(node) -> tuple[fx.Node, fx.Node, str] | None:
     return (lat, t.args[0], basis[1]) if basis is not None else None
 
 
+def _leading(node) -> torch.Size | None:
+    """The [B, H, T] of an attention operand: its traced value's, or, for a query the fold
+    multiplied by a basis (a new node, with no traced value), the query's it multiplied."""
+    while isinstance(node, fx.Node):
+        value = node_value(node)
+        if isinstance(value, torch.Tensor):
+            return value.shape[:3]
+        if node.op != "call_function" or node.target not in MATMULS:
+            return None
+        node = node.args[0]
+    return None
+
+
 def _scale(sdpa: fx.Node):
     """The softmax scale an SDPA call uses: its `scale`, else 1/sqrt of the query's head dim."""
     scale = node_arg(sdpa, 6, "scale")
@@ -188,17 +201,18 @@ class KVProjPass(Pass):
         for i, node in enumerate(n for n in list(gm.graph.nodes)
                                  if n.op == "call_function" and n.target in SDPA):
             site = f"select:attention.{i}"
-            q, k = node_value(node.args[0]), node_value(node.args[1])
+            q, k = _leading(node.args[0]), _leading(node.args[1])
             why = ("excluded by filters" if not ctx.selected(site) else
-                   f"a query of {q.shape[2]} tokens (a prefill): selection is for decode steps"
-                   if q.shape[2] != 1 else
+                   "the query's or the keys' shape is not known" if q is None or k is None else
+                   f"a query of {q[2]} tokens (a prefill): selection is for decode steps"
+                   if q[2] != 1 else
                    "an attention mask (padding or a custom mask) is given"
                    if node_arg(node, 3, "attn_mask") is not None else
                    "dropout in attention" if node_arg(node, 4, "dropout_p", 0.0) else
                    "is_causal with one query attends to the first token only"
                    if node_arg(node, 5, "is_causal", False) else
-                   f"query heads ({q.shape[1]}) are not a multiple of the KV heads ({k.shape[1]})"
-                   if q.shape[1] % k.shape[1] else "")
+                   f"query heads ({q[1]}) are not a multiple of the KV heads ({k[1]})"
+                   if q[1] % k[1] else "")
             if why:
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue

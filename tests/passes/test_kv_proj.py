@@ -100,7 +100,7 @@ def test_compression_knobs_as_a_compile_option_warn_that_they_belong_to_kv_cache
                for r in caplog.records)
 
 
-def _generate(model, ids, options=None):
+def _generate(model, ids, options=None, cache=None):
     forward = model.forward
     torch._dynamo.reset()
     effc.reset()
@@ -108,7 +108,7 @@ def _generate(model, ids, options=None):
         if options is not None:
             model.forward = torch.compile(forward, backend="effc", options=options)
         with torch.inference_mode():
-            return model.generate(ids, **GEN)
+            return model.generate(ids, **GEN, **({} if cache is None else {"cache": cache}))
     finally:
         model.forward = forward
 
@@ -134,6 +134,30 @@ def test_select_as_a_compile_option_selects_like_the_eager_switch():
     assert rewritten and all("at most 14 cached tokens" in r.reason for r in rewritten)
     assert len(rewritten) % 2 == 0  # two layers per decode graph
     assert prefill and all("a query of 40 tokens (a prefill)" in r.reason for r in prefill)
+
+
+@pytest.mark.parametrize("keys", ["pca", "latent"])
+def test_select_over_a_projected_cache_scores_the_projected_keys(keys):
+    """Both rewrites in one graph: the fold hands attention q P_k and the r-wide cache, and
+    select scores those, which equals scoring the rebuilt keys (q P_k . L_k = q . L_k P_k^T):
+    the compiled generation is the eager switch's over the same projected cache."""
+    model, calib = _llama()
+    ids = torch.randint(3, 96, (2, 40))
+    cache = effc.kv_cache(model, calib, ratio=0.5, keys=keys)
+    select = {"top_k": 8, "initial": 2, "recent": 4}
+    compiled = _generate(model, ids, {"kv_proj": {"select": select}, "strict": True},
+                         cache=cache.fresh())
+    rows = effc.report().sites
+    assert any(r.site.startswith("cache.layers.") and r.decision == "rewritten" for r in rows)
+    assert any(r.site.startswith("select:") and r.decision == "rewritten" for r in rows)
+    effc.use_select_attention(model, **select)
+    try:
+        eager = _generate(model, ids, cache=cache.fresh())
+    finally:
+        effc.restore_attention(model)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_select_covering_the_cache_keeps_the_model():
