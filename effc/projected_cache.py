@@ -205,14 +205,32 @@ def _attention_modules(calibration) -> dict[int, str]:
 
 
 def _weight_modules(model: torch.nn.Module) -> dict[int, str]:
-    """layer index -> path of each attention module with k_proj and v_proj linears."""
+    """layer index -> path of each attention module with k_proj and v_proj linears, or with
+    GPT-2's fused c_attn (a Conv1D: weight [in, 3 * embed], queries, keys, values in turn)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(getattr(m, "k_proj", None), torch.nn.Linear) and \
-                isinstance(getattr(m, "v_proj", None), torch.nn.Linear):
-            if layer_index(name) is not None:
-                out[layer_index(name)] = name
+        split = isinstance(getattr(m, "k_proj", None), torch.nn.Linear) and \
+            isinstance(getattr(m, "v_proj", None), torch.nn.Linear)
+        fused = type(getattr(m, "c_attn", None)).__name__ == "Conv1D" and \
+            getattr(m, "c_attn").weight.shape[1] == 3 * getattr(m, "embed_dim", -1)
+        if (split or fused) and layer_index(name) is not None:
+            out[layer_index(name)] = name
     return out
+
+
+def _kv_projections(params: dict, module: str) -> list[tuple[torch.Tensor, torch.Tensor | None,
+                                                             str]]:
+    """The key and value projections of an attention module: (weight [out, in], bias or None,
+    the name its input moment is recorded under), from k_proj/v_proj or from the key and
+    value thirds of a fused c_attn."""
+    if f"{module}.k_proj.weight" in params:
+        return [(params[f"{module}.{p}.weight"].detach(), params.get(f"{module}.{p}.bias"),
+                 f"{module}.{p}.weight") for p in ("k_proj", "v_proj")]
+    w = params[f"{module}.c_attn.weight"].detach()  # [in, 3 * embed]: x @ w
+    b = params.get(f"{module}.c_attn.bias")
+    e = w.shape[1] // 3
+    return [(w[:, i * e:(i + 1) * e].T, None if b is None else b[i * e:(i + 1) * e],
+             f"{module}.c_attn.weight") for i in (1, 2)]
 
 
 def _rotary(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -249,14 +267,13 @@ def _weight_moment_pair(params: dict, module: str, config, calibration, rotated:
     (`rotated=False`: the keys before RoPE, W_k x, whose moment W_k C W_k^T is exact)."""
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     moments = []
-    for proj in ("k_proj", "v_proj"):
-        w = params[f"{module}.{proj}.weight"].detach().double().cpu()
-        c = calibration.input_moment(f"{module}.{proj}.weight") if calibration else None
+    for weight, bias, input_name in _kv_projections(params, module):
+        w = weight.double().cpu()
+        c = calibration.input_moment(input_name) if calibration else None
         wc = w @ c.double() if c is not None else w
         g = w.shape[0] // d
         full = wc @ w.T
         m = torch.stack([full[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(g)])
-        bias = params.get(f"{module}.{proj}.bias")
         if bias is not None:
             b = bias.detach().double().cpu().reshape(g, d)
             m = m + b[:, :, None] * b[:, None, :]
@@ -319,8 +336,8 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
     mods = weights if from_weights else _attention_modules(calibration)
     missing = [i for i in range(layers_n) if i not in mods]
     if missing:
-        where = ("attention modules with k_proj and v_proj (data-free bases)" if from_weights
-                 else "key/value moments in the calibration")
+        where = ("attention modules with k_proj/v_proj or a fused c_attn (data-free bases)"
+                 if from_weights else "key/value moments in the calibration")
         raise ValueError(f"effc.kv_cache: no {where} for layers {missing}; "
                          f"calibrate with effc.calibrate(model, batches, what=('inputs', 'kv'))")
     params = dict(model.named_parameters())

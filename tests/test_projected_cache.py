@@ -155,6 +155,36 @@ def test_data_free_key_moments_average_rope_to_whole_planes():
     torch.testing.assert_close(values[1], wv @ wv.T)
 
 
+def test_gpt2s_fused_c_attn_gives_data_free_bases_from_its_key_and_value_thirds():
+    """GPT-2 computes q, k, v with one Conv1D (x @ W, W [in, 3 * embed]): the data-free
+    moments are those of its key and value thirds, biases included; the cache built from
+    them shrinks, and at ratio 1 it keeps the model."""
+    from effc.projected_cache import _weight_moment_pair
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.bias.normal_()
+    params = dict(model.named_parameters())
+    keys, values = _weight_moment_pair(params, "transformer.h.0.attn", model.config, None)
+    w = params["transformer.h.0.attn.c_attn.weight"].detach().double()   # [32, 96]
+    b = params["transformer.h.0.attn.c_attn.bias"].detach().double()
+    wk, bk = w[:, 32 + 8:32 + 16].T, b[32 + 8:32 + 16]                    # key head 1
+    torch.testing.assert_close(keys[1], wk @ wk.T + bk[:, None] * bk[None, :])
+    wv, bv = w[:, 64:72].T, b[64:72]                                      # value head 0
+    torch.testing.assert_close(values[0], wv @ wv.T + bv[:, None] * bv[None, :])
+    ids = torch.randint(3, 96, (2, 9))
+    half = effc.kv_cache(model, None, ratio=0.5)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        model(ids, cache=half, use_cache=True)
+        whole = model(ids, cache=effc.kv_cache(model, None, ratio=1.0),
+                      use_cache=True).logits
+    assert half.layers[0].keys.shape == (2, 4, 9, 4)
+    torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_the_default_keeps_the_stated_share_of_every_layers_energy():
     model, calib = _llama()
     cache = effc.kv_cache(model, calib)
