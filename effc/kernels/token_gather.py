@@ -81,6 +81,8 @@ def token_route_reference(scores: Tensor, capacity: float,
         return torch.nonzero(keep.reshape(-1)).reshape(-1)
     k = route_count(tokens, capacity)
     order = stable_top_k(scores, k)
+    if rows == 1:  # one sequence: its columns are the flat indices
+        return order.reshape(-1)
     base = torch.arange(rows, dtype=torch.int64, device=scores.device)[:, None] * tokens
     return (order + base).reshape(-1)
 
