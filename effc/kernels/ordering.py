@@ -10,11 +10,11 @@ from torch import Tensor
 SORT_BELOW = 4096  # CPU rows shorter than this: the sort (2 ops) beats topk and its checks (5)
 
 
-def stable_top_k(values: Tensor, k: int, sync_free: bool | None = None) -> Tensor:
+def stable_top_k(values: Tensor, k: int, sort: bool | None = None) -> Tensor:
     """Per row of `values` [R, N], the column indices [R, k] (int64, ascending) of the k
     largest: a stable descending sort's first k (equal values: the lower index; NaN above
     every number). Long rows on the CPU: found in O(N) with topk when no other value ties the
-    k-th largest. That check reads values back to the host, so on a GPU (`sync_free`, the
+    k-th largest. That check reads values back to the host, so on a GPU (`sort`, the
     default off the CPU) the sort itself is used: no synchronization, and CUDA graphs can
     capture it. So are rows shorter than SORT_BELOW on the CPU: between a model's large
     matmuls each small op costs ~25 us (measured in a routed Llama at 1024 tokens), so two
@@ -22,11 +22,9 @@ def stable_top_k(values: Tensor, k: int, sync_free: bool | None = None) -> Tenso
     rows = values.shape[0]
     if k == 0:
         return values.new_empty((rows, 0), dtype=torch.int64)
-    if sync_free if sync_free is not None else (values.device.type != "cpu"
-                                                 or values.shape[1] < SORT_BELOW):
-        top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-        return top.sort(dim=1).values
-    if values.isnan().any():  # NaN outranks every number in a descending sort
+    if sort is None:
+        sort = values.device.type != "cpu" or values.shape[1] < SORT_BELOW
+    if sort or values.isnan().any():  # (NaN outranks every number in a descending sort)
         top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
         return top.sort(dim=1).values
     vals, top = torch.topk(values, k, dim=1, sorted=False)

@@ -250,10 +250,10 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _plan_key(site: ResidualSite, ctx, cfg: PassConfig) -> tuple:
+def _plan_key(site: ResidualSite, ctx, cfg: TokenSkipConfig) -> tuple:
     weights = tuple((w, id(ctx.facts.weights[w].value), ctx.facts.weights[w].value._version)
                     for w in site.weights)
-    stamp = os.stat(cfg.router).st_mtime_ns if getattr(cfg, "router", "fit") != "fit" else 0
+    stamp = os.stat(cfg.router).st_mtime_ns if cfg.router != "fit" else 0  # a file's version
     return site.name, weights, repr(cfg), stamp, id(ctx.calibration)
 
 
@@ -464,30 +464,26 @@ class TokenSkipPass(Pass):
         routers, oracle = {}, {}
         trained = load_routers(self.config.router) if self.config.router != "fit" else None
         for s in sites:
-            if trained is not None:
-                r = trained.get(s.name)
+            if s.key in recorded:
+                x, y = recorded[s.key]
+                data = "calibration residual rows"
+            else:
+                x, y = torch.cat(xs[s.key]), torch.cat(ys[s.key])
+                data = ("calibration sample calls" if e2e.source == "samples" else
+                        "the call being compiled")
+            if trained is None:  # fitted on (and thresholds set from) MAX_TOKENS tokens
+                x, y = x[:MAX_TOKENS], y[:MAX_TOKENS]
+                r = fit_router(x, y)
+            else:
+                r, data = trained.get(s.name), f"trained, from {self.config.router}"
                 if r is None or r.weight.numel() != s.features:
                     if r is not None:
                         ctx.warn(f"{self.config.router}: the router of {s.name} has "
                                  f"{r.weight.numel()} weights, the block's input {s.features} "
                                  f"features; the block is kept whole")
                     continue
-                x = recorded[s.key][0] if s.key in recorded else torch.cat(xs[s.key])
-                y = recorded[s.key][1] if s.key in recorded else torch.cat(ys[s.key])
-                routers[s.key] = r
-                oracle[s.key] = (r.scores(x), y)
-                self.router_data[s.key] = f"trained, from {self.config.router}"
-                continue
-            if s.key in recorded:
-                x, y = recorded[s.key]
-                self.router_data[s.key] = "calibration residual rows"
-            else:
-                x = torch.cat(xs[s.key])[:MAX_TOKENS]
-                y = torch.cat(ys[s.key])[:MAX_TOKENS]
-                self.router_data[s.key] = ("calibration sample calls" if e2e.source ==
-                                                "samples" else "the call being compiled")
-            routers[s.key] = fit_router(x, y)
-            oracle[s.key] = (routers[s.key].scores(x), y)
+            routers[s.key], oracle[s.key] = r, (r.scores(x), y)
+            self.router_data[s.key] = data
         return routers, oracle
 
     # --- choosing capacities ----------------------------------------------------------------

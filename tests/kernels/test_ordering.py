@@ -31,8 +31,8 @@ def test_nan_outranks_every_number_as_in_the_sort():
     assert torch.equal(stable_top_k(values, 3), _sorted_first(values, 3))
 
 
-@pytest.mark.parametrize("sync_free", [False, True], ids=["topk", "sort"])
-def test_both_paths_pick_the_same_tokens(sync_free):
+@pytest.mark.parametrize("sort", [False, True], ids=["topk", "sort"])
+def test_both_paths_pick_the_same_tokens(sort):
     """The GPU's sync-free path (a sort) and the CPU's topk path agree, ties and NaN too."""
     g = torch.Generator().manual_seed(1)
     tied = torch.randint(0, 4, (3, 500), generator=g).float()
@@ -40,5 +40,5 @@ def test_both_paths_pick_the_same_tokens(sync_free):
     for values in (tied, torch.randn(2, 333, generator=g)):
         for k in (1, 37, 250, 333):
             k = min(k, values.shape[1])
-            assert torch.equal(stable_top_k(values, k, sync_free=sync_free),
+            assert torch.equal(stable_top_k(values, k, sort=sort),
                                _sorted_first(values, k))

@@ -17,14 +17,14 @@ from effc.compiler.metrics import error_stats
 
 @pytest.fixture(scope="module")
 def mobilenet():
+    """The pretrained model, its calibration (96 crops, 2 sample calls) and 64 test crops."""
     model, calib_x, test_x = mobilenet_crops(96, 64, 112)
-    return model, list(calib_x.split(16)), test_x
+    return model, effc.calibrate(model, list(calib_x.split(16)), progress=False, samples=2), test_x
 
 
 @pytest.mark.slow
 def test_end_to_end_allocation_beats_uniform_ranks_on_the_pretrained_model(mobilenet):
-    model, batches, test_x = mobilenet
-    calib = effc.calibrate(model, batches, progress=False, samples=2)
+    model, calib, test_x = mobilenet
     with torch.no_grad():
         ref = model(test_x).argmax(-1)
     agreement = {}
@@ -46,8 +46,7 @@ def test_end_to_end_allocation_beats_uniform_ranks_on_the_pretrained_model(mobil
 
 @pytest.mark.slow
 def test_the_default_keeps_the_pretrained_model_within_its_bound(mobilenet):
-    model, batches, test_x = mobilenet
-    calib = effc.calibrate(model, batches, progress=False, samples=2)
+    model, calib, test_x = mobilenet
     with torch.no_grad():
         ref = model(test_x)
     out, rep = run_in_batches(model, test_x, {"low_rank": True, "calibration": calib})
@@ -62,8 +61,7 @@ def test_the_default_keeps_the_pretrained_model_within_its_bound(mobilenet):
 
 @pytest.mark.slow
 def test_the_classifier_fitted_for_kl_keeps_the_predicted_distribution_closer(mobilenet):
-    model, batches, test_x = mobilenet
-    calib = effc.calibrate(model, batches, progress=False, samples=2)
+    model, calib, test_x = mobilenet
     with torch.no_grad():
         ref = model(test_x).log_softmax(-1)
     kl, reasons = {}, {}
