@@ -44,16 +44,17 @@ step() {  # step NAME SECONDS COMMAND...: run under a limit, log, remember a fai
 }
 
 # pytest-xdist and pytest-timeout, where installed, spread the kernel compiles over the cores
-# and stop a hung test instead of the whole check
+# and stop a hung test instead of the whole check; xdist hands tests out in this order, so the
+# files a time-boxed run is least likely to have reached before come first
 extra=()
 "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "${GPU_CHECK_WORKERS:-8}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 240)
 step tests "$TEST_S" "$PY" -m pytest -q -p no:cacheprovider -p scripts.pytest_live_failures -rfE \
     --durations=15 "${extra[@]}" \
-    tests/kernels tests/compiler/lowering/test_codegen.py \
+    tests/compiler/test_generate.py tests/compiler/lowering/test_shift_lowering.py \
+    tests/compiler/lowering/test_phm_lowering.py tests/test_examples.py \
     tests/compiler/lowering/test_triton_lowering.py tests/compiler/lowering/test_graph_rewrites.py \
-    tests/compiler/lowering/test_shift_lowering.py tests/compiler/lowering/test_phm_lowering.py \
-    tests/compiler/test_generate.py tests/test_examples.py "$@"
+    tests/kernels tests/compiler/lowering/test_codegen.py "$@"
 # the short benchmarks first; the lowering benchmark (compiles four variants of three models)
 # records after each of its parts, decode shapes (b) first
 step bench_kv_proj "$BENCH_S" "$PY" benchmarks/bench_kv_proj.py --part d --record
