@@ -41,7 +41,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _where() -> str:
-    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else machine()
+    if DEVICE.type == "cuda":  # (time_interleaved times the GPU: benchmarks.common.gpu_ms)
+        return f"{torch.cuda.get_device_name()}, GPU time per call (CUDA graph replay)"
+    return machine()
 
 
 def _dense_twin(model: PHMMLP) -> torch.nn.Module:

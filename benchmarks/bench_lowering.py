@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import effc  # noqa: E402
 import effc.kernels.low_rank  # noqa: E402,F401  (torch.ops.effc.low_rank_linear)
-from benchmarks.common import machine, main_output, record, table  # noqa: E402
+from benchmarks.common import gpu_ms, machine, main_output, record, table  # noqa: E402
 from effc.compiler.metrics import error_stats  # noqa: E402
 
 LOW_RANK = {"rank_ratio": 0.25}
@@ -118,26 +118,10 @@ def build(kind: str, smoke: bool, device: str, dtype: torch.dtype):
     return model, inputs
 
 
-# --- timing ----------------------------------------------------------------------------------
-def bench_ms(fn, cudagraph: bool = False) -> tuple[float, str]:
-    """Median ms of `fn` on the GPU, and how it was measured."""
-    import triton.testing
-
-    for _ in range(3):  # compile, autotune, allocator warm-up: never inside the measurement
-        fn()
-    torch.cuda.synchronize()
-    if cudagraph:  # kernel time without Python launch overhead, where the call can be captured
-        try:
-            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), "cudagraph"
-        except Exception as exc:  # a call that cannot be captured: timed with launches
-            print(f"  (cudagraph capture failed: {type(exc).__name__}: {exc}; using do_bench)")
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "do_bench"
-
-
 def copy_bandwidth() -> float:
     """Bytes/s of a large device-to-device copy (read + write), the practical HBM ceiling."""
     x = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda").random_()  # 256 MiB
-    ms, _ = bench_ms(lambda: torch.empty_like(x).copy_(x))
+    ms, _ = gpu_ms(lambda: torch.empty_like(x).copy_(x), cudagraph=False)
     return 2 * x.numel() / (ms * 1e-3)
 
 
@@ -166,7 +150,7 @@ def run_model(kind: str, low_rank: bool, smoke: bool, device: str, dtype: torch.
         with torch.inference_mode():
             outs[name] = main_output(fn(**inputs)).float()  # compiles here
             if CUDA and not smoke:
-                times[name], _ = bench_ms(lambda: fn(**inputs))
+                times[name], _ = gpu_ms(lambda: fn(**inputs), cudagraph=False)
         graphs = effc.report().graphs
         if name == "effc lowering=triton":
             c = {k: sum(g.kernel_counts()[k] for g in graphs) for k in
@@ -273,7 +257,7 @@ def part_b(smoke: bool, device: str, dtype: torch.dtype) -> str:
                 smoke_check(f"M={m} {name}", err, smoke)
                 row = [m, name, f"{nbytes / 1e6:.2f} MB", f"{err:.1e}"]
                 if bw is not None:
-                    ms, how = bench_ms(fn, cudagraph=True)
+                    ms, how = gpu_ms(fn)
                     achieved = nbytes / (ms * 1e-3)
                     row += [ms * 1e3, achieved / 1e9, f"{achieved / bw:.0%}", how]
             rows.append(row)
@@ -335,7 +319,7 @@ def part_c(smoke: bool, device: str, dtype: torch.dtype) -> str:
             sync()
 
         t = time_interleaved({"kernel": lambda: run(launcher), "eager": lambda: run(
-            launcher.fallback)}, repeats=3 if smoke else 15)
+            launcher.fallback)}, repeats=3 if smoke else 15, gpu=False)
         per_kind[launcher.kind].append((t["kernel"] / inner * 1e6, t["eager"] / inner * 1e6))
     rows = []
     for kind, pairs in sorted(per_kind.items()):

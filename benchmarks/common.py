@@ -21,16 +21,37 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
+def gpu_ms(fn: Callable[[], object], cudagraph: bool = True) -> tuple[float, str]:
+    """Median GPU milliseconds of `fn`, and how they were measured: replayed from a CUDA graph
+    where the call can be captured (the kernels' time, no Python launch overhead), else
+    `triton.testing.do_bench` (launches included: what eager execution costs)."""
+    import triton.testing
+
+    for _ in range(3):  # compile, autotune, allocator warm-up: never inside the measurement
+        fn()
+    torch.cuda.synchronize()
+    if cudagraph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), "cudagraph"
+        except Exception as exc:  # a call that cannot be captured: timed with its launches
+            print(f"  (cudagraph capture failed: {type(exc).__name__}: {exc}; using do_bench)")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "do_bench"
+
+
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 15,
-                     warmup: int = 2, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin in one run. With CUDA in
-    use, each timing starts and ends with a synchronize: GPU time, not the host's launches."""
+                     warmup: int = 2, inner: int = 1, gpu: bool = True) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed round-robin in one run (CPU noise hits
+    all alike). With CUDA in use and `gpu`, each candidate's GPU time instead (`gpu_ms`: a
+    synchronize around every call would add its latency, ~0.05 ms, to kernels that take less);
+    `gpu=False` keeps wall time with a synchronize at both ends (host cost per call)."""
     names = list(candidates)
     with torch.inference_mode():
         for name in names:
             for _ in range(warmup):
                 candidates[name]()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # (after the warmup)
+        if cuda and gpu:
+            return {n: gpu_ms(candidates[n])[0] / 1e3 for n in names}
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         samples: dict[str, list[float]] = {n: [] for n in names}
         for rep in range(repeats):

@@ -137,6 +137,14 @@ def _scalar(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def cuda_reciprocal(divisor: float) -> float:
+    """What CUDA eager multiplies by for `tensor / number`: the fp32 reciprocal of the number
+    (torch's div_true_kernel_cuda; the CPU kernel divides). The result can differ from a true
+    division in the last bit, which a cancellation downstream makes visible."""
+    one, d = torch.tensor(1.0), torch.tensor(float(divisor), dtype=torch.float32)
+    return (one / d).item()
+
+
 def _last_dim(dim: Any, ndim: int) -> bool:
     if isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
@@ -201,7 +209,16 @@ def _pointwise(node: fx.Node) -> Op | None:
         reciprocal = name == "div" and t is operator.truediv and not isinstance(args[0], fx.Node)
         if meta(node) is not None and meta(node)[1] == torch.float32:  # a number, exactly
             args = tuple(scalar_tensor_of(a) or a for a in args)  # (Llama's `var + eps`)
-        return Op("pointwise", name, tuple(args), {"reciprocal": True} if reciprocal else {})
+        # CUDA eager reads a Python number in fp32 where the CPU rounds it to the dtype first
+        # (add, sub), and multiplies by its fp32 reciprocal where the CPU divides
+        m = meta(node)
+        cuda = m is not None and m[2] is not None and m[2].type == "cuda"
+        if cuda and name == "div" and not reciprocal and _scalar(args[1]):
+            return Op("pointwise", "mul", (args[0], cuda_reciprocal(args[1])))
+        params = {"reciprocal": True} if reciprocal else {}
+        if cuda and name in ("add", "sub"):
+            params["number_in_fp32"] = True
+        return Op("pointwise", name, tuple(args), params)
     if (method and t in _UNARY_METHODS) or (not method and t in _UNARY):
         # F.relu/F.silu take `inplace`; only the out-of-place form is pure
         if any(a is not False for a in args[1:]) or kw.get("inplace", False) or set(kw) - {"inplace"}:

@@ -99,6 +99,32 @@ def test_each_pointwise_op_alone(name, dtype):
     check(UNARY[name], rand(37, 45, dtype=dtype), kinds=["pointwise"])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_numbers_in_pointwise_ops_round_as_eager_does_on_the_device(device):
+    """In fp16, CUDA eager computes `x / 0.7` as x * fp32(1 / fp32(0.7)) and `x + 0.1` with 0.1
+    in fp32; the CPU divides, and rounds 0.1 to fp16 first. Either difference changes the last
+    bit of some outputs, which a later cancellation makes large (an H200 showed 18 of 1,665
+    elements of `scalar_ops` off, exactly the elements the fp32 0.1 and 0.3 account for), so
+    the lowered op follows the device of its node."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from effc.compiler.lowering.codegen.common import expr
+
+    gm = fx.symbolic_trace(lambda x: x / 0.7 + 0.1)
+    with FakeTensorMode():
+        fake = torch.empty(37, 45, dtype=torch.float16, device=device)
+    for node in gm.graph.nodes:
+        node.meta["val"] = fake
+    div, add = (classify(n) for n in gm.graph.nodes if n.op == "call_function")
+    inverse = (torch.tensor(1.0) / torch.tensor(0.7)).item()
+    assert (div.name, div.operands[1]) == (("mul", inverse) if device == "cuda" else ("div", 0.7))
+    x = torch.linspace(1, 2, 4097)
+    assert (x * inverse != x / 0.7).any()  # the two roundings really differ
+    number = torch.tensor(0.1, dtype=torch.float32 if device == "cuda" else torch.float16).item()
+    assert expr(add, ["t", 0.1], torch.float16) == f"t + {number!r}"
+
+
 @pytest.mark.parametrize("name", ["clamp", "clamp_min_method", "relu6", "hardtanh",
                                   "leaky_relu", "hardswish", "hardsigmoid", "relu", "square"])
 def test_nan_and_inf_come_out_as_in_eager(name):

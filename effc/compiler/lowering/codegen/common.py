@@ -210,13 +210,15 @@ def expr(op: Op, a: list[str | float], dtype: torch.dtype = torch.float32) -> st
     """The fp32 value of a pointwise op whose result has `dtype`, given its operands
     (variable names, or Python numbers).
 
-    Python numbers follow eager: add/sub convert them to the result dtype first, mul/div use
-    them in fp32, and `number / tensor` in Python is `reciprocal(tensor) * number`.
+    Python numbers follow eager: add/sub convert them to the result dtype first (on the CPU;
+    CUDA reads them in fp32: `number_in_fp32`), mul/div use them in fp32, and
+    `number / tensor` in Python is `reciprocal(tensor) * number`.
     """
     n = op.name
     binary = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
     if n in binary:
-        x, y = (_literal(v, dtype if n in ("add", "sub") else torch.float32) for v in a)
+        to_dtype = n in ("add", "sub") and not op.params.get("number_in_fp32")
+        x, y = (_literal(v, dtype if to_dtype else torch.float32) for v in a)
         if op.params.get("reciprocal"):
             return f"{rounded(f'(1.0 / {y})', dtype)} * {x}"
         return f"{x} {binary[n]} {y}"
