@@ -199,7 +199,7 @@ def flatten_token_sizes(node: fx.Node, lead: tuple, keep_batch: bool = False) ->
     elif sizes and all(isinstance(s, int) for s in lead) and isinstance(sizes[0], int) \
             and sizes[0] == math.prod(lead) and -1 not in sizes[1:]:
         new = (-1,) + tuple(sizes[1:])
-    elif keep_batch and isinstance(lead[-1], int) and lead[-1] > 1:
+    elif keep_batch and not (isinstance(lead[-1], int) and lead[-1] <= 1):
         new = _free_token_axis(node, sizes, lead[-1])
         if new is None:
             return False
@@ -209,19 +209,20 @@ def flatten_token_sizes(node: fx.Node, lead: tuple, keep_batch: bool = False) ->
     return True
 
 
-def _free_token_axis(node: fx.Node, sizes: tuple, tokens: int) -> tuple | None:
-    """(B, -1, T, d) -> (B, H, -1, d): the token count where heads moved it (an attention's
-    output), if it is the only size equal to it after the batch."""
+def _free_token_axis(node: fx.Node, sizes: tuple, tokens) -> tuple | None:
+    """(B, -1, T, d) -> (B, H, -1, d): the token count (an int, or the SymInt of a dynamic
+    length) where heads moved it (an attention's output), if it is the only size equal to it
+    after the batch."""
     shape = _shape(node)
     if shape is None or len(shape) != len(sizes):
         return None
-    where = [i for i, s in enumerate(sizes) if i > 0 and s == tokens]
-    if len(where) != 1 or shape[where[0]] != tokens:
+    where = [i for i, s in enumerate(sizes) if i > 0 and _same_size(s, tokens)]
+    if len(where) != 1 or not _same_size(shape[where[0]], tokens):
         return None
-    new = [shape[i] if s == -1 else s for i, s in enumerate(sizes)]
+    new = [shape[i] if isinstance(s, int) and s == -1 else s for i, s in enumerate(sizes)]
+    new[where[0]] = -1
     if not all(isinstance(s, int) for s in new[1:]):
         return None
-    new[where[0]] = -1
     return tuple(new)
 
 

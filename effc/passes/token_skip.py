@@ -16,7 +16,9 @@ shared allocator, or, by default, as much skipping as keeps the graph's main out
 sample inputs (else on the call being compiled, with a warning). The first and last layers
 are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
 are routed in encoders and ViTs (`blocks`); a routed attention's queries attend to all
-tokens' keys (`keys="all"`) or only the routed ones. Trained routers (a Mixture-of-Depths
+tokens' keys (`keys="all"`) or only the routed ones. A decoder's attention (batch 1) keeps
+every token's keys and values, which the cache stores, and selects the routed queries where
+they enter the attention (after RoPE), with their rows of the causal mask. Trained routers (a Mixture-of-Depths
 model's) load from a file (`router`), with their updates scaled by sigmoid(score)
 (`residual_weight`) as such routers are trained.
 """
@@ -28,6 +30,7 @@ import math
 import os
 from typing import Any, ClassVar, Literal
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -41,9 +44,10 @@ from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
                                 SiteOptions, allocate, db, end_to_end)
 from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_token_sizes,
-                                        layer_index, layer_sites, residual_sites)
-from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
-                                         threshold)
+                                        layer_index, layer_sites, reshape_sizes,
+                                        residual_sites)
+from effc.passes.token_skip_math import (Router, arank, causal_rows, fit_router, load_routers,
+                                         overlap, threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -63,12 +67,12 @@ class TokenSkipConfig(PassConfig):
     min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
     blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
-        ("mlp",), "which residual blocks may be routed: mlp, attention, or a whole layer "
-                  "(attention then MLP, one routing; attention and layer in encoders and ViTs "
-                  "only: a decoder's skipped tokens would still have to write no KV)")
+        ("mlp",), "which residual blocks may be routed: mlp, attention (in decoders at batch "
+                  "1, with keys='all': every token still writes its keys and values), or a "
+                  "whole layer (attention then MLP, one routing; encoders and ViTs only)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
-               "the routed ones (Mixture-of-Depths proper: the least work)")
+               "the routed ones (Mixture-of-Depths proper: the least work; encoders and ViTs)")
     layers: Literal["auto"] | tuple[int, ...] = knob(
         "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
     max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
@@ -125,6 +129,40 @@ def is_causal(gm: fx.GraphModule) -> bool:
     return False
 
 
+def masks_are_causal(gm: fx.GraphModule, ctx) -> bool:
+    """A decoder's graph whose causal mask is a tensor (called without a cache, with an
+    attention_mask): True if on the call being compiled every attention mask with a row per
+    query hides each query's later keys. Structure alone cannot tell such a mask from an
+    encoder's padding mask."""
+    masks = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ATTENTION[:2]:
+            m, q = node_arg(n, 3, "attn_mask"), node_value(n.args[0])
+            mv = node_value(m) if isinstance(m, fx.Node) else None
+            if isinstance(mv, torch.Tensor) and isinstance(q, torch.Tensor) and \
+                    mv.dim() >= 2 and _same(mv.shape[-2], q.shape[-2]) and \
+                    not _same(q.shape[-2], 1):
+                masks.append(m)
+    if not masks:
+        return False
+    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
+                                          if gi.kind == "input"), fakes)
+    if args is None:
+        return False
+    cap = ValueCapture(gm, {m.name for m in masks})
+    with torch.no_grad():
+        cap.run(*ctx.facts.fresh(args))
+    for m in masks:
+        v = cap.values[m.name]
+        seen = v if v.dtype == torch.bool else v > torch.finfo(v.dtype).min / 2
+        tq, tk = v.shape[-2:]
+        later = torch.ones(tq, tk, dtype=torch.bool, device=v.device).triu(1 + tk - tq)
+        if not later.any() or seen[..., later].any():
+            return False
+    return True
+
+
 def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                derived_from: tuple[str, ...] = ()) -> fx.Node:
     """Rewrite `site` in `gm` so that only the routed tokens go through its branch; the node
@@ -148,6 +186,7 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         w_node = add_constant(gm, weight, f"{site.name}.router")
     first = site.branch[0]
     ops = torch.ops.effc
+    queries_at_attention = site.kind == "attention" and plan.threshold is not None
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -156,13 +195,16 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         scores = graph.call_method("reshape", (scores, (-1, tokens)))
         index = graph.call_function(ops.token_route.default,
                                     (scores, float(plan.capacity), plan.threshold))
-        rows = graph.call_function(ops.token_gather.default, (x2d, index))
-        rank = len(lead) + 1
         batched = site.kind in ("attention", "layer")  # attention mixes tokens: keep rows
         # of a sequence together
-        head = (graph.call_method("size", (site.stream, 0)),) if batched else (1,) * (rank - 2)
-        rows = graph.call_method("reshape", (rows, head + (-1, d)))
-    if site.kind == "attention" and plan.keys == "all":
+        if not queries_at_attention:
+            rows = graph.call_function(ops.token_gather.default, (x2d, index))
+            head = (graph.call_method("size", (site.stream, 0)),) if batched else \
+                (1,) * (len(lead) - 1)
+            rows = graph.call_method("reshape", (rows, head + (-1, d)))
+    if queries_at_attention:
+        _queries_at_attention(graph, site, index, lead)
+    elif site.kind == "attention" and plan.keys == "all":
         _queries_only(graph, site, rows, lead)
     else:
         for n in site.branch:
@@ -213,18 +255,7 @@ def _queries_only(graph: fx.Graph, site: ResidualSite, rows: fx.Node, lead: tupl
     is computed twice, once per set of rows); keys, values and the attention's inputs
     otherwise stay on the whole stream; the nodes after the attention see routed rows."""
     attn = next(n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2])
-    members = set(site.branch)
-
-    def within(start) -> set:
-        seen, stack = set(), [start] if start in members else []
-        while stack:
-            n = stack.pop()
-            if n not in seen:
-                seen.add(n)
-                stack.extend(a for a in n.all_input_nodes if a in members)
-        return seen
-
-    queries = within(attn.args[0])
+    queries = _within(attn.args[0], set(site.branch))
     env = {site.stream: rows}
     with graph.inserting_before(attn):
         for n in site.branch:
@@ -232,11 +263,144 @@ def _queries_only(graph: fx.Graph, site: ResidualSite, rows: fx.Node, lead: tupl
                 env[n] = graph.node_copy(n, lambda a: env.get(a, a))
                 flatten_token_sizes(env[n], lead, keep_batch=True)
     attn.args = (env.get(attn.args[0], attn.args[0]),) + tuple(attn.args[1:])
-    after = False
+    _free_query_rows(site.branch[site.branch.index(attn):], node_value(attn).dim() - 2)
+
+
+def _attention_node(site: ResidualSite) -> fx.Node | None:
+    found = [n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2]]
+    return found[0] if len(found) == 1 else None
+
+
+def _decoder_attention_problem(site: ResidualSite, keys: str) -> str:
+    """Why a decoder's attention block cannot have only its routed tokens' queries attend
+    (every token still computes and caches its keys and values), or ""."""
+    if keys == "selected":
+        return ("keys='selected' in a decoder: the skipped tokens would have to write no keys "
+                "and values, and each layer's cache would have its own length (not built); "
+                "keys='all' routes a decoder's queries")
+    attn = _attention_node(site)
+    if attn is None:
+        return "the block holds no single scaled_dot_product_attention"
+    shape = site.stream.meta["example_value"].shape if "example_value" in site.stream.meta \
+        else None
+    if shape is None or len(shape) != 3 or shape[0] != 1:
+        return ("a decoder's attention is routed at batch 1 only: per-token thresholds give "
+                "each sequence of a batch its own number of queries")
+    members = set(site.branch)
+    query_side = _within(attn.args[0], members)
+    after = set(site.branch[site.branch.index(attn):])
     for n in site.branch:
-        after = after or n is attn
-        if after and n is not attn:
-            flatten_token_sizes(n, lead, keep_batch=True)
+        outside = [u for u in n.users if u not in members and u is not site.add]
+        if outside and (n in query_side or n in after):
+            return (f"a value of the block ({n.name}) on the queries' side is also used "
+                    f"outside it ({outside[0].name})")
+    stream_shape = tuple(shape)
+    for n in after:
+        for a in n.all_input_nodes:
+            if a not in members and _per_token_input(a, stream_shape):
+                return (f"the block reads another per-token tensor ({a.name}) after its "
+                        f"attention")
+    return ""
+
+
+def _per_token_input(node: fx.Node, stream_shape: tuple) -> bool:
+    val = node.meta.get("example_value")
+    return isinstance(val, torch.Tensor) and tuple(val.shape[:2]) == stream_shape[:2]
+
+
+def _within(start: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
+    """`start` and the nodes of `members` it is computed from."""
+    seen, stack = set(), [start] if start in members else []
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(a for a in n.all_input_nodes if a in members)
+    return seen
+
+
+def _queries_at_attention(graph: fx.Graph, site: ResidualSite, index: fx.Node,
+                          lead: tuple) -> None:
+    """A decoder's attention with only the routed tokens' queries (batch 1): every token
+    still computes its keys and values, which the cache keeps, so later steps see the same
+    cache as the unrouted model. The queries are selected where they enter the attention
+    (after RoPE, which reads per-token angles), the mask's rows with them; a causal
+    attention gets the explicit mask of the routed rows (query at position i sees keys
+    0..i, as is_causal does); the nodes after the attention see the routed rows."""
+    attn = _attention_node(site)
+    q = attn.args[0]
+    rank = q.meta["example_value"].dim()
+    mask = node_arg(attn, 3, "attn_mask")
+    causal = node_arg(attn, 5, "is_causal", False)
+    with graph.inserting_before(attn):
+        q_rows = graph.call_function(torch.index_select, (q, rank - 2, index))
+        if isinstance(mask, fx.Node):
+            m = mask.meta.get("example_value")
+            if m is not None and m.shape[-2] != 1:  # one row per query: keep the routed ones
+                mask = graph.call_function(torch.index_select, (mask, m.dim() - 2, index))
+        elif causal:
+            keys = graph.call_method("size", (attn.args[1], -2))
+            mask = graph.call_function(causal_rows, (index, keys))
+    args = list(attn.args)
+    kwargs = dict(attn.kwargs)
+    args[0] = q_rows
+    for pos, name, value in ((3, "attn_mask", mask), (5, "is_causal", False)):
+        if len(args) > pos:
+            args[pos] = value
+        else:
+            kwargs[name] = value
+    attn.args, attn.kwargs = tuple(args), kwargs
+    _free_query_rows(site.branch[site.branch.index(attn):], rank - 2)
+
+
+def _expr(x) -> sympy.Expr:
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+
+
+def _same(a, b) -> bool:
+    """Equal sizes (ints or SymInts), compared without adding a guard."""
+    return sympy.expand(_expr(a) - _expr(b)) == 0
+
+
+def _free_query_rows(nodes: list[fx.Node], axis: int) -> None:
+    """Free the nodes after an attention (nodes[0]) from the number of queries, which sits on
+    `axis` of its output: follow that axis through transposes and shape-keeping ops, and
+    give each view/reshape -1 where it lands (found by the product of the sizes before it,
+    so a query count equal to the head size or head count is not mistaken for them).
+    RuntimeError where it cannot be followed: the block is then kept whole."""
+    where = {nodes[0]: axis}
+    for n in nodes[1:]:
+        src = next((a for a in n.all_input_nodes if a in where), None)
+        if src is None:
+            continue
+        a, val, out = where[src], node_value(src), node_value(n)
+        if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
+            raise RuntimeError(f"{n.name}: the shape after the attention is not known")
+        if reshape_sizes(n) is not None:
+            before = math.prod(val.shape[:a]) if a else 1
+            hits = [j for j in range(out.dim()) if _same(math.prod(out.shape[:j]) if j else 1,
+                                                          before)
+                    and _same(out.shape[j], val.shape[a])]
+            if len(hits) > 1 and _same(val.shape[a], 1):  # one query (decoding): size-1
+                hits = hits[-1:]  # axes before it are the batch's
+            sizes = list(out.shape)
+            if len(hits) != 1 or not all(isinstance(s, int) for k, s in enumerate(sizes)
+                                         if k != hits[0]):
+                raise RuntimeError(f"{n.name}: cannot tell where the queries go")
+            sizes[hits[0]] = -1
+            n.args = (n.args[0], tuple(sizes))
+            where[n] = hits[0]
+        elif n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
+            d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
+            where[n] = d1 if a == d0 else d0 if a == d1 else a
+        elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
+            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
+                else n.args[1:]
+            where[n] = [int(x) % val.dim() for x in dims].index(a)
+        elif out.dim() == val.dim() and a < out.dim() - 1:  # contiguous, linear, pointwise
+            where[n] = a
+        else:
+            raise RuntimeError(f"{n.name}: cannot follow the queries through it")
 
 
 # Plans chosen by the first graph that held a site, reused by every later graph of the same
@@ -320,7 +484,12 @@ class TokenSkipPass(Pass):
         self.measured: dict[tuple[str, float], float] = {}
         self.aranks: dict[str, float] = {}
         found = self.found = find_sites(gm, ctx.facts, cfg.blocks)
-        causal = cfg.routing == "threshold" or (cfg.routing == "auto" and is_causal(gm))
+        causal = cfg.routing == "threshold" or (cfg.routing == "auto" and (
+            is_causal(gm) or masks_are_causal(gm, ctx)))
+        if not causal and cfg.routing == "auto" and any(  # a decoder's graph without a cache
+                p is not None and p.threshold is not None  # (generate(use_cache=False)):
+                for p in (_PLANS.get(_plan_key(s, ctx, cfg)) for s in found)):  # as before
+            causal = True
         rows, eligible = self._eligible(found, ctx, causal)
         keys = {s.key: _plan_key(s, ctx, cfg) for s in eligible}
         if eligible and all(keys[s.key] in _PLANS for s in eligible):
@@ -329,6 +498,10 @@ class TokenSkipPass(Pass):
                 rows.append(self._apply(gm, site, plan, ctx, None, None, checked=False)
                             if plan is not None else
                             self._row(site, "skipped", self._kept_reason(site)))
+                if plan is not None and rows[-1].decision != "rewritten":
+                    ctx.warn(f"token_skip: {site.name} is routed in an earlier graph of this "
+                             f"model but not in this one ({rows[-1].reason}): their outputs "
+                             f"differ")
             ctx.note("token_skip: routing reused from the first graph that held these blocks "
                      "(same weights, options and calibration)")
             remove_dead_code(gm.graph)
@@ -407,19 +580,8 @@ class TokenSkipPass(Pass):
         whole = {}  # add node of a part -> the eligible layer site it belongs to
         for s in sorted(found, key=lambda s: s.kind != "layer"):  # layers decide first
             part_of = whole.get(s.add)
-            why = (f"part of the routed layer {part_of.name}" if part_of is not None else
-                   f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
-                   if s.kind not in cfg.blocks else
-                   f"{s.kind} blocks are routed in non-causal graphs only (a decoder's skipped "
-                   f"tokens would have to write no keys and values)"
-                   if s.kind in ("attention", "layer") and causal else
-                   "the attention has a mask (padding or causal): routing its queries is not "
-                   "built yet" if s.kind in ("attention", "layer") and _masked(s) else
-                   s.why or ("excluded by filters" if not ctx.selected(s.name) else "")
-                   or ("not among the layers asked for" if named and s.layer not in named
-                       else "")
-                   or ("the first and last layers are kept unless named in layers"
-                       if not named and s.layer in ends else ""))
+            why = (f"part of the routed layer {part_of.name}" if part_of is not None
+                   else self._ineligible(s, ctx, causal, named, ends))
             if why:
                 rows.append(self._row(s, "skipped", why))
                 continue
@@ -429,6 +591,31 @@ class TokenSkipPass(Pass):
                                      and n.target in ADDS and s.stream in n.args)
                 whole[attention_add] = whole[s.add] = s
         return rows, eligible
+
+    def _ineligible(self, s: ResidualSite, ctx, causal: bool, named: set, ends: set) -> str:
+        """Why site `s` cannot be routed in this graph, or ""."""
+        cfg: TokenSkipConfig = self.config
+        if s.kind not in cfg.blocks:
+            return f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
+        if s.kind == "layer" and causal:
+            return ("whole layers are routed in non-causal graphs only (a decoder's skipped "
+                    "tokens would have to write no keys and values)")
+        if s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
+            why = _decoder_attention_problem(s, cfg.keys)
+        elif s.kind in ("attention", "layer") and _masked(s):
+            why = "the attention has a mask (padding or causal): routing its queries is not " \
+                  "built yet"
+        else:
+            why = s.why
+        if why:
+            return why
+        if not ctx.selected(s.name):
+            return "excluded by filters"
+        if named and s.layer not in named:
+            return "not among the layers asked for"
+        if not named and s.layer in ends:
+            return "the first and last layers are kept unless named in layers"
+        return ""
 
     # --- routers ----------------------------------------------------------------------------
     def _fit(self, e2e: EndToEnd, sites: list[ResidualSite], ctx

@@ -92,14 +92,17 @@ def _load_routers(path: str, stamp: int, key: str) -> tuple[tuple[str, Router], 
 
 def threshold(scores: torch.Tensor, capacity: float) -> float:
     """The score above which a fraction `capacity` of the calibration tokens lies (per-token
-    routing: causal, so decoding can use it one token at a time)."""
+    routing: causal, so decoding can use it one token at a time). It sits halfway between
+    the last token dropped and the first kept: a threshold equal to a calibration token's
+    score would route that token either way on rounding noise (another graph of the same
+    prompt, such as generate() without a cache, sums in another order)."""
     s = scores.reshape(-1).double().sort().values
     if capacity >= 1.0:
         return -math.inf
     if capacity <= 0.0:
         return math.inf
     drop = min(s.numel() - 1, max(0, s.numel() - kept_tokens(s.numel(), capacity)))
-    return float(s[drop])
+    return float(s[drop]) if drop == 0 else float((s[drop - 1] + s[drop]) / 2)
 
 
 def overlap(scores: torch.Tensor, oracle: torch.Tensor, capacity: float) -> float:
@@ -124,4 +127,11 @@ def arank(maps: list[torch.Tensor]) -> float:
         a[..., torch.arange(n), torch.arange(n)] = 0.0
         ranks.append((torch.linalg.matrix_rank(a).double() / a.shape[-2]).mean())
     return float(torch.stack(ranks).mean()) if ranks else float("nan")
+
+
+def causal_rows(index: torch.Tensor, keys: int) -> torch.Tensor:
+    """The causal mask of the queries at positions `index` over `keys` keys ([len(index),
+    keys], True where attended): query i sees keys 0..index[i], the rows of
+    scaled_dot_product_attention's is_causal mask that the routed queries keep."""
+    return torch.arange(keys, device=index.device)[None, :] <= index[:, None]
 

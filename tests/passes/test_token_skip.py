@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import effc
 from effc.compiler.graph_facts import GraphFacts, copy_graph_module
 from effc.passes.residual_sites import residual_sites
-from effc.passes.token_skip import _Plan, find_sites, is_causal, route_site
+from effc.passes.token_skip import (_decoder_attention_problem, _Plan, find_sites, is_causal,
+                                    route_site)
 from effc.passes.token_skip_math import Router
 
 
@@ -144,6 +145,59 @@ def test_decoders_route_per_token_and_stay_causal():
     assert not torch.allclose(full, ref, atol=1e-4)  # routing does change the model
 
 
+def test_decoder_attention_routes_its_queries_causally():
+    """The first graph has 8 tokens, as many as the head size (8): the rewrite must still
+    find the query axis after the attention."""
+    model = _llama(layers=3)
+    ids = torch.randint(3, 96, (1, 16))
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5, "blocks": ["attention"]}})
+    with torch.no_grad():
+        short = compiled(ids[:, :8]).logits
+        full = compiled(ids).logits
+    assert (short - full[:, :8]).abs().max() <= 1e-5 * full.abs().max()
+    rows = _rows()
+    assert {(r.site, r.details["routing"]) for r in rows} == {("model.layers.1.self_attn",
+                                                               "threshold")}
+    assert len(rows) == 2  # both graphs route it
+    assert 0 < rows[0].details["kept_fraction"] < 1
+    with torch.no_grad():
+        prefix = compiled(ids[:, :10]).logits
+        ref = model(ids).logits
+    assert (prefix - full[:, :10]).abs().max() <= 1e-5 * full.abs().max()
+    assert not torch.allclose(full, ref, atol=1e-4)
+    with torch.no_grad(), _CountRows() as count:
+        compiled(ids)
+    assert count.rows == []  # the queries are selected at the attention, no rows gathered
+    with torch.no_grad():
+        _compile(model, {"token_skip": {"capacity": 0.5, "blocks": ["attention"],
+                                        "keys": "selected"}})(ids)
+    assert _rows() == [] and any("keys='selected' in a decoder" in r.reason
+                                 for r in _rows("skipped"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_routing_decoder_attention_matches_generate_without_the_cache(kind):
+    """Every token writes its keys and values, so decoding one token at a time with the cache
+    computes what whole-sequence forwards compute (batch 1: attention and MLP blocks)."""
+    model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+    ids = torch.randint(3, 96, (1, 8))
+    forward = model.forward
+    model.forward = _compile(forward, {"token_skip": {"capacity": 0.5,
+                                                      "blocks": ["attention", "mlp"]}})
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.inference_mode():
+        cached = model.generate(ids, **kwargs)
+        recomputed = model.generate(ids, use_cache=False, **kwargs)
+    kinds = {r.details["kind"] for r in _rows()}
+    assert kinds == {"attention", "mlp"}
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_with_the_cache_matches_generate_without_it(kind):
@@ -180,6 +234,25 @@ def test_is_causal_tells_decoders_from_encoders():
         with torch.no_grad():
             torch.compile(model.eval(), backend=backend)(**inputs)
     assert found == {"llama": True, "bert": False}
+
+
+def test_a_decoder_called_without_a_cache_and_with_a_mask_still_routes_causally():
+    """No cache, an attention_mask: the causal mask is a tensor, which the graph's structure
+    does not tell from an encoder's padding mask; its values on the call do."""
+    model = _llama(layers=3)
+    ids = torch.randint(3, 96, (2, 16))
+    compiled = _compile(model, {"token_skip": {"capacity": 0.5}})
+    with torch.no_grad():
+        full = compiled(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        assert [r.details["routing"] for r in _rows()] == ["threshold"]
+        prefix = compiled(ids[:, :10], attention_mask=torch.ones_like(ids[:, :10]),
+                          use_cache=False).logits
+    assert (prefix - full[:, :10]).abs().max() <= 1e-5 * full.abs().max()
+    model, inputs = hf_model("bert")  # a padding mask with a row per query: not causal
+    inputs["attention_mask"][0, -3:] = 0
+    with torch.no_grad():
+        _compile(model.eval(), {"token_skip": {"capacity": 0.5, "layers": [0, 1]}})(**inputs)
+    assert _rows() and {r.details["routing"] for r in _rows()} == {"top_k"}
 
 
 def _note_db(text):
@@ -271,6 +344,27 @@ class _AttentionBlock(torch.nn.Module):
         return x + self.o(a.transpose(1, 2).reshape(b, t, d))
 
 
+class _CausalBlock(_AttentionBlock):
+    """A decoder's attention block: causal (is_causal, or an explicit mask), returning the
+    keys and values a cache would keep."""
+
+    def __init__(self, mask: bool):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln(x)
+        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        if self.mask:
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d)), k, v
+
+
 def _route_the_one(module, x, kind, plan):
     """(the output of `module`'s graph with its one `kind` site routed by `plan`, the sites
     found), with the blocks of every kind listed."""
@@ -280,17 +374,56 @@ def _route_the_one(module, x, kind, plan):
         g = copy_graph_module(gm)
         out["sites"] = find_sites(g, GraphFacts(g, example), ("layer",))
         (site,) = [s for s in out["sites"] if s.kind == kind]
-        assert site.why == ""
+        assert (_decoder_attention_problem(site, plan.keys) if plan.threshold is not None
+                else site.why) == ""
         route_site(g, site, plan)
         g.graph.eliminate_dead_code()
         g.recompile()
-        out["routed"] = first_tensor(g(*example))
+        out["all"] = g(*example)
+        out["routed"] = first_tensor(out["all"])
         return gm.forward
 
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(module, backend=backend)(x)
     return out["routed"], out["sites"]
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["is_causal", "mask"])
+def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_keys(mask):
+    """Decoder attention (keys="all", per-token threshold): a routed token's output is the
+    unrouted block's, a skipped token keeps its input, and every token's keys and values
+    (what the cache keeps) are the unrouted block's."""
+    torch.manual_seed(0)
+    block, x = _CausalBlock(mask).eval(), torch.randn(1, 11, 16)
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    scores = x[0] @ router.weight + router.bias
+    cut = float(scores.median())
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
+                   if s.kind == "attention"]
+        assert _decoder_attention_problem(site, "all") == ""
+        assert "keys='selected'" in _decoder_attention_problem(site, "selected")
+        route_site(g, site, _Plan(router, 0.5, cut))
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = g(*example)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(block, backend=backend)(x)
+        full, k, v = block(x)
+    routed, rk, rv = out["routed"]
+    rows = (scores >= cut).nonzero().flatten()
+    rest = (scores < cut).nonzero().flatten()
+    assert 0 < len(rows) < 11
+    assert torch.equal(routed[0, rest], x[0, rest])
+    torch.testing.assert_close(routed[0, rows], full[0, rows], rtol=1e-5, atol=1e-6)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
 
 
 @pytest.mark.parametrize("keys", ["all", "selected"])
@@ -322,12 +455,12 @@ def test_encoder_attention_blocks_route_through_the_pass():
     rows = _rows()
     assert sorted(r.details["kind"] for r in rows) == ["attention", "attention", "mlp", "mlp"]
     assert not torch.equal(out, ref)
-    model, inputs = hf_model("llama")  # a decoder's attention writes the cache: never routed
+    model, inputs = hf_model("llama")  # batch 2: a decoder's attention is kept whole
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
                                         "blocks": ["attention"]}})(**inputs)
-    assert _rows() == [] and all("outside it" in r.reason or "non-causal" in r.reason
-                                 for r in _rows("skipped") if r.details["kind"] == "attention")
+    assert _rows() == [] and all("batch 1 only" in r.reason for r in _rows("skipped")
+                                 if r.details["kind"] == "attention")
 
 
 def test_arank_picks_the_layer_whose_heads_attend_in_the_fewest_patterns():
