@@ -16,7 +16,7 @@ shared allocator, or, by default, as much skipping as keeps the graph's main out
 sample inputs (else on the call being compiled, with a warning). The first and last layers
 are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
 are routed in encoders and ViTs (`blocks`); a routed attention's queries attend to all
-tokens' keys (`keys="all"`) or only the routed ones. A decoder's attention (batch 1) keeps
+tokens' keys (`keys="all"`) or only the routed ones. A decoder's attention keeps
 every token's keys and values, which the cache stores, and selects the routed queries where
 they enter the attention (after RoPE), with their rows of the causal mask. Trained routers (a Mixture-of-Depths
 model's) load from a file (`router`), with their updates scaled by sigmoid(score)
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from typing import Any, ClassVar, Literal
 
@@ -47,7 +48,7 @@ from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_t
                                         layer_index, layer_sites, reshape_sizes,
                                         residual_sites)
 from effc.passes.token_skip_math import (Router, arank, causal_rows, fit_router, load_routers,
-                                         overlap, threshold)
+                                         overlap, per_sequence, select_rows, threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -67,9 +68,9 @@ class TokenSkipConfig(PassConfig):
     min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
     blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
-        ("mlp",), "which residual blocks may be routed: mlp, attention (in decoders at batch "
-                  "1, with keys='all': every token still writes its keys and values), or a "
-                  "whole layer (attention then MLP, one routing; encoders and ViTs only)")
+        ("mlp",), "which residual blocks may be routed: mlp, attention (in decoders with "
+                  "keys='all': every token still writes its keys and values), or a whole "
+                  "layer (attention then MLP, one routing; encoders and ViTs only)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
                "the routed ones (Mixture-of-Depths proper: the least work; encoders and ViTs)")
@@ -186,7 +187,10 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         w_node = add_constant(gm, weight, f"{site.name}.router")
     first = site.branch[0]
     ops = torch.ops.effc
-    queries_at_attention = site.kind == "attention" and plan.threshold is not None
+    # a decoder's attention (its keys and values feed the cache), or a masked encoder's: the
+    # queries are selected where they enter the attention
+    queries_at_attention = site.kind == "attention" and (
+        plan.threshold is not None or (plan.keys == "all" and _masked(site)))
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -202,8 +206,13 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
             head = (graph.call_method("size", (site.stream, 0)),) if batched else \
                 (1,) * (len(lead) - 1)
             rows = graph.call_method("reshape", (rows, head + (-1, d)))
-    if queries_at_attention:
-        _queries_at_attention(graph, site, index, lead)
+    if queries_at_attention:  # per-sequence positions, padded: a batch's sequences differ
+        with graph.inserting_before(first):
+            padded = graph.call_function(per_sequence, (
+                index, graph.call_method("size", (site.stream, 0)), tokens))
+            positions, fill, index = (graph.call_function(operator.getitem, (padded, i))
+                                      for i in range(3))
+        _queries_at_attention(graph, site, positions, lead)
     elif site.kind == "attention" and plan.keys == "all":
         _queries_only(graph, site, rows, lead)
     else:
@@ -223,8 +232,10 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
         return out
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
-        out = graph.call_function(ops.token_scatter_add.default,
-                                  (x2d, index, upd, _gate(graph, plan, scores, index)))
+        gate = _gate(graph, plan, scores, index)
+        if queries_at_attention:  # the filler rows add nothing
+            gate = fill if gate is None else graph.call_function(torch.mul, (gate, fill))
+        out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, gate))
         out = graph.call_method("view_as", (out, site.stream))
     copy_node_meta(out, site.add)  # same value as the add had: a later site reads its shape
     site.add.replace_all_uses_with(out)
@@ -272,8 +283,9 @@ def _attention_node(site: ResidualSite) -> fx.Node | None:
 
 
 def _decoder_attention_problem(site: ResidualSite, keys: str) -> str:
-    """Why a decoder's attention block cannot have only its routed tokens' queries attend
-    (every token still computes and caches its keys and values), or ""."""
+    """Why a decoder's attention block (or a masked encoder's) cannot have only its routed
+    tokens' queries attend (every token still computes and caches its keys and values), or
+    ""."""
     if keys == "selected":
         return ("keys='selected' in a decoder: the skipped tokens would have to write no keys "
                 "and values, and each layer's cache would have its own length (not built); "
@@ -283,9 +295,10 @@ def _decoder_attention_problem(site: ResidualSite, keys: str) -> str:
         return "the block holds no single scaled_dot_product_attention"
     shape = site.stream.meta["example_value"].shape if "example_value" in site.stream.meta \
         else None
-    if shape is None or len(shape) != 3 or shape[0] != 1:
-        return ("a decoder's attention is routed at batch 1 only: per-token thresholds give "
-                "each sequence of a batch its own number of queries")
+    if shape is None or len(shape) != 3:
+        return "the block's input is not [batch, tokens, features]"
+    if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
+        return "the attention's queries are not [batch, heads, tokens, head size]"
     members = set(site.branch)
     query_side = _within(attn.args[0], members)
     after = set(site.branch[site.branch.index(attn):])
@@ -319,28 +332,27 @@ def _within(start: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _queries_at_attention(graph: fx.Graph, site: ResidualSite, index: fx.Node,
+def _queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node,
                           lead: tuple) -> None:
-    """A decoder's attention with only the routed tokens' queries (batch 1): every token
-    still computes its keys and values, which the cache keeps, so later steps see the same
-    cache as the unrouted model. The queries are selected where they enter the attention
-    (after RoPE, which reads per-token angles), the mask's rows with them; a causal
-    attention gets the explicit mask of the routed rows (query at position i sees keys
-    0..i, as is_causal does); the nodes after the attention see the routed rows."""
+    """A decoder's attention with only the routed tokens' queries: every token still
+    computes its keys and values, which the cache keeps, so later steps see the same cache as
+    the unrouted model. The queries at `positions` ([B, K] per sequence) are selected where
+    they enter the attention (after RoPE, which reads per-token angles), the mask's rows with
+    them; a causal attention gets the explicit mask of those rows (query at position i sees
+    keys 0..i, as is_causal does); the nodes after the attention see K rows per sequence."""
     attn = _attention_node(site)
-    q = attn.args[0]
-    rank = q.meta["example_value"].dim()
+    rank = node_value(attn.args[0]).dim()
     mask = node_arg(attn, 3, "attn_mask")
     causal = node_arg(attn, 5, "is_causal", False)
     with graph.inserting_before(attn):
-        q_rows = graph.call_function(torch.index_select, (q, rank - 2, index))
+        q_rows = graph.call_function(select_rows, (attn.args[0], positions))
         if isinstance(mask, fx.Node):
-            m = mask.meta.get("example_value")
-            if m is not None and m.shape[-2] != 1:  # one row per query: keep the routed ones
-                mask = graph.call_function(torch.index_select, (mask, m.dim() - 2, index))
+            m = node_value(mask)
+            if m is not None and not _same(m.shape[-2], 1):  # a row per query: keep theirs
+                mask = graph.call_function(select_rows, (mask, positions))
         elif causal:
             keys = graph.call_method("size", (attn.args[1], -2))
-            mask = graph.call_function(causal_rows, (index, keys))
+            mask = graph.call_function(causal_rows, (positions, keys))
     args = list(attn.args)
     kwargs = dict(attn.kwargs)
     args[0] = q_rows
@@ -362,45 +374,72 @@ def _same(a, b) -> bool:
     return sympy.expand(_expr(a) - _expr(b)) == 0
 
 
+def _divides(a, b) -> bool:
+    """a divides b (sizes: ints or SymInts, as sympy; no guard added)."""
+    return sympy.fraction(sympy.cancel(_expr(b) / _expr(a)))[1] == 1
+
+
+def _query_axis(shape, before, k) -> int | None:
+    """The axis of `shape` that holds the queries, given the product of the sizes before them
+    in row-major order (`before`) and their number `k`: the axis whose leading product divides
+    `before` and whose trailing product is a multiple of before * k; never the last axis
+    (features) of a tensor with more than one. Of several (size-1 axes around one query),
+    the one of size k at exactly `before`, the last of them."""
+    lead = [math.prod(shape[:j]) if j else 1 for j in range(len(shape) + 1)]
+    hits = [j for j in range(max(len(shape) - 1, 1)) if _divides(lead[j], before)
+            and _divides(before * k, lead[j + 1])]
+    exact = [j for j in hits if _same(lead[j], before) and _same(shape[j], k)]
+    if len(hits) == 1:
+        return hits[0]
+    return exact[-1] if exact and (len(exact) == 1 or _same(k, 1)) else None
+
+
 def _free_query_rows(nodes: list[fx.Node], axis: int) -> None:
     """Free the nodes after an attention (nodes[0]) from the number of queries, which sits on
-    `axis` of its output: follow that axis through transposes and shape-keeping ops, and
-    give each view/reshape -1 where it lands (found by the product of the sizes before it,
-    so a query count equal to the head size or head count is not mistaken for them).
-    RuntimeError where it cannot be followed: the block is then kept whole."""
-    where = {nodes[0]: axis}
+    `axis` of its output: follow the queries (by the product of the sizes before them, which
+    reshapes keep) through reshapes, views, transposes and shape-keeping ops, and give each
+    view/reshape -1 where they land, so a query count equal to the head size or head count
+    is not mistaken for them, and a view that merges them with the batch (GPT-2's Conv1D)
+    still scales. RuntimeError where they cannot be followed: the block is kept whole."""
+    first = node_value(nodes[0])
+    k = first.shape[axis]
+    before = {nodes[0]: math.prod(first.shape[:axis]) if axis else 1}
     for n in nodes[1:]:
-        src = next((a for a in n.all_input_nodes if a in where), None)
+        src = next((a for a in n.all_input_nodes if a in before), None)
         if src is None:
             continue
-        a, val, out = where[src], node_value(src), node_value(n)
+        val, out, b = node_value(src), node_value(n), before[src]
         if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
             raise RuntimeError(f"{n.name}: the shape after the attention is not known")
         if reshape_sizes(n) is not None:
-            before = math.prod(val.shape[:a]) if a else 1
-            hits = [j for j in range(out.dim()) if _same(math.prod(out.shape[:j]) if j else 1,
-                                                          before)
-                    and _same(out.shape[j], val.shape[a])]
-            if len(hits) > 1 and _same(val.shape[a], 1):  # one query (decoding): size-1
-                hits = hits[-1:]  # axes before it are the batch's
-            sizes = list(out.shape)
-            if len(hits) != 1 or not all(isinstance(s, int) for k, s in enumerate(sizes)
-                                         if k != hits[0]):
+            j = _query_axis(out.shape, b, k)
+            given = reshape_sizes(n)
+            # the other sizes as given (a dynamic batch stays its size node), a -1 as traced
+            sizes = [-1 if i == j else out.shape[i] if isinstance(x, int) and x == -1 else x
+                     for i, x in enumerate(given)] if len(given) == out.dim() else \
+                [-1 if i == j else x for i, x in enumerate(out.shape)]
+            if j is None or not all(isinstance(x, (int, fx.Node)) for x in sizes):
                 raise RuntimeError(f"{n.name}: cannot tell where the queries go")
-            sizes[hits[0]] = -1
             n.args = (n.args[0], tuple(sizes))
-            where[n] = hits[0]
-        elif n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
+            before[n] = b
+            continue
+        a = _query_axis(val.shape, b, k)
+        moved = None
+        if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
             d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
-            where[n] = d1 if a == d0 else d0 if a == d1 else a
+            moved = d1 if a == d0 else d0 if a == d1 else a
         elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
             dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
                 else n.args[1:]
-            where[n] = [int(x) % val.dim() for x in dims].index(a)
-        elif out.dim() == val.dim() and a < out.dim() - 1:  # contiguous, linear, pointwise
-            where[n] = a
-        else:
+            moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
+        elif out.dim() == val.dim() and all(_same(x, y) for x, y in zip(out.shape[:-1],
+                                                                       val.shape[:-1])) \
+                and a is not None and a < val.dim() - 1:  # contiguous, linear, pointwise
+            before[n] = b
+            continue
+        if moved is None or a is None or not _same(val.shape[a], k):
             raise RuntimeError(f"{n.name}: cannot follow the queries through it")
+        before[n] = math.prod(out.shape[:moved]) if moved else 1
 
 
 # Plans chosen by the first graph that held a site, reused by every later graph of the same
@@ -499,9 +538,8 @@ class TokenSkipPass(Pass):
                             if plan is not None else
                             self._row(site, "skipped", self._kept_reason(site)))
                 if plan is not None and rows[-1].decision != "rewritten":
-                    ctx.warn(f"token_skip: {site.name} is routed in an earlier graph of this "
-                             f"model but not in this one ({rows[-1].reason}): their outputs "
-                             f"differ")
+                    ctx.warn(f"{site.name} is routed in an earlier graph of this model but "
+                             f"not in this one ({rows[-1].reason}): their outputs differ")
             ctx.note("token_skip: routing reused from the first graph that held these blocks "
                      "(same weights, options and calibration)")
             remove_dead_code(gm.graph)
@@ -602,9 +640,12 @@ class TokenSkipPass(Pass):
                     "tokens would have to write no keys and values)")
         if s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
             why = _decoder_attention_problem(s, cfg.keys)
-        elif s.kind in ("attention", "layer") and _masked(s):
-            why = "the attention has a mask (padding or causal): routing its queries is not " \
-                  "built yet"
+        elif s.kind == "attention" and _masked(s):  # an encoder's padding mask
+            why = ("keys='selected' with an attention mask (padding) is not built; keys='all' "
+                   "routes the queries" if cfg.keys == "selected" else
+                   s.why or _decoder_attention_problem(s, cfg.keys))
+        elif s.kind == "layer" and _masked(s):
+            why = "the attention has a mask (padding): routing a whole layer with it is not built"
         else:
             why = s.why
         if why:

@@ -129,9 +129,35 @@ def arank(maps: list[torch.Tensor]) -> float:
     return float(torch.stack(ranks).mean()) if ranks else float("nan")
 
 
-def causal_rows(index: torch.Tensor, keys: int) -> torch.Tensor:
-    """The causal mask of the queries at positions `index` over `keys` keys ([len(index),
-    keys], True where attended): query i sees keys 0..index[i], the rows of
-    scaled_dot_product_attention's is_causal mask that the routed queries keep."""
-    return torch.arange(keys, device=index.device)[None, :] <= index[:, None]
+def per_sequence(index: torch.Tensor, batch: int, tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routed rows (flat indices into batch * tokens rows) as positions per sequence,
+    [batch, K] with K the most any sequence routes: each sequence's routed positions in
+    order, then, to fill its row, some of its skipped positions (distinct, so the scatter's
+    indices stay unique). Returns (positions, weight [batch * K]: 1 routed, 0 filler, their
+    flat indices [batch * K])."""
+    routed = torch.zeros(batch * tokens, dtype=torch.bool, device=index.device)
+    routed[index] = True
+    routed = routed.view(batch, tokens)
+    counts = routed.sum(1)
+    k = int(counts.max()) if batch and tokens else 0
+    at = torch.arange(tokens, device=index.device)
+    positions = ((~routed).long() * tokens + at).argsort(dim=1)[:, :k]  # routed first
+    weight = (torch.arange(k, device=index.device)[None] < counts[:, None]).float()
+    flat = positions + torch.arange(batch, device=index.device)[:, None] * tokens
+    return positions, weight.reshape(-1), flat.reshape(-1)
 
+
+def select_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x's rows (dim -2) at `positions` [B, K], per sequence: x is [B or 1, ..., T, n]."""
+    lead = (positions.shape[0],) + tuple(x.shape[1:-2])
+    x = x.expand(*lead, *x.shape[-2:])
+    at = positions.view(positions.shape[0], *([1] * (x.dim() - 3)), -1, 1)
+    return x.gather(-2, at.expand(*lead, positions.shape[1], x.shape[-1]))
+
+
+def causal_rows(positions: torch.Tensor, keys: int) -> torch.Tensor:
+    """The causal mask of the queries at `positions` [B, K] over `keys` keys ([B, 1, K, keys],
+    True where attended): query i sees keys 0..positions[i], the rows of
+    scaled_dot_product_attention's is_causal mask that the routed queries keep."""
+    return torch.arange(keys, device=positions.device) <= positions[:, None, :, None]

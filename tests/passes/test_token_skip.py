@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import effc
 from effc.compiler.graph_facts import GraphFacts, copy_graph_module
 from effc.passes.residual_sites import residual_sites
-from effc.passes.token_skip import (_decoder_attention_problem, _Plan, find_sites, is_causal,
-                                    route_site)
+from effc.passes.token_skip import (_decoder_attention_problem, _masked, _Plan, find_sites,
+                                    is_causal, route_site)
 from effc.passes.token_skip_math import Router
 
 
@@ -145,11 +145,13 @@ def test_decoders_route_per_token_and_stay_causal():
     assert not torch.allclose(full, ref, atol=1e-4)  # routing does change the model
 
 
-def test_decoder_attention_routes_its_queries_causally():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoder_attention_routes_its_queries_causally(batch):
     """The first graph has 8 tokens, as many as the head size (8): the rewrite must still
-    find the query axis after the attention."""
+    find the query axis after the attention. In a batch each sequence routes its own number
+    of tokens."""
     model = _llama(layers=3)
-    ids = torch.randint(3, 96, (1, 16))
+    ids = torch.randint(3, 96, (batch, 16))
     compiled = _compile(model, {"token_skip": {"capacity": 0.5, "blocks": ["attention"]}})
     with torch.no_grad():
         short = compiled(ids[:, :8]).logits
@@ -165,6 +167,10 @@ def test_decoder_attention_routes_its_queries_causally():
         ref = model(ids).logits
     assert (prefix - full[:, :10]).abs().max() <= 1e-5 * full.abs().max()
     assert not torch.allclose(full, ref, atol=1e-4)
+    with torch.no_grad():  # one more sequence: a graph with a dynamic batch size
+        wider = compiled(torch.cat([ids, torch.randint(3, 96, (1, 16))])).logits
+    assert (wider[:batch] - full).abs().max() <= 1e-5 * full.abs().max()
+    assert all(r.site != "model.layers.1.self_attn" for r in _rows("skipped"))
     with torch.no_grad(), _CountRows() as count:
         compiled(ids)
     assert count.rows == []  # the queries are selected at the attention, no rows gathered
@@ -179,10 +185,10 @@ def test_decoder_attention_routes_its_queries_causally():
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generate_routing_decoder_attention_matches_generate_without_the_cache(kind):
     """Every token writes its keys and values, so decoding one token at a time with the cache
-    computes what whole-sequence forwards compute (batch 1: attention and MLP blocks)."""
+    computes what whole-sequence forwards compute (attention and MLP blocks, 2 sequences)."""
     model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
-    ids = torch.randint(3, 96, (1, 8))
+    ids = torch.randint(3, 96, (2, 8))
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5,
                                                       "blocks": ["attention", "mlp"]}})
@@ -365,6 +371,59 @@ class _CausalBlock(_AttentionBlock):
         return x + self.o(a.transpose(1, 2).reshape(b, t, d)), k, v
 
 
+class _PaddedBlock(_AttentionBlock):
+    """An encoder's attention block with a padding mask: [B, 1, 1, T], or one row per query
+    [B, 1, T, T]."""
+
+    def __init__(self, rows: bool):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, x, keep):
+        b, t, d = x.shape
+        y = self.ln(x)
+        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        mask = keep[:, None, None, :]
+        if self.rows:
+            mask = mask.expand(b, 1, t, t)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["broadcast_mask", "mask_rows"])
+def test_a_padded_encoders_routed_queries_see_the_unpadded_keys(rows):
+    torch.manual_seed(0)
+    block, x = _PaddedBlock(rows).eval(), torch.randn(3, 11, 16)
+    keep = torch.ones(3, 11, dtype=torch.bool)
+    keep[1, 8:] = keep[2, 5:] = False  # padding at the end of two sequences
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    chosen = (x @ router.weight + router.bias).topk(math.ceil(0.5 * 11)).indices
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
+                   if s.kind == "attention"]
+        assert _masked(site) and _decoder_attention_problem(site, "all") == ""
+        route_site(g, site, _Plan(router, 0.5, None, "all"))
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = g(*example)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(block, backend=backend)(x, keep)
+        full = block(x, keep)
+    routed = first_tensor(out["routed"])
+    for b in range(3):
+        rest = [t for t in range(11) if t not in chosen[b]]
+        assert torch.equal(routed[b, rest], x[b, rest])
+        torch.testing.assert_close(routed[b, chosen[b]], full[b, chosen[b]], rtol=1e-5,
+                                   atol=1e-6)
+
+
 def _route_the_one(module, x, kind, plan):
     """(the output of `module`'s graph with its one `kind` site routed by `plan`, the sites
     found), with the blocks of every kind listed."""
@@ -393,11 +452,12 @@ def _route_the_one(module, x, kind, plan):
 def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_keys(mask):
     """Decoder attention (keys="all", per-token threshold): a routed token's output is the
     unrouted block's, a skipped token keeps its input, and every token's keys and values
-    (what the cache keeps) are the unrouted block's."""
+    (what the cache keeps) are the unrouted block's; three sequences routing different
+    numbers of tokens."""
     torch.manual_seed(0)
-    block, x = _CausalBlock(mask).eval(), torch.randn(1, 11, 16)
+    block, x = _CausalBlock(mask).eval(), torch.randn(3, 11, 16)
     router = Router(torch.randn(16), 0.1, 1.0, 1)
-    scores = x[0] @ router.weight + router.bias
+    scores = x @ router.weight + router.bias
     cut = float(scores.median())
     out = {}
 
@@ -418,11 +478,10 @@ def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_key
         torch.compile(block, backend=backend)(x)
         full, k, v = block(x)
     routed, rk, rv = out["routed"]
-    rows = (scores >= cut).nonzero().flatten()
-    rest = (scores < cut).nonzero().flatten()
-    assert 0 < len(rows) < 11
-    assert torch.equal(routed[0, rest], x[0, rest])
-    torch.testing.assert_close(routed[0, rows], full[0, rows], rtol=1e-5, atol=1e-6)
+    kept = scores >= cut
+    assert len(set(kept.sum(1).tolist())) > 1  # the sequences route different numbers
+    assert torch.equal(routed[~kept], x[~kept])
+    torch.testing.assert_close(routed[kept], full[kept], rtol=1e-5, atol=1e-6)
     assert torch.equal(rk, k) and torch.equal(rv, v)
 
 
@@ -455,12 +514,19 @@ def test_encoder_attention_blocks_route_through_the_pass():
     rows = _rows()
     assert sorted(r.details["kind"] for r in rows) == ["attention", "attention", "mlp", "mlp"]
     assert not torch.equal(out, ref)
-    model, inputs = hf_model("llama")  # batch 2: a decoder's attention is kept whole
+    model, inputs = hf_model("bert")  # a padding mask: the queries are selected at the SDPA
+    inputs["attention_mask"][0, -3:] = 0
+    with torch.no_grad():
+        _compile(model.eval(), {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                               "blocks": ["attention"]}})(**inputs)
+    assert {(r.details["kind"], r.details["routing"]) for r in _rows()} == {
+        ("attention", "top_k")} and len(_rows()) == 2
+    model, inputs = hf_model("llama")  # a decoder's attention: per-token thresholds
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
                                         "blocks": ["attention"]}})(**inputs)
-    assert _rows() == [] and all("batch 1 only" in r.reason for r in _rows("skipped")
-                                 if r.details["kind"] == "attention")
+    assert {(r.details["kind"], r.details["routing"]) for r in _rows()} == {
+        ("attention", "threshold")}
 
 
 def test_arank_picks_the_layer_whose_heads_attend_in_the_fewest_patterns():
