@@ -117,6 +117,28 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class AttentionBlock(nn.Module):
+    """x + o(attention(ln(x))), the shape of a ViT/BERT attention block, no mask; subclasses
+    change the attention (masks, causal) through `attend`."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def project(self, x):
+        b, t, d = x.shape
+        y = self.ln(x)
+        return (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                for p in (self.q, self.k, self.v))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        a = torch.nn.functional.scaled_dot_product_attention(*self.project(x))
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
 def hf_model(kind: str, seed: int = 0) -> tuple[nn.Module, dict]:
     """A small-config Hugging Face model built from config (random weights) and an input batch."""
     import transformers as tf

@@ -14,13 +14,12 @@ or the `max_layers` least sensitive), a `budget` of token work allocated across 
 shared allocator, or, by default, as much skipping as keeps the graph's main output at
 `min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
 sample inputs (else on the call being compiled, with a warning). The first and last layers
-are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
-are routed in encoders and ViTs (`blocks`); a routed attention's queries attend to all
-tokens' keys (`keys="all"`) or only the routed ones. A decoder's attention keeps
-every token's keys and values, which the cache stores, and selects the routed queries where
-they enter the attention (after RoPE), with their rows of the causal mask. Trained routers (a Mixture-of-Depths
-model's) load from a file (`router`), with their updates scaled by sigmoid(score)
-(`residual_weight`) as such routers are trained.
+are kept unless named. Attention blocks are routed in encoders, ViTs and decoders, whole
+layers (attention, then MLP, one routing) in encoders and ViTs (`blocks`); a routed
+attention's queries attend to all tokens' keys (`keys="all"`) or, in encoders, only the
+routed ones (token_skip_attention.py). Trained routers (a Mixture-of-Depths model's) load
+from a file (`router`), with their updates scaled by sigmoid(score) (`residual_weight`) as
+such routers are trained.
 """
 
 from __future__ import annotations
@@ -31,24 +30,25 @@ import operator
 import os
 from typing import Any, ClassVar, Literal
 
-import sympy
 import torch
 import torch.fx as fx
 
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import (GraphFacts, ValueCapture, add_constant,
-                                       copy_graph_module, copy_node_meta, node_arg, node_value,
+                                       copy_graph_module, copy_node_meta, node_value,
                                        remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
                                 SiteOptions, allocate, db, end_to_end)
-from effc.passes.residual_sites import (ADDS, ATTENTION, ResidualSite, flatten_token_sizes,
-                                        layer_index, layer_sites, reshape_sizes,
-                                        residual_sites)
-from effc.passes.token_skip_math import (Router, arank, causal_rows, fit_router, load_routers,
-                                         overlap, per_sequence, select_rows, threshold)
+from effc.passes.residual_sites import (ADDS, ResidualSite, flatten_token_sizes, layer_index,
+                                        layer_sites, residual_sites)
+from effc.passes.token_skip_attention import (is_causal, masked, masks_are_causal,
+                                              queries_at_attention, queries_only,
+                                              queries_problem)
+from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
+                                         per_sequence, threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -118,52 +118,6 @@ class _Plan:
     info: dict = dataclasses.field(default_factory=dict)  # what the deciding graph measured
 
 
-def is_causal(gm: fx.GraphModule) -> bool:
-    """A decoder's graph: a causal attention, or keys/values the graph returns for a cache."""
-    outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in ATTENTION[:2]:
-            if node_arg(n, 5, "is_causal", False):
-                return True
-            if any(a in outputs for a in n.args[1:3] if isinstance(a, fx.Node)):
-                return True
-    return False
-
-
-def masks_are_causal(gm: fx.GraphModule, ctx) -> bool:
-    """A decoder's graph whose causal mask is a tensor (called without a cache, with an
-    attention_mask): True if on the call being compiled every attention mask with a row per
-    query hides each query's later keys. Structure alone cannot tell such a mask from an
-    encoder's padding mask."""
-    masks = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in ATTENTION[:2]:
-            m, q = node_arg(n, 3, "attn_mask"), node_value(n.args[0])
-            mv = node_value(m) if isinstance(m, fx.Node) else None
-            if isinstance(mv, torch.Tensor) and isinstance(q, torch.Tensor) and \
-                    mv.dim() >= 2 and _same(mv.shape[-2], q.shape[-2]) and \
-                    not _same(q.shape[-2], 1):
-                masks.append(m)
-    if not masks:
-        return False
-    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
-    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
-                                          if gi.kind == "input"), fakes)
-    if args is None:
-        return False
-    cap = ValueCapture(gm, {m.name for m in masks})
-    with torch.no_grad():
-        cap.run(*ctx.facts.fresh(args))
-    for m in masks:
-        v = cap.values[m.name]
-        seen = v if v.dtype == torch.bool else v > torch.finfo(v.dtype).min / 2
-        tq, tk = v.shape[-2:]
-        later = torch.ones(tq, tk, dtype=torch.bool, device=v.device).triu(1 + tk - tq)
-        if not later.any() or seen[..., later].any():
-            return False
-    return True
-
-
 def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                derived_from: tuple[str, ...] = ()) -> fx.Node:
     """Rewrite `site` in `gm` so that only the routed tokens go through its branch; the node
@@ -189,8 +143,8 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
     ops = torch.ops.effc
     # a decoder's attention (its keys and values feed the cache), or a masked encoder's: the
     # queries are selected where they enter the attention
-    queries_at_attention = site.kind == "attention" and (
-        plan.threshold is not None or (plan.keys == "all" and _masked(site)))
+    at_attention = site.kind == "attention" and (
+        plan.threshold is not None or (plan.keys == "all" and masked(site)))
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -201,20 +155,20 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                                     (scores, float(plan.capacity), plan.threshold))
         batched = site.kind in ("attention", "layer")  # attention mixes tokens: keep rows
         # of a sequence together
-        if not queries_at_attention:
+        if not at_attention:
             rows = graph.call_function(ops.token_gather.default, (x2d, index))
             head = (graph.call_method("size", (site.stream, 0)),) if batched else \
                 (1,) * (len(lead) - 1)
             rows = graph.call_method("reshape", (rows, head + (-1, d)))
-    if queries_at_attention:  # per-sequence positions, padded: a batch's sequences differ
+    if at_attention:  # per-sequence positions, padded: a batch's sequences differ
         with graph.inserting_before(first):
             padded = graph.call_function(per_sequence, (
                 index, graph.call_method("size", (site.stream, 0)), tokens))
             positions, fill, index = (graph.call_function(operator.getitem, (padded, i))
                                       for i in range(3))
-        _queries_at_attention(graph, site, positions, lead)
+        queries_at_attention(graph, site, positions, lead)
     elif site.kind == "attention" and plan.keys == "all":
-        _queries_only(graph, site, rows, lead)
+        queries_only(graph, site, rows, lead)
     else:
         for n in site.branch:
             n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
@@ -233,7 +187,7 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
         gate = _gate(graph, plan, scores, index)
-        if queries_at_attention:  # the filler rows add nothing
+        if at_attention:  # the filler rows add nothing
             gate = fill if gate is None else graph.call_function(torch.mul, (gate, fill))
         out = graph.call_function(ops.token_scatter_add.default, (x2d, index, upd, gate))
         out = graph.call_method("view_as", (out, site.stream))
@@ -260,188 +214,6 @@ def _restream(sites: list[ResidualSite], old: fx.Node, new: fx.Node) -> None:
             s.stream = new
 
 
-def _queries_only(graph: fx.Graph, site: ResidualSite, rows: fx.Node, lead: tuple) -> None:
-    """keys="all": the routed tokens' queries attend to every token's keys and values. The
-    nodes that compute the queries are copied onto the gathered rows (a norm the keys share
-    is computed twice, once per set of rows); keys, values and the attention's inputs
-    otherwise stay on the whole stream; the nodes after the attention see routed rows."""
-    attn = next(n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2])
-    queries = _within(attn.args[0], set(site.branch))
-    env = {site.stream: rows}
-    with graph.inserting_before(attn):
-        for n in site.branch:
-            if n in queries:
-                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
-                flatten_token_sizes(env[n], lead, keep_batch=True)
-    attn.args = (env.get(attn.args[0], attn.args[0]),) + tuple(attn.args[1:])
-    _free_query_rows(site.branch[site.branch.index(attn):], node_value(attn).dim() - 2)
-
-
-def _attention_node(site: ResidualSite) -> fx.Node | None:
-    found = [n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2]]
-    return found[0] if len(found) == 1 else None
-
-
-def _decoder_attention_problem(site: ResidualSite, keys: str) -> str:
-    """Why a decoder's attention block (or a masked encoder's) cannot have only its routed
-    tokens' queries attend (every token still computes and caches its keys and values), or
-    ""."""
-    if keys == "selected":
-        return ("keys='selected' in a decoder: the skipped tokens would have to write no keys "
-                "and values, and each layer's cache would have its own length (not built); "
-                "keys='all' routes a decoder's queries")
-    attn = _attention_node(site)
-    if attn is None:
-        return "the block holds no single scaled_dot_product_attention"
-    shape = site.stream.meta["example_value"].shape if "example_value" in site.stream.meta \
-        else None
-    if shape is None or len(shape) != 3:
-        return "the block's input is not [batch, tokens, features]"
-    if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
-        return "the attention's queries are not [batch, heads, tokens, head size]"
-    members = set(site.branch)
-    query_side = _within(attn.args[0], members)
-    after = set(site.branch[site.branch.index(attn):])
-    for n in site.branch:
-        outside = [u for u in n.users if u not in members and u is not site.add]
-        if outside and (n in query_side or n in after):
-            return (f"a value of the block ({n.name}) on the queries' side is also used "
-                    f"outside it ({outside[0].name})")
-    stream_shape = tuple(shape)
-    for n in after:
-        for a in n.all_input_nodes:
-            if a not in members and _per_token_input(a, stream_shape):
-                return (f"the block reads another per-token tensor ({a.name}) after its "
-                        f"attention")
-    return ""
-
-
-def _per_token_input(node: fx.Node, stream_shape: tuple) -> bool:
-    val = node.meta.get("example_value")
-    return isinstance(val, torch.Tensor) and tuple(val.shape[:2]) == stream_shape[:2]
-
-
-def _within(start: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
-    """`start` and the nodes of `members` it is computed from."""
-    seen, stack = set(), [start] if start in members else []
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(a for a in n.all_input_nodes if a in members)
-    return seen
-
-
-def _queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node,
-                          lead: tuple) -> None:
-    """A decoder's attention with only the routed tokens' queries: every token still
-    computes its keys and values, which the cache keeps, so later steps see the same cache as
-    the unrouted model. The queries at `positions` ([B, K] per sequence) are selected where
-    they enter the attention (after RoPE, which reads per-token angles), the mask's rows with
-    them; a causal attention gets the explicit mask of those rows (query at position i sees
-    keys 0..i, as is_causal does); the nodes after the attention see K rows per sequence."""
-    attn = _attention_node(site)
-    rank = node_value(attn.args[0]).dim()
-    mask = node_arg(attn, 3, "attn_mask")
-    causal = node_arg(attn, 5, "is_causal", False)
-    with graph.inserting_before(attn):
-        q_rows = graph.call_function(select_rows, (attn.args[0], positions))
-        if isinstance(mask, fx.Node):
-            m = node_value(mask)
-            if m is not None and not _same(m.shape[-2], 1):  # a row per query: keep theirs
-                mask = graph.call_function(select_rows, (mask, positions))
-        elif causal:
-            keys = graph.call_method("size", (attn.args[1], -2))
-            mask = graph.call_function(causal_rows, (positions, keys))
-    args = list(attn.args)
-    kwargs = dict(attn.kwargs)
-    args[0] = q_rows
-    for pos, name, value in ((3, "attn_mask", mask), (5, "is_causal", False)):
-        if len(args) > pos:
-            args[pos] = value
-        else:
-            kwargs[name] = value
-    attn.args, attn.kwargs = tuple(args), kwargs
-    _free_query_rows(site.branch[site.branch.index(attn):], rank - 2)
-
-
-def _expr(x) -> sympy.Expr:
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-
-def _same(a, b) -> bool:
-    """Equal sizes (ints or SymInts), compared without adding a guard."""
-    return sympy.expand(_expr(a) - _expr(b)) == 0
-
-
-def _divides(a, b) -> bool:
-    """a divides b (sizes: ints or SymInts, as sympy; no guard added)."""
-    return sympy.fraction(sympy.cancel(_expr(b) / _expr(a)))[1] == 1
-
-
-def _query_axis(shape, before, k) -> int | None:
-    """The axis of `shape` that holds the queries, given the product of the sizes before them
-    in row-major order (`before`) and their number `k`: the axis whose leading product divides
-    `before` and whose trailing product is a multiple of before * k; never the last axis
-    (features) of a tensor with more than one. Of several (size-1 axes around one query),
-    the one of size k at exactly `before`, the last of them."""
-    lead = [math.prod(shape[:j]) if j else 1 for j in range(len(shape) + 1)]
-    hits = [j for j in range(max(len(shape) - 1, 1)) if _divides(lead[j], before)
-            and _divides(before * k, lead[j + 1])]
-    exact = [j for j in hits if _same(lead[j], before) and _same(shape[j], k)]
-    if len(hits) == 1:
-        return hits[0]
-    return exact[-1] if exact and (len(exact) == 1 or _same(k, 1)) else None
-
-
-def _free_query_rows(nodes: list[fx.Node], axis: int) -> None:
-    """Free the nodes after an attention (nodes[0]) from the number of queries, which sits on
-    `axis` of its output: follow the queries (by the product of the sizes before them, which
-    reshapes keep) through reshapes, views, transposes and shape-keeping ops, and give each
-    view/reshape -1 where they land, so a query count equal to the head size or head count
-    is not mistaken for them, and a view that merges them with the batch (GPT-2's Conv1D)
-    still scales. RuntimeError where they cannot be followed: the block is kept whole."""
-    first = node_value(nodes[0])
-    k = first.shape[axis]
-    before = {nodes[0]: math.prod(first.shape[:axis]) if axis else 1}
-    for n in nodes[1:]:
-        src = next((a for a in n.all_input_nodes if a in before), None)
-        if src is None:
-            continue
-        val, out, b = node_value(src), node_value(n), before[src]
-        if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
-            raise RuntimeError(f"{n.name}: the shape after the attention is not known")
-        if reshape_sizes(n) is not None:
-            j = _query_axis(out.shape, b, k)
-            given = reshape_sizes(n)
-            # the other sizes as given (a dynamic batch stays its size node), a -1 as traced
-            sizes = [-1 if i == j else out.shape[i] if isinstance(x, int) and x == -1 else x
-                     for i, x in enumerate(given)] if len(given) == out.dim() else \
-                [-1 if i == j else x for i, x in enumerate(out.shape)]
-            if j is None or not all(isinstance(x, (int, fx.Node)) for x in sizes):
-                raise RuntimeError(f"{n.name}: cannot tell where the queries go")
-            n.args = (n.args[0], tuple(sizes))
-            before[n] = b
-            continue
-        a = _query_axis(val.shape, b, k)
-        moved = None
-        if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
-            d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
-            moved = d1 if a == d0 else d0 if a == d1 else a
-        elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
-            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
-                else n.args[1:]
-            moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
-        elif out.dim() == val.dim() and all(_same(x, y) for x, y in zip(out.shape[:-1],
-                                                                       val.shape[:-1])) \
-                and a is not None and a < val.dim() - 1:  # contiguous, linear, pointwise
-            before[n] = b
-            continue
-        if moved is None or a is None or not _same(val.shape[a], k):
-            raise RuntimeError(f"{n.name}: cannot follow the queries through it")
-        before[n] = math.prod(out.shape[:moved]) if moved else 1
-
-
 # Plans chosen by the first graph that held a site, reused by every later graph of the same
 # weights, options and calibration: generate()'s decode steps (one token, often no sample
 # that fits) then route exactly as the prefill graph measured, with the same thresholds.
@@ -458,13 +230,6 @@ def _plan_key(site: ResidualSite, ctx, cfg: TokenSkipConfig) -> tuple:
                     for w in site.weights)
     stamp = os.stat(cfg.router).st_mtime_ns if cfg.router != "fit" else 0  # a file's version
     return site.name, weights, repr(cfg), stamp, id(ctx.calibration)
-
-
-def _masked(site: ResidualSite) -> bool:
-    """True if an attention in the block takes a mask (one row per query: it would have to
-    be gathered with the queries)."""
-    return any(n.op == "call_function" and n.target in ATTENTION[:2]
-               and node_arg(n, 3, "attn_mask") is not None for n in site.branch)
 
 
 def find_sites(gm: fx.GraphModule, facts: GraphFacts, blocks: tuple[str, ...]
@@ -639,12 +404,12 @@ class TokenSkipPass(Pass):
             return ("whole layers are routed in non-causal graphs only (a decoder's skipped "
                     "tokens would have to write no keys and values)")
         if s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
-            why = _decoder_attention_problem(s, cfg.keys)
-        elif s.kind == "attention" and _masked(s):  # an encoder's padding mask
+            why = queries_problem(s, cfg.keys)
+        elif s.kind == "attention" and masked(s):  # an encoder's padding mask
             why = ("keys='selected' with an attention mask (padding) is not built; keys='all' "
                    "routes the queries" if cfg.keys == "selected" else
-                   s.why or _decoder_attention_problem(s, cfg.keys))
-        elif s.kind == "layer" and _masked(s):
+                   s.why or queries_problem(s, cfg.keys))
+        elif s.kind == "layer" and masked(s):
             why = "the attention has a mask (padding): routing a whole layer with it is not built"
         else:
             why = s.why

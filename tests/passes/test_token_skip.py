@@ -13,14 +13,14 @@ import re
 import pytest
 import torch
 import transformers as tf
-from helpers import first_tensor, hf_model
+from helpers import AttentionBlock, first_tensor, hf_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import effc
 from effc.compiler.graph_facts import GraphFacts, copy_graph_module
 from effc.passes.residual_sites import residual_sites
-from effc.passes.token_skip import (_decoder_attention_problem, _masked, _Plan, find_sites,
-                                    is_causal, route_site)
+from effc.passes.token_skip import _Plan, find_sites, route_site
+from effc.passes.token_skip_attention import queries_problem
 from effc.passes.token_skip_math import Router
 
 
@@ -227,21 +227,6 @@ def test_generate_with_the_cache_matches_generate_without_it(kind):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
-def test_is_causal_tells_decoders_from_encoders():
-    found = {}
-    for kind in ("llama", "bert"):
-        model, inputs = hf_model(kind)
-
-        def backend(gm, example, kind=kind):
-            found[kind] = is_causal(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        with torch.no_grad():
-            torch.compile(model.eval(), backend=backend)(**inputs)
-    assert found == {"llama": True, "bert": False}
-
-
 def test_a_decoder_called_without_a_cache_and_with_a_mask_still_routes_causally():
     """No cache, an attention_mask: the causal mask is a tensor, which the graph's structure
     does not tell from an encoder's padding mask; its values on the call do."""
@@ -332,98 +317,6 @@ def test_bad_settings_raise_value_error_naming_the_key(options, key):
         effc.Config.from_options({"token_skip": options})
 
 
-class _AttentionBlock(torch.nn.Module):
-    """x + o(attention(ln(x))), the shape of a ViT/BERT attention block, no mask."""
-
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.ln = torch.nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
-
-    def forward(self, x):
-        b, t, d = x.shape
-        y = self.ln(x)
-        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
-
-
-class _CausalBlock(_AttentionBlock):
-    """A decoder's attention block: causal (is_causal, or an explicit mask), returning the
-    keys and values a cache would keep."""
-
-    def __init__(self, mask: bool):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        b, t, d = x.shape
-        y = self.ln(x)
-        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))
-        if self.mask:
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        else:
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.o(a.transpose(1, 2).reshape(b, t, d)), k, v
-
-
-class _PaddedBlock(_AttentionBlock):
-    """An encoder's attention block with a padding mask: [B, 1, 1, T], or one row per query
-    [B, 1, T, T]."""
-
-    def __init__(self, rows: bool):
-        super().__init__()
-        self.rows = rows
-
-    def forward(self, x, keep):
-        b, t, d = x.shape
-        y = self.ln(x)
-        q, k, v = (p(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))
-        mask = keep[:, None, None, :]
-        if self.rows:
-            mask = mask.expand(b, 1, t, t)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
-
-
-@pytest.mark.parametrize("rows", [False, True], ids=["broadcast_mask", "mask_rows"])
-def test_a_padded_encoders_routed_queries_see_the_unpadded_keys(rows):
-    torch.manual_seed(0)
-    block, x = _PaddedBlock(rows).eval(), torch.randn(3, 11, 16)
-    keep = torch.ones(3, 11, dtype=torch.bool)
-    keep[1, 8:] = keep[2, 5:] = False  # padding at the end of two sequences
-    router = Router(torch.randn(16), 0.1, 1.0, 1)
-    chosen = (x @ router.weight + router.bias).topk(math.ceil(0.5 * 11)).indices
-    out = {}
-
-    def backend(gm, example):
-        g = copy_graph_module(gm)
-        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
-                   if s.kind == "attention"]
-        assert _masked(site) and _decoder_attention_problem(site, "all") == ""
-        route_site(g, site, _Plan(router, 0.5, None, "all"))
-        g.graph.eliminate_dead_code()
-        g.recompile()
-        out["routed"] = g(*example)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(block, backend=backend)(x, keep)
-        full = block(x, keep)
-    routed = first_tensor(out["routed"])
-    for b in range(3):
-        rest = [t for t in range(11) if t not in chosen[b]]
-        assert torch.equal(routed[b, rest], x[b, rest])
-        torch.testing.assert_close(routed[b, chosen[b]], full[b, chosen[b]], rtol=1e-5,
-                                   atol=1e-6)
-
-
 def _route_the_one(module, x, kind, plan):
     """(the output of `module`'s graph with its one `kind` site routed by `plan`, the sites
     found), with the blocks of every kind listed."""
@@ -433,7 +326,7 @@ def _route_the_one(module, x, kind, plan):
         g = copy_graph_module(gm)
         out["sites"] = find_sites(g, GraphFacts(g, example), ("layer",))
         (site,) = [s for s in out["sites"] if s.kind == kind]
-        assert (_decoder_attention_problem(site, plan.keys) if plan.threshold is not None
+        assert (queries_problem(site, plan.keys) if plan.threshold is not None
                 else site.why) == ""
         route_site(g, site, plan)
         g.graph.eliminate_dead_code()
@@ -448,47 +341,10 @@ def _route_the_one(module, x, kind, plan):
     return out["routed"], out["sites"]
 
 
-@pytest.mark.parametrize("mask", [False, True], ids=["is_causal", "mask"])
-def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_keys(mask):
-    """Decoder attention (keys="all", per-token threshold): a routed token's output is the
-    unrouted block's, a skipped token keeps its input, and every token's keys and values
-    (what the cache keeps) are the unrouted block's; three sequences routing different
-    numbers of tokens."""
-    torch.manual_seed(0)
-    block, x = _CausalBlock(mask).eval(), torch.randn(3, 11, 16)
-    router = Router(torch.randn(16), 0.1, 1.0, 1)
-    scores = x @ router.weight + router.bias
-    cut = float(scores.median())
-    out = {}
-
-    def backend(gm, example):
-        g = copy_graph_module(gm)
-        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
-                   if s.kind == "attention"]
-        assert _decoder_attention_problem(site, "all") == ""
-        assert "keys='selected'" in _decoder_attention_problem(site, "selected")
-        route_site(g, site, _Plan(router, 0.5, cut))
-        g.graph.eliminate_dead_code()
-        g.recompile()
-        out["routed"] = g(*example)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(block, backend=backend)(x)
-        full, k, v = block(x)
-    routed, rk, rv = out["routed"]
-    kept = scores >= cut
-    assert len(set(kept.sum(1).tolist())) > 1  # the sequences route different numbers
-    assert torch.equal(routed[~kept], x[~kept])
-    torch.testing.assert_close(routed[kept], full[kept], rtol=1e-5, atol=1e-6)
-    assert torch.equal(rk, k) and torch.equal(rv, v)
-
-
 @pytest.mark.parametrize("keys", ["all", "selected"])
 def test_routed_attention_queries_see_all_or_only_the_routed_keys(keys):
     torch.manual_seed(0)
-    block, x = _AttentionBlock().eval(), torch.randn(3, 11, 16)
+    block, x = AttentionBlock().eval(), torch.randn(3, 11, 16)
     router = Router(torch.randn(16), 0.1, 1.0, 1)
     capacity, k = 0.5, math.ceil(0.5 * 11)
     chosen = (x.reshape(-1, 16) @ router.weight + router.bias).reshape(3, 11).topk(k).indices
@@ -549,7 +405,7 @@ class _Layer(torch.nn.Module):
 
     def __init__(self, d=16):
         super().__init__()
-        self.attention = _AttentionBlock(d)
+        self.attention = AttentionBlock(d)
         self.ln = torch.nn.LayerNorm(d)
         self.up, self.down = torch.nn.Linear(d, 32), torch.nn.Linear(32, d)
 

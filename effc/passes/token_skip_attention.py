@@ -1,0 +1,260 @@
+"""token_skip's attention blocks: which can have only the routed tokens' queries attend, and
+the rewrite that does it (shared by token_skip.py; not a pass).
+
+Two ways. In encoders and ViTs without a mask, the nodes that compute the queries are copied
+onto the gathered rows (`queries_only`). In decoders, whose keys and values feed the cache, and
+in masked encoders, every token computes its keys and values, and the routed queries are
+selected where they enter scaled_dot_product_attention, with their rows of the mask
+(`queries_at_attention`). Either way the nodes after the attention then see fewer rows, and
+`free_query_rows` follows the queries through their reshapes by the product of the sizes
+before them, so a query count equal to a head size or head count is never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+import torch.fx as fx
+
+from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
+from effc.passes.budget import EndToEnd
+from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
+                                        reshape_sizes)
+from effc.passes.token_skip_math import causal_rows, select_rows
+
+
+def is_causal(gm: fx.GraphModule) -> bool:
+    """A decoder's graph: a causal attention, or keys/values the graph returns for a cache."""
+    outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ATTENTION[:2]:
+            if node_arg(n, 5, "is_causal", False):
+                return True
+            if any(a in outputs for a in n.args[1:3] if isinstance(a, fx.Node)):
+                return True
+    return False
+
+
+def masks_are_causal(gm: fx.GraphModule, ctx) -> bool:
+    """A decoder's graph whose causal mask is a tensor (called without a cache, with an
+    attention_mask): True if on the call being compiled every attention mask with a row per
+    query hides each query's later keys. Structure alone cannot tell such a mask from an
+    encoder's padding mask."""
+    masks = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ATTENTION[:2]:
+            m, q = node_arg(n, 3, "attn_mask"), node_value(n.args[0])
+            mv = node_value(m) if isinstance(m, fx.Node) else None
+            if isinstance(mv, torch.Tensor) and isinstance(q, torch.Tensor) and \
+                    mv.dim() >= 2 and _same(mv.shape[-2], q.shape[-2]) and \
+                    not _same(q.shape[-2], 1):
+                masks.append(m)
+    if not masks:
+        return False
+    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
+                                          if gi.kind == "input"), fakes)
+    if args is None:
+        return False
+    cap = ValueCapture(gm, {m.name for m in masks})
+    with torch.no_grad():
+        cap.run(*ctx.facts.fresh(args))
+    for m in masks:
+        v = cap.values[m.name]
+        seen = v if v.dtype == torch.bool else v > torch.finfo(v.dtype).min / 2
+        tq, tk = v.shape[-2:]
+        later = torch.ones(tq, tk, dtype=torch.bool, device=v.device).triu(1 + tk - tq)
+        if not later.any() or seen[..., later].any():
+            return False
+    return True
+
+
+def queries_only(graph: fx.Graph, site: ResidualSite, rows: fx.Node, lead: tuple) -> None:
+    """keys="all": the routed tokens' queries attend to every token's keys and values. The
+    nodes that compute the queries are copied onto the gathered rows (a norm the keys share
+    is computed twice, once per set of rows); keys, values and the attention's inputs
+    otherwise stay on the whole stream; the nodes after the attention see routed rows."""
+    attn = next(n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2])
+    queries = _within(attn.args[0], set(site.branch))
+    env = {site.stream: rows}
+    with graph.inserting_before(attn):
+        for n in site.branch:
+            if n in queries:
+                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+                flatten_token_sizes(env[n], lead, keep_batch=True)
+    attn.args = (env.get(attn.args[0], attn.args[0]),) + tuple(attn.args[1:])
+    free_query_rows(site.branch[site.branch.index(attn):], node_value(attn).dim() - 2)
+
+
+def attention_node(site: ResidualSite) -> fx.Node | None:
+    found = [n for n in site.branch if n.op == "call_function" and n.target in ATTENTION[:2]]
+    return found[0] if len(found) == 1 else None
+
+
+def queries_problem(site: ResidualSite, keys: str) -> str:
+    """Why a decoder's attention block (or a masked encoder's) cannot have only its routed
+    tokens' queries attend (every token still computes and caches its keys and values), or
+    ""."""
+    if keys == "selected":
+        return ("keys='selected' in a decoder: the skipped tokens would have to write no keys "
+                "and values, and each layer's cache would have its own length (not built); "
+                "keys='all' routes a decoder's queries")
+    attn = attention_node(site)
+    if attn is None:
+        return "the block holds no single scaled_dot_product_attention"
+    shape = site.stream.meta["example_value"].shape if "example_value" in site.stream.meta \
+        else None
+    if shape is None or len(shape) != 3:
+        return "the block's input is not [batch, tokens, features]"
+    if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
+        return "the attention's queries are not [batch, heads, tokens, head size]"
+    members = set(site.branch)
+    query_side = _within(attn.args[0], members)
+    after = set(site.branch[site.branch.index(attn):])
+    for n in site.branch:
+        outside = [u for u in n.users if u not in members and u is not site.add]
+        if outside and (n in query_side or n in after):
+            return (f"a value of the block ({n.name}) on the queries' side is also used "
+                    f"outside it ({outside[0].name})")
+    stream_shape = tuple(shape)
+    for n in after:
+        for a in n.all_input_nodes:
+            if a not in members and _per_token_input(a, stream_shape):
+                return (f"the block reads another per-token tensor ({a.name}) after its "
+                        f"attention")
+    return ""
+
+
+def _per_token_input(node: fx.Node, stream_shape: tuple) -> bool:
+    val = node.meta.get("example_value")
+    return isinstance(val, torch.Tensor) and tuple(val.shape[:2]) == stream_shape[:2]
+
+
+def _within(start: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
+    """`start` and the nodes of `members` it is computed from."""
+    seen, stack = set(), [start] if start in members else []
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(a for a in n.all_input_nodes if a in members)
+    return seen
+
+
+def queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node,
+                          lead: tuple) -> None:
+    """A decoder's attention with only the routed tokens' queries: every token still
+    computes its keys and values, which the cache keeps, so later steps see the same cache as
+    the unrouted model. The queries at `positions` ([B, K] per sequence) are selected where
+    they enter the attention (after RoPE, which reads per-token angles), the mask's rows with
+    them; a causal attention gets the explicit mask of those rows (query at position i sees
+    keys 0..i, as is_causal does); the nodes after the attention see K rows per sequence."""
+    attn = attention_node(site)
+    rank = node_value(attn.args[0]).dim()
+    mask = node_arg(attn, 3, "attn_mask")
+    causal = node_arg(attn, 5, "is_causal", False)
+    with graph.inserting_before(attn):
+        q_rows = graph.call_function(select_rows, (attn.args[0], positions))
+        if isinstance(mask, fx.Node):
+            m = node_value(mask)
+            if m is not None and not _same(m.shape[-2], 1):  # a row per query: keep theirs
+                mask = graph.call_function(select_rows, (mask, positions))
+        elif causal:
+            keys = graph.call_method("size", (attn.args[1], -2))
+            mask = graph.call_function(causal_rows, (positions, keys))
+    args = list(attn.args)
+    kwargs = dict(attn.kwargs)
+    args[0] = q_rows
+    for pos, name, value in ((3, "attn_mask", mask), (5, "is_causal", False)):
+        if len(args) > pos:
+            args[pos] = value
+        else:
+            kwargs[name] = value
+    attn.args, attn.kwargs = tuple(args), kwargs
+    free_query_rows(site.branch[site.branch.index(attn):], rank - 2)
+
+
+def _expr(x) -> sympy.Expr:
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+
+
+def _same(a, b) -> bool:
+    """Equal sizes (ints or SymInts), compared without adding a guard."""
+    return sympy.expand(_expr(a) - _expr(b)) == 0
+
+
+def _divides(a, b) -> bool:
+    """a divides b (sizes: ints or SymInts, as sympy; no guard added)."""
+    return sympy.fraction(sympy.cancel(_expr(b) / _expr(a)))[1] == 1
+
+
+def _query_axis(shape, before, k) -> int | None:
+    """The axis of `shape` that holds the queries, given the product of the sizes before them
+    in row-major order (`before`) and their number `k`: the axis whose leading product divides
+    `before` and whose trailing product is a multiple of before * k; never the last axis
+    (features) of a tensor with more than one. Of several (size-1 axes around one query),
+    the one of size k at exactly `before`, the last of them."""
+    lead = [math.prod(shape[:j]) if j else 1 for j in range(len(shape) + 1)]
+    hits = [j for j in range(max(len(shape) - 1, 1)) if _divides(lead[j], before)
+            and _divides(before * k, lead[j + 1])]
+    exact = [j for j in hits if _same(lead[j], before) and _same(shape[j], k)]
+    if len(hits) == 1:
+        return hits[0]
+    return exact[-1] if exact and (len(exact) == 1 or _same(k, 1)) else None
+
+
+def free_query_rows(nodes: list[fx.Node], axis: int) -> None:
+    """Free the nodes after an attention (nodes[0]) from the number of queries, which sits on
+    `axis` of its output: follow the queries (by the product of the sizes before them, which
+    reshapes keep) through reshapes, views, transposes and shape-keeping ops, and give each
+    view/reshape -1 where they land, so a query count equal to the head size or head count
+    is not mistaken for them, and a view that merges them with the batch (GPT-2's Conv1D)
+    still scales. RuntimeError where they cannot be followed: the block is kept whole."""
+    first = node_value(nodes[0])
+    k = first.shape[axis]
+    before = {nodes[0]: math.prod(first.shape[:axis]) if axis else 1}
+    for n in nodes[1:]:
+        src = next((a for a in n.all_input_nodes if a in before), None)
+        if src is None:
+            continue
+        val, out, b = node_value(src), node_value(n), before[src]
+        if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
+            raise RuntimeError(f"{n.name}: the shape after the attention is not known")
+        if reshape_sizes(n) is not None:
+            j = _query_axis(out.shape, b, k)
+            given = reshape_sizes(n)
+            # the other sizes as given (a dynamic batch stays its size node), a -1 as traced
+            sizes = [-1 if i == j else out.shape[i] if isinstance(x, int) and x == -1 else x
+                     for i, x in enumerate(given)] if len(given) == out.dim() else \
+                [-1 if i == j else x for i, x in enumerate(out.shape)]
+            if j is None or not all(isinstance(x, (int, fx.Node)) for x in sizes):
+                raise RuntimeError(f"{n.name}: cannot tell where the queries go")
+            n.args = (n.args[0], tuple(sizes))
+            before[n] = b
+            continue
+        a = _query_axis(val.shape, b, k)
+        moved = None
+        if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
+            d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
+            moved = d1 if a == d0 else d0 if a == d1 else a
+        elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
+            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
+                else n.args[1:]
+            moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
+        elif out.dim() == val.dim() and all(_same(x, y) for x, y in zip(out.shape[:-1],
+                                                                       val.shape[:-1])) \
+                and a is not None and a < val.dim() - 1:  # contiguous, linear, pointwise
+            before[n] = b
+            continue
+        if moved is None or a is None or not _same(val.shape[a], k):
+            raise RuntimeError(f"{n.name}: cannot follow the queries through it")
+        before[n] = math.prod(out.shape[:moved]) if moved else 1
+
+
+def masked(site: ResidualSite) -> bool:
+    """True if an attention in the block takes a mask (one row per query: it would have to
+    be gathered with the queries)."""
+    return any(n.op == "call_function" and n.target in ATTENTION[:2]
+               and node_arg(n, 3, "attn_mask") is not None for n in site.branch)

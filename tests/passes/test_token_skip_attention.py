@@ -1,0 +1,135 @@
+"""token_skip_attention: which attention blocks can route their queries, and the rewrite, on
+small blocks (encoder with a padding mask, decoder with is_causal or a mask) and on Hugging
+Face configs.
+
+Tolerances: routed rows are compared with the unrouted block's rows to rtol 1e-5 / atol 1e-6
+(the attention runs over fewer query rows, which changes no sum; measured equal to ~1e-7).
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import AttentionBlock, first_tensor, hf_model
+
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module
+from effc.passes.token_skip import _Plan, find_sites, route_site
+from effc.passes.token_skip_attention import is_causal, masked, queries_problem
+from effc.passes.token_skip_math import Router
+
+
+def _route(block, inputs, plan):
+    """(the attention site of `block`'s graph, the graph's outputs with it routed by
+    `plan`), the site checked before it is rewritten."""
+    out = {}
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
+                   if s.kind == "attention"]
+        out["site"] = (site.kind, masked(site), queries_problem(site, "all"),
+                       queries_problem(site, "selected"))
+        route_site(g, site, plan)
+        g.graph.eliminate_dead_code()
+        g.recompile()
+        out["routed"] = g(*example)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(block, backend=backend)(*inputs)
+    return out["site"], out["routed"]
+
+
+class _CausalBlock(AttentionBlock):
+    """A decoder's attention block: causal (is_causal, or an explicit mask), returning the
+    keys and values a cache would keep."""
+
+    def __init__(self, mask: bool):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.project(x)
+        if self.mask:
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d)), k, v
+
+
+class _PaddedBlock(AttentionBlock):
+    """An encoder's attention block with a padding mask: [B, 1, 1, T], or one row per query
+    [B, 1, T, T]."""
+
+    def __init__(self, rows: bool):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, x, keep):
+        b, t, d = x.shape
+        q, k, v = self.project(x)
+        mask = keep[:, None, None, :]
+        if self.rows:
+            mask = mask.expand(b, 1, t, t)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["broadcast_mask", "mask_rows"])
+def test_a_padded_encoders_routed_queries_see_the_unpadded_keys(rows):
+    torch.manual_seed(0)
+    block, x = _PaddedBlock(rows).eval(), torch.randn(3, 11, 16)
+    keep = torch.ones(3, 11, dtype=torch.bool)
+    keep[1, 8:] = keep[2, 5:] = False  # padding at the end of two sequences
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    chosen = (x @ router.weight + router.bias).topk(math.ceil(0.5 * 11)).indices
+    (_, is_masked, problem, _), routed = _route(block, (x, keep), _Plan(router, 0.5, None, "all"))
+    assert is_masked and problem == ""
+    with torch.no_grad():
+        full = block(x, keep)
+    routed = first_tensor(routed)
+    for b in range(3):
+        rest = [t for t in range(11) if t not in chosen[b]]
+        assert torch.equal(routed[b, rest], x[b, rest])
+        torch.testing.assert_close(routed[b, chosen[b]], full[b, chosen[b]], rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["is_causal", "mask"])
+def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_keys(mask):
+    """Decoder attention (keys="all", per-token threshold): a routed token's output is the
+    unrouted block's, a skipped token keeps its input, and every token's keys and values
+    (what the cache keeps) are the unrouted block's; three sequences routing different
+    numbers of tokens."""
+    torch.manual_seed(0)
+    block, x = _CausalBlock(mask).eval(), torch.randn(3, 11, 16)
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    scores = x @ router.weight + router.bias
+    cut = float(scores.median())
+    (_, _, problem, selected), (routed, rk, rv) = _route(block, (x,), _Plan(router, 0.5, cut))
+    assert problem == "" and "keys='selected'" in selected
+    with torch.no_grad():
+        full, k, v = block(x)
+    kept = scores >= cut
+    assert len(set(kept.sum(1).tolist())) > 1  # the sequences route different numbers
+    assert torch.equal(routed[~kept], x[~kept])
+    torch.testing.assert_close(routed[kept], full[kept], rtol=1e-5, atol=1e-6)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+
+
+def test_is_causal_tells_decoders_from_encoders():
+    found = {}
+    for kind in ("llama", "bert"):
+        model, inputs = hf_model(kind)
+
+        def backend(gm, example, kind=kind):
+            found[kind] = is_causal(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model.eval(), backend=backend)(**inputs)
+    assert found == {"llama": True, "bert": False}
