@@ -16,8 +16,8 @@ shared allocator, or, by default, as much skipping as keeps the graph's main out
 sample inputs (else on the call being compiled, with a warning). The first and last layers
 are kept unless named. Attention blocks are routed in encoders, ViTs and decoders, whole
 layers (attention, then MLP, one routing) in encoders and ViTs (`blocks`); a routed
-attention's queries attend to all tokens' keys (`keys="all"`) or, in encoders, only the
-routed ones (token_skip_attention.py). Trained routers (a Mixture-of-Depths model's) load
+attention's queries attend to all tokens' keys (`keys="all"`) or only the routed ones
+(token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys). Trained routers (a Mixture-of-Depths model's) load
 from a file (`router`), with their updates scaled by sigmoid(score) (`residual_weight`) as
 such routers are trained.
 """
@@ -44,9 +44,9 @@ from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndT
                                 SiteOptions, allocate, db, end_to_end)
 from effc.passes.residual_sites import (ADDS, ResidualSite, flatten_token_sizes, layer_index,
                                         layer_sites, residual_sites)
-from effc.passes.token_skip_attention import (is_causal, masked, masks_are_causal,
-                                              queries_at_attention, queries_only,
-                                              queries_problem)
+from effc.passes.token_skip_attention import (compact_branch, compact_problem, is_causal,
+                                              masked, masks_are_causal, queries_at_attention,
+                                              queries_only, queries_problem)
 from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
                                          per_sequence, threshold)
 
@@ -68,12 +68,12 @@ class TokenSkipConfig(PassConfig):
     min_sqnr_db: float | None = knob(None, "skip as much as keeps the graph's main output at "
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
     blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
-        ("mlp",), "which residual blocks may be routed: mlp, attention (in decoders with "
-                  "keys='all': every token still writes its keys and values), or a whole "
-                  "layer (attention then MLP, one routing; encoders and ViTs only)")
+        ("mlp",), "which residual blocks may be routed: mlp, attention, or a whole layer "
+                  "(attention then MLP, one routing; encoders and ViTs only)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
-               "the routed ones (Mixture-of-Depths proper: the least work; encoders and ViTs)")
+               "the routed ones (Mixture-of-Depths proper: the least work; in decoders at "
+               "batch 1, a skipped token then writes no keys and values to the cache)")
     layers: Literal["auto"] | tuple[int, ...] = knob(
         "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
     max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
@@ -143,8 +143,9 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
     ops = torch.ops.effc
     # a decoder's attention (its keys and values feed the cache), or a masked encoder's: the
     # queries are selected where they enter the attention
-    at_attention = site.kind == "attention" and (
-        plan.threshold is not None or (plan.keys == "all" and masked(site)))
+    at_attention = site.kind == "attention" and plan.keys == "all" and (
+        plan.threshold is not None or masked(site))
+    compact = site.kind == "attention" and plan.keys == "selected" and plan.threshold is not None
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -167,6 +168,8 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
             positions, fill, index = (graph.call_function(operator.getitem, (padded, i))
                                       for i in range(3))
         queries_at_attention(graph, site, positions, lead)
+    elif compact:  # a decoder's block on its routed tokens alone: they alone write the cache
+        compact_branch(graph, site, rows, index)
     elif site.kind == "attention" and plan.keys == "all":
         queries_only(graph, site, rows, lead)
     else:
@@ -404,7 +407,7 @@ class TokenSkipPass(Pass):
             return ("whole layers are routed in non-causal graphs only (a decoder's skipped "
                     "tokens would have to write no keys and values)")
         if s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
-            why = queries_problem(s, cfg.keys)
+            why = compact_problem(s) if cfg.keys == "selected" else queries_problem(s, "all")
         elif s.kind == "attention" and masked(s):  # an encoder's padding mask
             why = ("keys='selected' with an attention mask (padding) is not built; keys='all' "
                    "routes the queries" if cfg.keys == "selected" else

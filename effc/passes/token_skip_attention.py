@@ -1,18 +1,22 @@
-"""token_skip's attention blocks: which can have only the routed tokens' queries attend, and
-the rewrite that does it (shared by token_skip.py; not a pass).
+"""token_skip's attention blocks: which can have only the routed tokens attend, and the
+rewrites that do it (shared by token_skip.py; not a pass).
 
-Two ways. In encoders and ViTs without a mask, the nodes that compute the queries are copied
-onto the gathered rows (`queries_only`). In decoders, whose keys and values feed the cache, and
-in masked encoders, every token computes its keys and values, and the routed queries are
-selected where they enter scaled_dot_product_attention, with their rows of the mask
-(`queries_at_attention`). Either way the nodes after the attention then see fewer rows, and
-`free_query_rows` follows the queries through their reshapes by the product of the sizes
-before them, so a query count equal to a head size or head count is never mistaken for it.
+keys="all": in encoders and ViTs without a mask, the nodes that compute the queries are
+copied onto the gathered rows (`queries_only`); in decoders, whose keys and values feed the
+cache, and in masked encoders, every token computes its keys and values, and the routed
+queries are selected where they enter scaled_dot_product_attention, with their rows of the
+mask (`queries_at_attention`). keys="selected" in a decoder (batch 1, Mixture-of-Depths
+proper): the whole block runs on the routed tokens, with RoPE's angles at their positions,
+and only they append keys and values to the cache (`compact_branch`). The nodes that then see
+fewer rows are freed of the token count by following it (by the product of the sizes before
+it, which reshapes keep), so a count equal to a head size or head count is never mistaken
+for it.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import sympy
 import torch
@@ -98,9 +102,7 @@ def queries_problem(site: ResidualSite, keys: str) -> str:
     tokens' queries attend (every token still computes and caches its keys and values), or
     ""."""
     if keys == "selected":
-        return ("keys='selected' in a decoder: the skipped tokens would have to write no keys "
-                "and values, and each layer's cache would have its own length (not built); "
-                "keys='all' routes a decoder's queries")
+        return compact_problem(site)
     attn = attention_node(site)
     if attn is None:
         return "the block holds no single scaled_dot_product_attention"
@@ -219,38 +221,10 @@ def free_query_rows(nodes: list[fx.Node], axis: int) -> None:
         src = next((a for a in n.all_input_nodes if a in before), None)
         if src is None:
             continue
-        val, out, b = node_value(src), node_value(n), before[src]
+        val, out = node_value(src), node_value(n)
         if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor):
             raise RuntimeError(f"{n.name}: the shape after the attention is not known")
-        if reshape_sizes(n) is not None:
-            j = _query_axis(out.shape, b, k)
-            given = reshape_sizes(n)
-            # the other sizes as given (a dynamic batch stays its size node), a -1 as traced
-            sizes = [-1 if i == j else out.shape[i] if isinstance(x, int) and x == -1 else x
-                     for i, x in enumerate(given)] if len(given) == out.dim() else \
-                [-1 if i == j else x for i, x in enumerate(out.shape)]
-            if j is None or not all(isinstance(x, (int, fx.Node)) for x in sizes):
-                raise RuntimeError(f"{n.name}: cannot tell where the queries go")
-            n.args = (n.args[0], tuple(sizes))
-            before[n] = b
-            continue
-        a = _query_axis(val.shape, b, k)
-        moved = None
-        if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
-            d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
-            moved = d1 if a == d0 else d0 if a == d1 else a
-        elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
-            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
-                else n.args[1:]
-            moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
-        elif out.dim() == val.dim() and all(_same(x, y) for x, y in zip(out.shape[:-1],
-                                                                       val.shape[:-1])) \
-                and a is not None and a < val.dim() - 1:  # contiguous, linear, pointwise
-            before[n] = b
-            continue
-        if moved is None or a is None or not _same(val.shape[a], k):
-            raise RuntimeError(f"{n.name}: cannot follow the queries through it")
-        before[n] = math.prod(out.shape[:moved]) if moved else 1
+        before[n] = _follow(n, val, out, before[src], k)
 
 
 def masked(site: ResidualSite) -> bool:
@@ -258,3 +232,171 @@ def masked(site: ResidualSite) -> bool:
     be gathered with the queries)."""
     return any(n.op == "call_function" and n.target in ATTENTION[:2]
                and node_arg(n, 3, "attn_mask") is not None for n in site.branch)
+
+
+def compact_problem(site: ResidualSite) -> str:
+    """Why a decoder's attention block cannot run on its routed tokens alone (keys="selected",
+    Mixture-of-Depths proper: a skipped token computes no keys or values and writes none to
+    the cache), or ""."""
+    attn = attention_node(site)
+    if attn is None:
+        return "the block holds no single scaled_dot_product_attention"
+    shape = node_value(site.stream).shape if isinstance(node_value(site.stream),
+                                                        torch.Tensor) else None
+    if shape is None or len(shape) != 3 or not (isinstance(shape[0], int) and shape[0] == 1):
+        return ("keys='selected' in a decoder is built for batch 1: each sequence's cache "
+                "would hold its own number of tokens")
+    if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
+        return "the attention's queries are not [batch, heads, tokens, head size]"
+    return ""
+
+
+def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx.Node) -> None:
+    """keys="selected" in a decoder (batch 1): the whole block runs on the routed rows
+    (`rows`, the tokens at positions `index`). Per-token inputs it reads besides its stream
+    (RoPE's cos and sin) are selected at those positions along the token axis, which is
+    followed from the stream through every node (by the product of the sizes before it); the
+    keys and values it appends to the cache are the routed tokens' only. A mask with a row
+    and a column per token keeps the routed ones; with cached keys, a mask cannot be
+    mapped onto the layer's own (shorter) cache: RuntimeError, the block is kept whole."""
+    members = set(site.branch)
+    k = node_value(site.stream).shape[-2]
+    before = {site.stream: 1}  # batch 1: nothing before the tokens
+    attn = attention_node(site)
+    for n in site.branch:
+        n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
+        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
+        src = next((a for a in n.all_input_nodes if a in before or a is rows), None)
+        src = site.stream if src is rows else src
+        if src is None:
+            continue
+        val, out, b = node_value(src), node_value(n), before[src]
+        if n.op == "call_function" and n.target is torch.cat:
+            dim = node_arg(n, 1, "dim", 0) % out.dim()
+            if _query_axis(val.shape, b, k) == dim:  # the cache: past keys + the routed ones
+                continue
+        if n is attn:
+            _compact_mask(graph, n, index, k)
+            before[n] = math.prod(out.shape[:-2])
+            continue
+        if isinstance(val, (tuple, list)) or isinstance(out, (tuple, list)):
+            if not _splits_features(list(val) if isinstance(val, (tuple, list)) else [val],
+                                    list(out) if isinstance(out, (tuple, list)) else [out]):
+                raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+            before[n] = b  # GPT-2's c_attn(x).split(d, dim=2) and its items
+            continue
+        _select_side_inputs(graph, n, members, before, index, k)
+        before[n] = _follow(n, val, out, b, k)
+
+
+def _follow(n: fx.Node, val, out, b, k):
+    """The product of the sizes before the tokens in `n`'s output, its view/reshape given -1
+    there; RuntimeError where the tokens cannot be followed."""
+    if reshape_sizes(n) is not None:
+        j = _query_axis(out.shape, b, k)
+        given = reshape_sizes(n)
+        sizes = [-1 if i == j else out.shape[i] if isinstance(x, int) and x == -1 else x
+                 for i, x in enumerate(given)] if len(given) == out.dim() else \
+            [-1 if i == j else x for i, x in enumerate(out.shape)]
+        if j is None or not all(isinstance(x, (int, fx.Node)) for x in sizes):
+            raise RuntimeError(f"{n.name}: cannot tell where the tokens go")
+        n.args = (n.args[0], tuple(sizes))
+        return b
+    a = _query_axis(val.shape, b, k)
+    moved = None
+    if n.op == "call_method" and n.target == "transpose" or n.target is torch.transpose:
+        d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
+        moved = d1 if a == d0 else d0 if a == d1 else a
+    elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
+            else n.args[1:]
+        moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
+    elif out.dim() == val.dim() and a is not None and a < val.dim() - 1 and all(
+            _same(x, y) for x, y in zip(out.shape[:-1], val.shape[:-1])):  # linear, pointwise
+        return b
+    elif out.dim() == val.dim() and a is not None and a < val.dim() - 1 and \
+            _same(out.shape[a], k):  # expand
+        if n.op == "call_method" and n.target == "expand":  # its sizes name the tokens
+            sizes = list(n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list))
+                         else n.args[1:])
+            sizes[a] = -1
+            n.args = (n.args[0], tuple(sizes))
+        return math.prod(out.shape[:a]) if a else 1
+    elif _adds_axes(n) and _query_axis(out.shape, b, k) is not None:  # x[:, :, None]
+        return b
+    if moved is None or a is None or not _same(val.shape[a], k):
+        raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+    return math.prod(out.shape[:moved]) if moved else 1
+
+
+def _splits_features(ins: list, outs: list) -> bool:
+    """Tensors in and out that differ in their last (feature) axis only: a split or chunk
+    along it, or an item of one."""
+    tensors = [t for t in ins + outs if isinstance(t, torch.Tensor)]
+    return len(tensors) == len(ins) + len(outs) and all(
+        t.dim() == tensors[0].dim() and all(_same(x, y) for x, y in zip(
+            t.shape[:-1], tensors[0].shape[:-1])) for t in tensors)
+
+
+def _adds_axes(n: fx.Node) -> bool:
+    """x.unsqueeze(d), or x[...] with only whole slices, None and Ellipsis: size-1 axes added,
+    the elements' order kept."""
+    if n.op == "call_method" and n.target == "unsqueeze" or n.target is torch.unsqueeze:
+        return True
+    if n.op != "call_function" or n.target is not operator.getitem or len(n.args) != 2:
+        return False
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None))
+               for i in index)
+
+
+ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul,
+               torch.add, torch.sub, torch.div}
+ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "__mul__", "__add__", "__sub__",
+                       "__truediv__", "__rmul__", "__radd__"}
+
+
+def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
+                        index: fx.Node, k) -> None:
+    """In an elementwise op of the block, a tensor from outside it (RoPE's cos, sin) that
+    holds a row per token on the axis the block's tokens broadcast against: its routed rows."""
+    if _same(k, 1) or not (n.op == "call_function" and n.target in ELEMENTWISE or
+                           n.op == "call_method" and n.target in ELEMENTWISE_METHODS):
+        return
+    carrier = next((a for a in n.all_input_nodes if a in before), None)
+    val, out = node_value(carrier), node_value(n)
+    axis = _query_axis(val.shape, before[carrier], k)
+    for a in n.all_input_nodes:
+        side = node_value(a)
+        if a in members or a in before or not isinstance(side, torch.Tensor) or axis is None:
+            continue
+        at = axis - (out.dim() - side.dim())
+        if at >= 0 and _same(side.shape[at], k):
+            with graph.inserting_before(n):
+                rows = graph.call_function(torch.index_select, (a, at, index))
+            n.args = fx.node.map_arg(n.args, lambda x, a=a, rows=rows: rows if x is a else x)
+
+
+def _compact_mask(graph: fx.Graph, attn: fx.Node, index: fx.Node, k) -> None:
+    """The attention of the routed tokens among themselves: a mask with a row and a column per
+    token keeps the routed ones; is_causal stays right while there are no cached keys (the
+    routed tokens attend in order) or one query. Cached keys with a mask or a causal block
+    of several queries: RuntimeError (the layer's cache holds its own, fewer, tokens)."""
+    mask = node_arg(attn, 3, "attn_mask")
+    keys = node_value(attn.args[1]).shape[-2]
+    fresh = _same(keys, k)  # no cached keys
+    if isinstance(mask, fx.Node):
+        m = node_value(mask)
+        if not fresh or m is None:
+            raise RuntimeError("a mask over cached keys cannot be mapped onto the layer's own "
+                               "cache")
+        with graph.inserting_before(attn):
+            for dim in (-2, -1):
+                if not _same(m.shape[dim], 1):
+                    mask = graph.call_function(torch.index_select, (mask, m.dim() + dim, index))
+        if len(attn.args) > 3:
+            attn.args = attn.args[:3] + (mask,) + attn.args[4:]
+        else:
+            attn.kwargs = {**attn.kwargs, "attn_mask": mask}
+    elif node_arg(attn, 5, "is_causal", False) and not fresh and not _same(k, 1):
+        raise RuntimeError("a causal attention of several queries over cached keys")

@@ -177,8 +177,11 @@ def test_decoder_attention_routes_its_queries_causally(batch):
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "blocks": ["attention"],
                                         "keys": "selected"}})(ids)
-    assert _rows() == [] and any("keys='selected' in a decoder" in r.reason
-                                 for r in _rows("skipped"))
+    if batch == 1:  # Mixture-of-Depths proper: built at batch 1
+        assert [r.site for r in _rows()] == ["model.layers.1.self_attn"]
+    else:
+        assert _rows() == [] and any("keys='selected' in a decoder is built for batch 1"
+                                     in r.reason for r in _rows("skipped"))
 
 
 @pytest.mark.slow
@@ -202,6 +205,32 @@ def test_generate_routing_decoder_attention_matches_generate_without_the_cache(k
     assert torch.equal(cached.sequences, recomputed.sequences)
     for a, b in zip(cached.scores, recomputed.scores):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_agrees(kind):
+    """Mixture-of-Depths proper in a decoder (batch 1): a skipped token writes no keys and
+    values in the routed layer, whose cache holds fewer tokens than the others, and decoding
+    with that cache computes what whole-sequence forwards compute."""
+    model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+    ids = torch.randint(3, 96, (1, 8))
+    forward = model.forward
+    model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": ["attention"],
+                                                      "keys": "selected"}})
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.inference_mode():
+        cached = model.generate(ids, **kwargs)
+        recomputed = model.generate(ids, use_cache=False, **kwargs)
+    assert _rows() and not [r for r in _rows("skipped") if r.details["kind"] == "attention"
+                            and r.details["layer"] == 1]
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    lengths = [layer.keys.shape[-2] for layer in cached.past_key_values.layers]
+    assert lengths[0] == lengths[2] == 13 and 0 < lengths[1] < 13  # 8 + 6 - 1 tokens
 
 
 @pytest.mark.slow

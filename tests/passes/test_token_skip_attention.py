@@ -133,3 +133,26 @@ def test_is_causal_tells_decoders_from_encoders():
         with torch.no_grad():
             torch.compile(model.eval(), backend=backend)(**inputs)
     assert found == {"llama": True, "bert": False}
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["is_causal", "mask"])
+def test_keys_selected_in_a_decoder_runs_the_block_on_the_routed_tokens_alone(mask):
+    """Mixture-of-Depths proper (batch 1): the routed tokens attend among themselves, in
+    order, and only their keys and values leave the block for the cache."""
+    torch.manual_seed(0)
+    block, x = _CausalBlock(mask).eval(), torch.randn(1, 11, 16)
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    scores = x[0] @ router.weight + router.bias
+    cut = float(scores.median())
+    (_, _, _, problem), (routed, rk, rv) = _route(block, (x,), _Plan(router, 0.5, cut,
+                                                                     "selected"))
+    assert problem == ""
+    kept = scores >= cut
+    with torch.no_grad():
+        alone, k, v = block(x[:, kept])
+    assert torch.equal(routed[0, ~kept], x[0, ~kept])
+    torch.testing.assert_close(routed[0, kept], alone[0], rtol=1e-5, atol=1e-6)
+    assert rk.shape[-2] == int(kept.sum()) < 11
+    torch.testing.assert_close(rk, k, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv, v, rtol=1e-6, atol=1e-7)
+
