@@ -113,6 +113,8 @@ def _variants(layers: int, encoder: bool) -> list[tuple[str, dict]]:
                     {"capacity": 0.75, "blocks": ["attention", "mlp"]}))
         out.append((f"capacity 0.75, layers {middle}, attention only, keys selected (batch 1)",
                     {"capacity": 0.75, "blocks": ["attention"], "keys": "selected"}))
+        out.append((f"capacity 0.75, layers {middle}, whole layers (batch 1)",
+                    {"capacity": 0.75, "blocks": ["layer"]}))
     if encoder:  # attention blocks too (the work column counts MLP work only)
         for keys in ("all", "selected"):
             out.append((f"capacity 0.75, layers {middle}, attention and MLP, keys {keys}",
@@ -132,7 +134,8 @@ def part_a(quick: bool) -> str:
         rows = [["unmodified", 1.0, *metrics(model).values()]]
         for label, knobs in _variants(layers, encoder):
             compiled = _compiled(model, {"token_skip": knobs, "calibration": calib})
-            one = knobs.get("keys") == "selected" and not encoder  # built for batch 1
+            one = not encoder and (knobs.get("keys") == "selected" or  # built for batch 1
+                                   "layer" in knobs.get("blocks", ()))
             with torch.no_grad():
                 compiled(batches[0][:1] if one else batches[0])
             result = metrics(compiled, 1) if one else metrics(compiled)

@@ -14,12 +14,12 @@ or the `max_layers` least sensitive), a `budget` of token work allocated across 
 shared allocator, or, by default, as much skipping as keeps the graph's main output at
 `min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
 sample inputs (else on the call being compiled, with a warning). The first and last layers
-are kept unless named. Attention blocks are routed in encoders, ViTs and decoders, whole
-layers (attention, then MLP, one routing) in encoders and ViTs (`blocks`); a routed
+are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing;
+in decoders at batch 1) are routed in encoders, ViTs and decoders (`blocks`); a routed
 attention's queries attend to all tokens' keys (`keys="all"`) or only the routed ones
-(token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys). Trained routers (a Mixture-of-Depths model's) load
-from a file (`router`), with their updates scaled by sigmoid(score) (`residual_weight`) as
-such routers are trained.
+(token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys and
+values). Trained routers (a Mixture-of-Depths model's) load from a file (`router`), with
+their updates scaled by sigmoid(score) (`residual_weight`) as such routers are trained.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class TokenSkipConfig(PassConfig):
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
     blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
         ("mlp",), "which residual blocks may be routed: mlp, attention, or a whole layer "
-                  "(attention then MLP, one routing; encoders and ViTs only)")
+                  "(attention then MLP, one routing; in decoders at batch 1)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
                "the routed ones (Mixture-of-Depths proper: the least work; in decoders at "
@@ -145,7 +145,8 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
     # queries are selected where they enter the attention
     at_attention = site.kind == "attention" and plan.keys == "all" and (
         plan.threshold is not None or masked(site))
-    compact = site.kind == "attention" and plan.keys == "selected" and plan.threshold is not None
+    compact = plan.threshold is not None and (  # a decoder's block on its routed tokens
+        site.kind == "layer" or site.kind == "attention" and plan.keys == "selected")
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -403,10 +404,9 @@ class TokenSkipPass(Pass):
         cfg: TokenSkipConfig = self.config
         if s.kind not in cfg.blocks:
             return f"{s.kind} blocks are not among blocks={list(cfg.blocks)}"
-        if s.kind == "layer" and causal:
-            return ("whole layers are routed in non-causal graphs only (a decoder's skipped "
-                    "tokens would have to write no keys and values)")
-        if s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
+        if s.kind == "layer" and causal:  # Mixture-of-Depths proper, as keys="selected"
+            why = compact_problem(s, whole_layer=True)
+        elif s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
             why = compact_problem(s) if cfg.keys == "selected" else queries_problem(s, "all")
         elif s.kind == "attention" and masked(s):  # an encoder's padding mask
             why = ("keys='selected' with an attention mask (padding) is not built; keys='all' "

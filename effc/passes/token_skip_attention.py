@@ -234,10 +234,25 @@ def masked(site: ResidualSite) -> bool:
                and node_arg(n, 3, "attn_mask") is not None for n in site.branch)
 
 
-def compact_problem(site: ResidualSite) -> str:
-    """Why a decoder's attention block cannot run on its routed tokens alone (keys="selected",
-    Mixture-of-Depths proper: a skipped token computes no keys or values and writes none to
-    the cache), or ""."""
+def compact_problem(site: ResidualSite, whole_layer: bool = False) -> str:
+    """Why a decoder's attention block (or whole layer) cannot run on its routed tokens alone
+    (keys="selected", Mixture-of-Depths proper: a skipped token computes no keys or values
+    and writes none to the cache), or "". Of the block's values, only those the graph
+    returns (the cache's keys and values) may be used outside it."""
+    members = set(site.branch)
+    for n in site.branch:
+        outside = [u for u in n.users if u not in members and u is not site.add]
+        if any(u.op != "output" for u in outside):
+            return (f"a value of the block ({n.name}) is also used outside it "
+                    f"({outside[0].name})")
+    if whole_layer:
+        stream_shape = tuple(node_value(site.stream).shape)
+        for n in site.branch[site.branch.index(attention_node(site) or site.branch[0]):]:
+            for a in n.all_input_nodes:
+                if a not in members and a is not site.stream and \
+                        _per_token_input(a, stream_shape):
+                    return (f"the layer reads another per-token tensor ({a.name}) after its "
+                            f"attention")
     attn = attention_node(site)
     if attn is None:
         return "the block holds no single scaled_dot_product_attention"

@@ -208,24 +208,26 @@ def test_generate_routing_decoder_attention_matches_generate_without_the_cache(k
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("blocks", ["attention", "layer"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_agrees(kind):
-    """Mixture-of-Depths proper in a decoder (batch 1): a skipped token writes no keys and
-    values in the routed layer, whose cache holds fewer tokens than the others, and decoding
-    with that cache computes what whole-sequence forwards compute."""
+def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_agrees(kind,
+                                                                                      blocks):
+    """Mixture-of-Depths proper in a decoder (batch 1), on the attention block or the whole
+    layer: a skipped token writes no keys and values in the routed layer, whose cache holds
+    fewer tokens than the others, and decoding with that cache computes what whole-sequence
+    forwards compute."""
     model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
     ids = torch.randint(3, 96, (1, 8))
     forward = model.forward
-    model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": ["attention"],
+    model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": [blocks],
                                                       "keys": "selected"}})
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)
     with torch.inference_mode():
         cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
-    assert _rows() and not [r for r in _rows("skipped") if r.details["kind"] == "attention"
-                            and r.details["layer"] == 1]
+    assert _rows() and {r.details["kind"] for r in _rows()} == {blocks}
     assert torch.equal(cached.sequences, recomputed.sequences)
     for a, b in zip(cached.scores, recomputed.scores):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
@@ -461,7 +463,7 @@ def test_a_routed_layer_runs_attention_and_mlp_on_the_routed_tokens_only():
                                        atol=1e-6)
 
 
-def test_layers_route_through_the_pass_in_encoders_only():
+def test_layers_route_through_the_pass_in_encoders_and_batch_1_decoders():
     model, inputs = hf_model("vit")
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
@@ -469,11 +471,16 @@ def test_layers_route_through_the_pass_in_encoders_only():
     rows, skipped = _rows(), _rows("skipped")
     assert [r.details["kind"] for r in rows] == ["layer", "layer"]
     assert sum("part of the routed layer" in r.reason for r in skipped) == 4
-    model, inputs = hf_model("llama")
+    model, inputs = hf_model("llama")  # a batch of 2: each cache would hold its own tokens
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
                                         "blocks": ["layer"]}})(**inputs)
-    assert _rows() == [] and any("non-causal" in r.reason for r in _rows("skipped"))
+    assert _rows() == [] and any("built for batch 1" in r.reason for r in _rows("skipped"))
+    with torch.no_grad():
+        _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                        "blocks": ["layer"]}})(inputs["input_ids"][:1])
+    assert [(r.details["kind"], r.details["routing"]) for r in _rows()] == [
+        ("layer", "threshold")] * 2
 
 
 class _PreNormStack(torch.nn.Module):
