@@ -15,6 +15,8 @@
     one, with triton.testing.do_bench.
 (d) As (b), on a Llama of width 512 built from config (random weights, time only): how much
     of the saving the routing realizes once the MLP is not tiny next to its fixed cost.
+(e) On that Llama at 1024 tokens: the MLPs, the attention blocks (keys all and selected)
+    and whole layers of layers 1 and 2 routed at capacity 0.5, per-token thresholds.
 """
 
 from __future__ import annotations
@@ -228,6 +230,81 @@ def part_d(quick: bool) -> str:
             + table(TIME_HEADERS, rows))
 
 
+def _routed_flops(cfg, tokens: int, kind: str, capacity: float, routed: int) -> float:
+    """Multiply-adds of one forward (batch 1) with `routed` layers' `kind` block routed at
+    `capacity`: "mlp"; "attention_all" (every token's q, k, v; the routed tokens' attention
+    rows and output projection); "attention_selected" (the block on the routed tokens alone:
+    its projections on c T tokens, attention among them); "layer" (both parts that way)."""
+    d, ff, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+
+    def attention(t: float, routed_queries: float = 1.0) -> tuple[float, float]:
+        return (2 * d * d + 2 * d * kv) * t, d * t * (t + 1) * routed_queries
+
+    def layer(block: str | None) -> float:
+        c, t = capacity, tokens
+        proj, scores = attention(t)
+        mlp = 3 * d * ff * t
+        if block == "mlp":
+            mlp *= c
+        elif block == "attention_all":
+            proj, scores = proj - d * d * t * (1 - c), scores * c
+        elif block in ("attention_selected", "layer"):
+            proj, scores = attention(c * t)
+            mlp = mlp * c if block == "layer" else mlp
+        return proj + scores + mlp
+
+    return routed * layer(kind) + (n - routed) * layer(None) + d * cfg.vocab_size * tokens
+
+
+ATTENTION_SETTINGS = [("MLP", {"blocks": ["mlp"]}, "mlp"),
+                      ("attention, keys all", {"blocks": ["attention"]}, "attention_all"),
+                      ("attention, keys selected", {"blocks": ["attention"], "keys": "selected"},
+                       "attention_selected"),
+                      ("whole layers", {"blocks": ["layer"]}, "layer")]
+
+
+def part_e(quick: bool) -> str:
+    """A decoder's attention blocks and whole layers routed (per-token thresholds, capacity
+    0.5, layers 1 and 2) against its MLPs, at width 512 (the Llama of (d), random weights:
+    time only), 1024 tokens: does the routing realize its FLOP saving?"""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    d, tokens = (256, 256) if quick else (512, 1024)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=d * 11 // 4,
+                         num_hidden_layers=4, num_attention_heads=d // 64,
+                         num_key_value_heads=d // 64, max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, tokens))
+    plain = _compiled(model, {})
+    with torch.no_grad():
+        plain(ids)
+    fns = {"eager": lambda: model(ids), "effc": lambda: plain(ids)}
+    for label, knobs, _ in ATTENTION_SETTINGS:
+        compiled = _compiled(model, {"token_skip": {"capacity": 0.5, **knobs}})
+        with torch.no_grad():
+            compiled(ids)
+        assert sorted(_routed(knobs["blocks"][0])) == [1, 2], f"{label}: not routed"
+        fns[label] = (lambda c: lambda: c(ids))(compiled)
+    times = time_interleaved(fns, repeats=3 if quick else 11)
+    full = _routed_flops(cfg, tokens, "mlp", 1.0, 0)
+    rows = []
+    for label, _, kind in ATTENTION_SETTINGS:
+        flop = _routed_flops(cfg, tokens, kind, 0.5, 2) / full
+        ratio, own = times[label] / times["eager"], times[label] / times["effc"]
+        rows.append([label, flop, ratio, (1 - ratio) / (1 - flop), own,
+                     (1 - own) / (1 - flop)])
+    return (f"(e) CPU time of one forward vs eager, blocks of layers 1 and 2 routed at "
+            f"capacity 0.5 (per-token thresholds), width {d} (Llama from config, 4 layers, "
+            f"random weights), batch 1, {tokens} tokens, {machine()}\n\nMedians of "
+            f"{3 if quick else 11} interleaved runs. FLOP ratio: multiply-adds of what runs "
+            f"(keys all: every token's q, k, v still run).\n\n" +
+            table(["routed blocks", "FLOP ratio", "time ratio vs eager",
+                   "share of the FLOP saving realized", "time ratio vs effc",
+                   "share realized vs effc"], rows))
+
+
 def part_c(quick: bool) -> str:
     """CUDA only: the gather/scatter kernels vs torch's, and a routed MLP block vs a whole one
     (T=4096 tokens, d=4096, SwiGLU 11008, capacity 0.5), timed with triton.testing.do_bench."""
@@ -269,7 +346,8 @@ def part_c(quick: bool) -> str:
 
 
 def main() -> None:
-    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "token_skip")
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e},
+              "token_skip")
 
 
 if __name__ == "__main__":
