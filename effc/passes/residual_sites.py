@@ -15,6 +15,7 @@ import dataclasses
 import math
 import re
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -168,13 +169,18 @@ def reshape_sizes(node: fx.Node) -> tuple | None:
     return tuple(node.args[1:])
 
 
-def _same_size(a, b) -> bool:
-    """A size argument (int or a node of a SymInt) equals a traced size (int or SymInt)."""
-    a = node_value(a) if isinstance(a, fx.Node) else a
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and \
-        str(a.node.expr) == str(b.node.expr)
+def size_expr(x: int | torch.SymInt) -> sympy.Expr:
+    """A size as a sympy expression (a SymInt's own, without adding a guard)."""
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+
+
+def same_size(a, b) -> bool:
+    """Two sizes are equal: ints or SymInts (a size argument may be the node of one),
+    compared as expressions, so no guard is added."""
+    a, b = (node_value(x) if isinstance(x, fx.Node) else x for x in (a, b))
+    if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) for x in (a, b)):
+        return False
+    return sympy.expand(size_expr(a) - size_expr(b)) == 0
 
 
 def flatten_token_sizes(node: fx.Node, lead: tuple, keep_batch: bool = False) -> bool:
@@ -186,7 +192,7 @@ def flatten_token_sizes(node: fx.Node, lead: tuple, keep_batch: bool = False) ->
     if sizes is None or not lead:
         return False
     k = len(lead)
-    if len(sizes) > k and all(_same_size(a, b) for a, b in zip(sizes, lead)):
+    if len(sizes) > k and all(same_size(a, b) for a, b in zip(sizes, lead)):
         head = tuple(sizes[:k - 1]) if keep_batch else (1,) * (k - 1)
         rest = list(sizes[k:])
         if -1 in rest:  # (B, T, -1, d) -> (B, -1, H, d): the inferred size, from the trace
@@ -216,8 +222,8 @@ def _free_token_axis(node: fx.Node, sizes: tuple, tokens) -> tuple | None:
     shape = _shape(node)
     if shape is None or len(shape) != len(sizes):
         return None
-    where = [i for i, s in enumerate(sizes) if i > 0 and _same_size(s, tokens)]
-    if len(where) != 1 or not _same_size(shape[where[0]], tokens):
+    where = [i for i, s in enumerate(sizes) if i > 0 and same_size(s, tokens)]
+    if len(where) != 1 or not same_size(shape[where[0]], tokens):
         return None
     new = [shape[i] if isinstance(s, int) and s == -1 else s for i, s in enumerate(sizes)]
     new[where[0]] = -1

@@ -293,7 +293,7 @@ class TokenSkipPass(Pass):
         self.aranks: dict[str, float] = {}
         found = self.found = find_sites(gm, ctx.facts, cfg.blocks)
         causal = cfg.routing == "threshold" or (cfg.routing == "auto" and (
-            is_causal(gm) or masks_are_causal(gm, ctx)))
+            is_causal(gm) or bool(found) and masks_are_causal(gm, ctx)))  # (it runs the graph)
         if not causal and cfg.routing == "auto" and any(  # a decoder's graph without a cache
                 p is not None and p.threshold is not None  # (generate(use_cache=False)):
                 for p in (_PLANS.get(_plan_key(s, ctx, cfg)) for s in found)):  # as before

@@ -25,7 +25,7 @@ import torch.fx as fx
 from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
 from effc.passes.budget import EndToEnd
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
-                                        reshape_sizes)
+                                        reshape_sizes, same_size, size_expr)
 from effc.passes.token_skip_math import causal_rows, select_rows
 
 
@@ -52,8 +52,8 @@ def masks_are_causal(gm: fx.GraphModule, ctx) -> bool:
             m, q = node_arg(n, 3, "attn_mask"), node_value(n.args[0])
             mv = node_value(m) if isinstance(m, fx.Node) else None
             if isinstance(mv, torch.Tensor) and isinstance(q, torch.Tensor) and \
-                    mv.dim() >= 2 and _same(mv.shape[-2], q.shape[-2]) and \
-                    not _same(q.shape[-2], 1):
+                    mv.dim() >= 2 and same_size(mv.shape[-2], q.shape[-2]) and \
+                    not same_size(q.shape[-2], 1):
                 masks.append(m)
     if not masks:
         return False
@@ -129,6 +129,14 @@ def queries_problem(site: ResidualSite, keys: str) -> str:
     return ""
 
 
+def _set_arg(node: fx.Node, pos: int, name: str, value) -> None:
+    """Set argument `name` of a call, where it was given: at position `pos`, else by keyword."""
+    if len(node.args) > pos:
+        node.args = node.args[:pos] + (value,) + node.args[pos + 1:]
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
 def _per_token_input(node: fx.Node, stream_shape: tuple) -> bool:
     val = node.meta.get("example_value")
     return isinstance(val, torch.Tensor) and tuple(val.shape[:2]) == stream_shape[:2]
@@ -161,35 +169,20 @@ def queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node
         q_rows = graph.call_function(select_rows, (attn.args[0], positions))
         if isinstance(mask, fx.Node):
             m = node_value(mask)
-            if m is not None and not _same(m.shape[-2], 1):  # a row per query: keep theirs
+            if m is not None and not same_size(m.shape[-2], 1):  # a row per query: keep theirs
                 mask = graph.call_function(select_rows, (mask, positions))
         elif causal:
             keys = graph.call_method("size", (attn.args[1], -2))
             mask = graph.call_function(causal_rows, (positions, keys))
-    args = list(attn.args)
-    kwargs = dict(attn.kwargs)
-    args[0] = q_rows
-    for pos, name, value in ((3, "attn_mask", mask), (5, "is_causal", False)):
-        if len(args) > pos:
-            args[pos] = value
-        else:
-            kwargs[name] = value
-    attn.args, attn.kwargs = tuple(args), kwargs
+    attn.args = (q_rows,) + tuple(attn.args[1:])
+    _set_arg(attn, 3, "attn_mask", mask)
+    _set_arg(attn, 5, "is_causal", False)
     free_query_rows(site.branch[site.branch.index(attn):], rank - 2)
-
-
-def _expr(x) -> sympy.Expr:
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-
-def _same(a, b) -> bool:
-    """Equal sizes (ints or SymInts), compared without adding a guard."""
-    return sympy.expand(_expr(a) - _expr(b)) == 0
 
 
 def _divides(a, b) -> bool:
     """a divides b (sizes: ints or SymInts, as sympy; no guard added)."""
-    return sympy.fraction(sympy.cancel(_expr(b) / _expr(a)))[1] == 1
+    return sympy.fraction(sympy.cancel(size_expr(b) / size_expr(a)))[1] == 1
 
 
 def _query_axis(shape, before, k) -> int | None:
@@ -201,10 +194,10 @@ def _query_axis(shape, before, k) -> int | None:
     lead = [math.prod(shape[:j]) if j else 1 for j in range(len(shape) + 1)]
     hits = [j for j in range(max(len(shape) - 1, 1)) if _divides(lead[j], before)
             and _divides(before * k, lead[j + 1])]
-    exact = [j for j in hits if _same(lead[j], before) and _same(shape[j], k)]
+    exact = [j for j in hits if same_size(lead[j], before) and same_size(shape[j], k)]
     if len(hits) == 1:
         return hits[0]
-    return exact[-1] if exact and (len(exact) == 1 or _same(k, 1)) else None
+    return exact[-1] if exact and (len(exact) == 1 or same_size(k, 1)) else None
 
 
 def free_query_rows(nodes: list[fx.Node], axis: int) -> None:
@@ -323,25 +316,28 @@ def _follow(n: fx.Node, val, out, b, k):
         d0, d1 = (int(x) % val.dim() for x in n.args[1:3])
         moved = d1 if a == d0 else d0 if a == d1 else a
     elif n.op == "call_method" and n.target == "permute" or n.target is torch.permute:
-        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) \
-            else n.args[1:]
-        moved = [int(x) % val.dim() for x in dims].index(a) if a is not None else None
+        moved = [int(x) % val.dim() for x in _sizes(n)].index(a) if a is not None else None
     elif out.dim() == val.dim() and a is not None and a < val.dim() - 1 and all(
-            _same(x, y) for x, y in zip(out.shape[:-1], val.shape[:-1])):  # linear, pointwise
+            same_size(x, y) for x, y in zip(out.shape[:-1], val.shape[:-1])):  # linear, pointwise
         return b
     elif out.dim() == val.dim() and a is not None and a < val.dim() - 1 and \
-            _same(out.shape[a], k):  # expand
+            same_size(out.shape[a], k):  # expand
         if n.op == "call_method" and n.target == "expand":  # its sizes name the tokens
-            sizes = list(n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list))
-                         else n.args[1:])
+            sizes = list(_sizes(n))
             sizes[a] = -1
             n.args = (n.args[0], tuple(sizes))
         return math.prod(out.shape[:a]) if a else 1
     elif _adds_axes(n) and _query_axis(out.shape, b, k) is not None:  # x[:, :, None]
         return b
-    if moved is None or a is None or not _same(val.shape[a], k):
+    if moved is None or a is None or not same_size(val.shape[a], k):
         raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
     return math.prod(out.shape[:moved]) if moved else 1
+
+
+def _sizes(n: fx.Node) -> tuple:
+    """The sizes or dims of x.permute(...) / x.expand(...), given as a sequence or spread."""
+    one = len(n.args) == 2 and isinstance(n.args[1], (tuple, list))
+    return tuple(n.args[1]) if one else tuple(n.args[1:])
 
 
 def _splits_features(ins: list, outs: list) -> bool:
@@ -349,7 +345,7 @@ def _splits_features(ins: list, outs: list) -> bool:
     along it, or an item of one."""
     tensors = [t for t in ins + outs if isinstance(t, torch.Tensor)]
     return len(tensors) == len(ins) + len(outs) and all(
-        t.dim() == tensors[0].dim() and all(_same(x, y) for x, y in zip(
+        t.dim() == tensors[0].dim() and all(same_size(x, y) for x, y in zip(
             t.shape[:-1], tensors[0].shape[:-1])) for t in tensors)
 
 
@@ -375,7 +371,7 @@ def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
                         index: fx.Node, k) -> None:
     """In an elementwise op of the block, a tensor from outside it (RoPE's cos, sin) that
     holds a row per token on the axis the block's tokens broadcast against: its routed rows."""
-    if _same(k, 1) or not (n.op == "call_function" and n.target in ELEMENTWISE or
+    if same_size(k, 1) or not (n.op == "call_function" and n.target in ELEMENTWISE or
                            n.op == "call_method" and n.target in ELEMENTWISE_METHODS):
         return
     carrier = next((a for a in n.all_input_nodes if a in before), None)
@@ -386,7 +382,7 @@ def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
         if a in members or a in before or not isinstance(side, torch.Tensor) or axis is None:
             continue
         at = axis - (out.dim() - side.dim())
-        if at >= 0 and _same(side.shape[at], k):
+        if at >= 0 and same_size(side.shape[at], k):
             with graph.inserting_before(n):
                 rows = graph.call_function(torch.index_select, (a, at, index))
             n.args = fx.node.map_arg(n.args, lambda x, a=a, rows=rows: rows if x is a else x)
@@ -399,7 +395,7 @@ def _compact_mask(graph: fx.Graph, attn: fx.Node, index: fx.Node, k) -> None:
     of several queries: RuntimeError (the layer's cache holds its own, fewer, tokens)."""
     mask = node_arg(attn, 3, "attn_mask")
     keys = node_value(attn.args[1]).shape[-2]
-    fresh = _same(keys, k)  # no cached keys
+    fresh = same_size(keys, k)  # no cached keys
     if isinstance(mask, fx.Node):
         m = node_value(mask)
         if not fresh or m is None:
@@ -407,11 +403,8 @@ def _compact_mask(graph: fx.Graph, attn: fx.Node, index: fx.Node, k) -> None:
                                "cache")
         with graph.inserting_before(attn):
             for dim in (-2, -1):
-                if not _same(m.shape[dim], 1):
+                if not same_size(m.shape[dim], 1):
                     mask = graph.call_function(torch.index_select, (mask, m.dim() + dim, index))
-        if len(attn.args) > 3:
-            attn.args = attn.args[:3] + (mask,) + attn.args[4:]
-        else:
-            attn.kwargs = {**attn.kwargs, "attn_mask": mask}
-    elif node_arg(attn, 5, "is_causal", False) and not fresh and not _same(k, 1):
+        _set_arg(attn, 3, "attn_mask", mask)
+    elif node_arg(attn, 5, "is_causal", False) and not fresh and not same_size(k, 1):
         raise RuntimeError("a causal attention of several queries over cached keys")
