@@ -232,8 +232,8 @@ def part_d(quick: bool) -> str:
 
 def _routed_flops(cfg, tokens: int, kind: str, capacity: float, routed: int) -> float:
     """Multiply-adds of one forward (batch 1) with `routed` layers' `kind` block routed at
-    `capacity`: "mlp"; "attention_all" (every token's q, k, v; the routed tokens' attention
-    rows and output projection); "attention_selected" (the block on the routed tokens alone:
+    `capacity`: "mlp"; "attention_all" (every token's k and v; the routed tokens' queries,
+    attention rows and output projection); "attention_selected" (the block on the routed tokens alone:
     its projections on c T tokens, attention among them); "layer" (both parts that way)."""
     d, ff, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
@@ -299,7 +299,7 @@ def part_e(quick: bool) -> str:
             f"capacity 0.5 (per-token thresholds), width {d} (Llama from config, 4 layers, "
             f"random weights), batch 1, {tokens} tokens, {machine()}\n\nMedians of "
             f"{3 if quick else 11} interleaved runs. FLOP ratio: multiply-adds of what runs "
-            f"(keys all: every token's q, k, v still run).\n\n" +
+            f"(keys all: every token's keys and values are still computed).\n\n" +
             table(["routed blocks", "FLOP ratio", "time ratio vs eager",
                    "share of the FLOP saving realized", "time ratio vs effc",
                    "share realized vs effc"], rows))

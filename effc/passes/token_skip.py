@@ -142,7 +142,7 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
     first = site.branch[0]
     ops = torch.ops.effc
     # a decoder's attention (its keys and values feed the cache), or a masked encoder's: the
-    # queries are selected where they enter the attention
+    # routed tokens' queries alone are computed, and attend
     at_attention = site.kind == "attention" and plan.keys == "all" and (
         plan.threshold is not None or masked(site))
     compact = plan.threshold is not None and (  # a decoder's block on its routed tokens

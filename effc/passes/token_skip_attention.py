@@ -3,9 +3,9 @@ rewrites that do it (shared by token_skip.py; not a pass).
 
 keys="all": in encoders and ViTs without a mask, the nodes that compute the queries are
 copied onto the gathered rows (`queries_only`); in decoders, whose keys and values feed the
-cache, and in masked encoders, every token computes its keys and values, and the routed
-queries are selected where they enter scaled_dot_product_attention, with their rows of the
-mask (`queries_at_attention`). keys="selected" in a decoder (batch 1, Mixture-of-Depths
+cache, and in masked encoders, every token computes its keys and values, and only the routed
+tokens' queries are computed (`queries_on_routed_rows`: q_proj and RoPE on their rows) and
+attend, with their rows of the mask (`queries_at_attention`). keys="selected" in a decoder (batch 1, Mixture-of-Depths
 proper): the whole block runs on the routed tokens, with RoPE's angles at their positions,
 and only they append keys and values to the cache (`compact_branch`). The nodes that then see
 fewer rows are freed of the token count by following it (by the product of the sizes before
@@ -26,7 +26,7 @@ from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
 from effc.passes.budget import EndToEnd
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
                                         reshape_sizes, same_size, size_expr)
-from effc.passes.token_skip_math import causal_rows, select_rows
+from effc.passes.token_skip_math import causal_rows, select_along, select_rows
 
 
 def is_causal(gm: fx.GraphModule) -> bool:
@@ -160,13 +160,16 @@ def queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node
     the unrouted model. The queries at `positions` ([B, K] per sequence) are selected where
     they enter the attention (after RoPE, which reads per-token angles), the mask's rows with
     them; a causal attention gets the explicit mask of those rows (query at position i sees
-    keys 0..i, as is_causal does); the nodes after the attention see K rows per sequence."""
+    keys 0..i, as is_causal does); the nodes after the attention see K rows per sequence.
+    Where it can, the routed queries alone are computed (`queries_on_routed_rows`)."""
     attn = attention_node(site)
     rank = node_value(attn.args[0]).dim()
     mask = node_arg(attn, 3, "attn_mask")
     causal = node_arg(attn, 5, "is_causal", False)
+    q_rows = queries_on_routed_rows(graph, site, attn, positions)
     with graph.inserting_before(attn):
-        q_rows = graph.call_function(select_rows, (attn.args[0], positions))
+        if q_rows is None:  # the queries of every token, then the routed ones'
+            q_rows = graph.call_function(select_rows, (attn.args[0], positions))
         if isinstance(mask, fx.Node):
             m = node_value(mask)
             if m is not None and not same_size(m.shape[-2], 1):  # a row per query: keep theirs
@@ -178,6 +181,66 @@ def queries_at_attention(graph: fx.Graph, site: ResidualSite, positions: fx.Node
     _set_arg(attn, 3, "attn_mask", mask)
     _set_arg(attn, 5, "is_causal", False)
     free_query_rows(site.branch[site.branch.index(attn):], rank - 2)
+
+
+def queries_on_routed_rows(graph: fx.Graph, site: ResidualSite, attn: fx.Node,
+                           positions: fx.Node) -> fx.Node | None:
+    """The routed tokens' queries computed on their rows alone: the nodes that only the
+    queries need (q_proj, RoPE on q) are copied onto the rows, at `positions` [B, K], of the
+    last value the queries share with the keys and values that is laid out like the stream
+    ([B, T, n]: the norm's output in a Llama); per-token tensors from outside the block
+    (RoPE's cos and sin) are selected at the same positions. The copies' node, or None where
+    the tokens cannot be followed (the queries are then selected at the attention; copies
+    left unused are dead code)."""
+    members = set(site.branch)
+    queries = _within(attn.args[0], members)
+    kv = set().union(*(_within(a, members) for a in attn.args[1:3] if isinstance(a, fx.Node)))
+    b, t = node_value(site.stream).shape[:2]
+
+    def stream_like(n: fx.Node) -> bool:
+        v = node_value(n)
+        return isinstance(v, torch.Tensor) and v.dim() == 3 and same_size(v.shape[0], b) \
+            and same_size(v.shape[1], t)
+
+    shared = [n for n in site.branch if n in queries and n in kv and stream_like(n)]
+    start = shared[-1] if shared else site.stream
+    done = _within(start, members) | {start}
+    copied = [n for n in site.branch if n in queries and n not in done]
+    if not copied or any(a in done and a is not start for n in copied
+                         for a in n.all_input_nodes):
+        return None
+
+    def pick(a, at, side, out):
+        if at >= 1 and side.dim() == out.dim():  # a batch axis (B or 1) leads
+            return graph.call_function(select_along, (a, at, positions))
+        if isinstance(b, int) and b == 1:
+            return graph.call_function(torch.index_select, (
+                a, at, graph.call_method("reshape", (positions, (-1,)))))
+        raise RuntimeError(f"{a.name}: a per-token input without a batch axis")
+
+    with graph.inserting_before(attn):
+        rows = graph.call_function(select_rows, (start, positions))
+        env, before = {start: rows}, {rows: b}
+        for n in copied:
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+    try:
+        for n in copied:
+            c = env[n]
+            src = next((a for a in c.all_input_nodes if a in before), None)
+            if src is None:  # computed from outside inputs only (cos.unsqueeze(1))
+                continue
+            val, out = node_value(start if src is rows else src), node_value(c)
+            if isinstance(val, (tuple, list)) or isinstance(out, (tuple, list)):
+                if not _splits_features(list(val) if isinstance(val, (tuple, list)) else [val],
+                                        list(out) if isinstance(out, (tuple, list)) else [out]):
+                    raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+                before[c] = before[src]
+                continue
+            _select_side_inputs(graph, c, members, before, t, pick)
+            before[c] = _follow(c, val, out, before[src], t)
+    except RuntimeError:
+        return None
+    return env.get(attn.args[0])
 
 
 def _divides(a, b) -> bool:
@@ -293,7 +356,8 @@ def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx
                 raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
             before[n] = b  # GPT-2's c_attn(x).split(d, dim=2) and its items
             continue
-        _select_side_inputs(graph, n, members, before, index, k)
+        _select_side_inputs(graph, n, members, before, k, lambda a, at, side, out: (
+            graph.call_function(torch.index_select, (a, at, index))))
         before[n] = _follow(n, val, out, b, k)
 
 
@@ -367,10 +431,11 @@ ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "__mul__", "__add__", "__sub_
                        "__truediv__", "__rmul__", "__radd__"}
 
 
-def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
-                        index: fx.Node, k) -> None:
+def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict, k,
+                        pick) -> None:
     """In an elementwise op of the block, a tensor from outside it (RoPE's cos, sin) that
-    holds a row per token on the axis the block's tokens broadcast against: its routed rows."""
+    holds a row per token on the axis the block's tokens broadcast against: its routed rows,
+    `pick(a, axis, value of a, value of n)` (a node, inserted before n)."""
     if same_size(k, 1) or not (n.op == "call_function" and n.target in ELEMENTWISE or
                            n.op == "call_method" and n.target in ELEMENTWISE_METHODS):
         return
@@ -384,7 +449,7 @@ def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
         at = axis - (out.dim() - side.dim())
         if at >= 0 and same_size(side.shape[at], k):
             with graph.inserting_before(n):
-                rows = graph.call_function(torch.index_select, (a, at, index))
+                rows = pick(a, at, side, out)
             n.args = fx.node.map_arg(n.args, lambda x, a=a, rows=rows: rows if x is a else x)
 
 

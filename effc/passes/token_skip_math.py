@@ -156,6 +156,12 @@ def select_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(-2, at.expand(*lead, positions.shape[1], x.shape[-1]))
 
 
+def select_along(x: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
+    """x's entries at `positions` [B, K] along `axis` (a token axis, neither the first, the
+    batch's, B or 1, nor the last), per sequence."""
+    return select_rows(x.movedim(axis, -2), positions).movedim(-2, axis)
+
+
 def causal_rows(positions: torch.Tensor, keys: int) -> torch.Tensor:
     """The causal mask of the queries at `positions` [B, K] over `keys` keys ([B, 1, K, keys],
     True where attended): query i sees keys 0..positions[i], the rows of

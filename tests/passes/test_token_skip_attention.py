@@ -32,13 +32,30 @@ def _route(block, inputs, plan):
         route_site(g, site, plan)
         g.graph.eliminate_dead_code()
         g.recompile()
-        out["routed"] = g(*example)
+        rows = _LinearRows(g)
+        out["routed"] = rows.run(*example)
+        out["rows"] = rows.rows
         return gm.forward
 
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(block, backend=backend)(*inputs)
+    _route.rows = out["rows"]
     return out["site"], out["routed"]
+
+
+class _LinearRows(torch.fx.Interpreter):
+    """Runs a graph and records, per linear weight (by its data pointer), the number of rows
+    each of its linears saw."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.rows = {}
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.nn.functional.linear:
+            self.rows.setdefault(args[1].data_ptr(), []).append(args[0].shape[:-1].numel())
+        return super().call_function(target, args, kwargs)
 
 
 class _CausalBlock(AttentionBlock):
@@ -118,6 +135,12 @@ def test_a_decoders_routed_queries_attend_causally_and_every_token_keeps_its_key
     assert torch.equal(routed[~kept], x[~kept])
     torch.testing.assert_close(routed[kept], full[kept], rtol=1e-5, atol=1e-6)
     assert torch.equal(rk, k) and torch.equal(rv, v)
+    # the query projection runs on the routed rows alone (padded to the most any sequence
+    # routes), the key and value projections on every token
+    padded = 3 * int(kept.sum(1).max())
+    rows = {name: _route.rows[lin.weight.data_ptr()] for name, lin in
+            (("q", block.q), ("k", block.k), ("v", block.v), ("o", block.o))}
+    assert rows == {"q": [padded], "k": [33], "v": [33], "o": [padded]}
 
 
 def test_is_causal_tells_decoders_from_encoders():
@@ -156,3 +179,45 @@ def test_keys_selected_in_a_decoder_runs_the_block_on_the_routed_tokens_alone(ma
     torch.testing.assert_close(rk, k, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rv, v, rtol=1e-6, atol=1e-7)
 
+
+
+class _LlamaAttentionBlock(torch.nn.Module):
+    """x + self_attn(norm(x)) of a Hugging Face Llama layer (RoPE, GQA, causal), its rotary
+    angles computed outside the block as the model does."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers as tf
+        from transformers.models.llama import modeling_llama as ml
+
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64)
+        cfg._attn_implementation = "sdpa"
+        self.norm, self.attn = ml.LlamaRMSNorm(32), ml.LlamaAttention(cfg, 0)
+        self.rotary = ml.LlamaRotaryEmbedding(cfg)
+
+    def forward(self, x):
+        angles = self.rotary(x, torch.arange(x.shape[1], device=x.device)[None])
+        a, _ = self.attn(self.norm(x), position_embeddings=angles, attention_mask=None)
+        return x + a
+
+
+def test_a_llamas_routed_queries_get_their_own_rotary_angles():
+    """keys="all" in a Llama: q_proj and RoPE run on the routed rows alone, so cos and sin
+    must be selected at the routed positions of each sequence; the routed rows equal the
+    unrouted block's."""
+    torch.manual_seed(0)
+    block, x = _LlamaAttentionBlock().eval(), torch.randn(3, 13, 32)
+    router = Router(torch.randn(32), 0.1, 1.0, 1)
+    scores = x @ router.weight + router.bias
+    cut = float(scores.median())
+    (_, _, problem, _), routed = _route(block, (x,), _Plan(router, 0.5, cut))
+    assert problem == ""
+    with torch.no_grad():
+        full = block(x)
+    kept, routed = scores >= cut, first_tensor(routed)
+    assert len(set(kept.sum(1).tolist())) > 1
+    assert torch.equal(routed[~kept], x[~kept])
+    torch.testing.assert_close(routed[kept], full[kept], rtol=1e-5, atol=1e-6)
+    q, k = (_route.rows[p.weight.data_ptr()] for p in (block.attn.q_proj, block.attn.k_proj))
+    assert q == [3 * int(kept.sum(1).max())] and k == [39]

@@ -2,7 +2,8 @@
 
 import torch
 
-from effc.passes.token_skip_math import arank, fit_router, kept_tokens, overlap, threshold
+from effc.passes.token_skip_math import (arank, fit_router, kept_tokens, overlap, select_along,
+                                        threshold)
 
 
 def test_the_ridge_router_recovers_a_linear_target():
@@ -40,3 +41,15 @@ def test_arank_is_the_mean_normalized_rank_without_the_diagonal():
     assert abs(arank([first]) - 1 / 6) < 1e-12
     full = torch.rand(2, 6, 6) + 0.1     # generic maps: full rank
     assert abs(arank([full, first]) - (1.0 + 1 / 6) / 2) < 1e-12
+
+
+def test_select_along_picks_each_sequences_positions_on_any_token_axis():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 7, 3)  # batch 1, broadcast to the positions' 2 sequences
+    positions = torch.tensor([[0, 4, 6], [5, 1, 2]])
+    picked = select_along(x, 2, positions)
+    assert picked.shape == (2, 2, 3, 3)
+    for b in range(2):
+        assert torch.equal(picked[b], x[0][:, positions[b]])
+    y = torch.randn(2, 7, 4, 3)  # tokens on axis 1
+    assert torch.equal(select_along(y, 1, positions)[1], y[1, positions[1]])
