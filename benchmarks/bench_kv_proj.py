@@ -12,6 +12,10 @@
 (b) CPU time of one decode step (batch 1) at 256..2048 cached tokens: the plain DynamicCache
     vs the projected cache at budget 0.5 (half the bytes), eagerly (K and V rebuilt to full
     width every step) and compiled by effc with the kv_proj pass (attention in r dims).
+(c) Token selection (TokenSelect) at 1k..16k cached tokens: decode-step time and
+    agreement against full attention, and one layer's attention alone (SDPA vs
+    effc.select_attention).
+(d) CUDA only: effc.select_attention's Triton kernels vs SDPA at 4k..64k cached tokens.
 """
 
 from __future__ import annotations
@@ -202,9 +206,12 @@ def part_c(quick: bool) -> str:
 
         times = time_interleaved({k: step(k) for k in ("full", "select")},
                                  repeats=3 if quick else 9)
+        attention = _attention_times(caches["full"], model.config, select, 3 if quick else 9)
         rows.append([ctx, times["full"] * 1e3, times["select"] * 1e3,
-                     times["full"] / times["select"], agree["select"],
-                     agree["select, reuse 0.8"], reused / max(made + reused, 1)])
+                     times["full"] / times["select"], attention["sdpa"] * 1e6,
+                     attention["select"] * 1e6, attention["sdpa"] / attention["select"],
+                     agree["select"], agree["select, reuse 0.8"],
+                     reused / max(made + reused, 1)])
     budget = select["top_k"] + select["initial"] + select["recent"]
     return (f"(c) token selection at long contexts (top_k {select['top_k']}, initial "
             f"{select['initial']}, recent {select['recent']}: {budget} tokens per step), "
@@ -214,8 +221,30 @@ def part_c(quick: bool) -> str:
             "teacher-forced decode steps after the context.\n\n"
             "reuse rate: the share of decode steps (per layer) that reused the previous "
             "selection; reuse steps are not in the timing.\n\n"
-            + table(["context", "full step ms", "select step ms", "speedup", "agreement",
-                     "agreement with reuse 0.8", "reuse rate"], rows))
+            "attention alone: one layer's attention of one query over the full cache, "
+            "scaled_dot_product_attention vs `effc.select_attention` (scores, vote, top-k, "
+            "attention over the chosen tokens), on layer 0's cached keys and values.\n\n"
+            + table(["context", "full step ms", "select step ms", "speedup",
+                     "attention alone, SDPA us", "attention alone, select us",
+                     "attention speedup", "agreement", "agreement with reuse 0.8",
+                     "reuse rate"], rows))
+
+
+def _attention_times(cache, cfg, select: dict, repeats: int) -> dict[str, float]:
+    """Seconds of one query's attention over layer 0 of `cache`: SDPA (GQA by repeated
+    heads) vs effc.select_attention with `select`'s budget."""
+    from effc.kernels.select_attention import select_attention
+
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    heads, dim = cfg.num_attention_heads, k.shape[-1]
+    q = torch.randn(k.shape[0], heads, 1, dim)
+    scale = dim ** -0.5
+    rep = heads // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, kr, vr, scale=scale),
+           "select": lambda: select_attention(q, k, v, scale, select["top_k"],
+                                              select["initial"], select["recent"])}
+    return time_interleaved(fns, repeats=repeats, inner=20)
 
 
 def part_d(quick: bool) -> str:

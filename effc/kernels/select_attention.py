@@ -108,8 +108,9 @@ def gather_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
     [B, H, 1, Dv]."""
     _check_gather(q, k, v, index)
     (bsz, heads, _, dim), groups, dv = q.shape, k.shape[1], v.shape[3]
-    if bsz == 1:  # one index list: index_select reads the rows directly (1.6x gather's speed)
-        ks, vs = k.index_select(2, index[0]).float(), v.index_select(2, index[0]).float()
+    if bsz == 1:  # one index list: indexing copies whole rows (2x index_select on dim 2 and
+        # gather: 15 vs 31 and 28 us for 324 of 1k-16k rows of 4 heads, 2-core CPU)
+        ks, vs = k[:, :, index[0]].float(), v[:, :, index[0]].float()
     else:
         sel = index[:, None, :, None]
         ks = k.gather(2, sel.expand(-1, groups, -1, dim)).float()       # [B, G, S, D]
