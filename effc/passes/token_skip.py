@@ -18,7 +18,7 @@ are kept unless named. Attention blocks and whole layers (attention, then MLP, o
 in decoders at batch 1) are routed in encoders, ViTs and decoders (`blocks`); a routed
 attention's queries attend to all tokens' keys (`keys="all"`) or only the routed ones
 (token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys and
-values). Trained routers (a Mixture-of-Depths model's) load from a file (`router`), with
+values; an encoder's padding mask keeps the routed tokens' part). Trained routers (a Mixture-of-Depths model's) load from a file (`router`), with
 their updates scaled by sigmoid(score) (`residual_weight`) as such routers are trained.
 """
 
@@ -46,9 +46,9 @@ from effc.passes.residual_sites import (ADDS, ResidualSite, flatten_token_sizes,
                                         layer_sites, residual_sites)
 from effc.passes.token_skip_attention import (compact_branch, compact_problem, is_causal,
                                               masked, masks_are_causal, queries_at_attention,
-                                              queries_only, queries_problem)
+                                              queries_only, queries_problem, routed_masks)
 from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
-                                         per_sequence, threshold)
+                                         per_sequence, routed_positions, threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -178,6 +178,11 @@ def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
             n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
             n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
             flatten_token_sizes(n, lead, keep_batch=batched)
+        if batched and masked(site):  # an encoder's padding mask: the routed tokens' part
+            with graph.inserting_before(first):
+                positions = graph.call_function(routed_positions, (
+                    index, graph.call_method("size", (site.stream, 0)), tokens))
+            routed_masks(graph, site, positions)
     if site.kind == "layer":  # the branch ends with the layer's output h: add h - x
         with graph.inserting_before(site.add.next):
             delta = graph.call_function(torch.sub, (site.add, rows))
@@ -408,13 +413,9 @@ class TokenSkipPass(Pass):
             why = compact_problem(s, whole_layer=True)
         elif s.kind == "attention" and causal:  # its keys and values feed the cache: allowed
             why = compact_problem(s) if cfg.keys == "selected" else queries_problem(s, "all")
-        elif s.kind == "attention" and masked(s):  # an encoder's padding mask
-            why = ("keys='selected' with an attention mask (padding) is not built; keys='all' "
-                   "routes the queries" if cfg.keys == "selected" else
-                   s.why or queries_problem(s, cfg.keys))
-        elif s.kind == "layer" and masked(s):
-            why = "the attention has a mask (padding): routing a whole layer with it is not built"
-        else:
+        elif s.kind == "attention" and masked(s) and cfg.keys == "all":  # a padding mask
+            why = s.why or queries_problem(s, cfg.keys)
+        else:  # (keys="selected" and layers with a padding mask: its routed part, routed_masks)
             why = s.why
         if why:
             return why

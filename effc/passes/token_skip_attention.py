@@ -5,12 +5,13 @@ keys="all": in encoders and ViTs without a mask, the nodes that compute the quer
 copied onto the gathered rows (`queries_only`); in decoders, whose keys and values feed the
 cache, and in masked encoders, every token computes its keys and values, and only the routed
 tokens' queries are computed (`queries_on_routed_rows`: q_proj and RoPE on their rows) and
-attend, with their rows of the mask (`queries_at_attention`). keys="selected" in a decoder (batch 1, Mixture-of-Depths
-proper): the whole block runs on the routed tokens, with RoPE's angles at their positions,
-and only they append keys and values to the cache (`compact_branch`). The nodes that then see
-fewer rows are freed of the token count by following it (by the product of the sizes before
-it, which reshapes keep), so a count equal to a head size or head count is never mistaken
-for it.
+attend, with their rows of the mask (`queries_at_attention`). keys="selected" in a decoder
+(batch 1, Mixture-of-Depths proper): the whole block runs on the routed tokens, with RoPE's
+angles at their positions, and only they append keys and values to the cache
+(`compact_branch`); in an encoder, its padding mask keeps the routed tokens' rows and
+columns (`routed_masks`). The nodes that then see fewer rows are freed of the token count by
+following it (by the product of the sizes before it, which reshapes keep), so a count equal
+to a head size or head count is never mistaken for it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
 from effc.passes.budget import EndToEnd
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
                                         reshape_sizes, same_size, size_expr)
-from effc.passes.token_skip_math import causal_rows, select_along, select_rows
+from effc.passes.token_skip_math import (causal_rows, select_along, select_mask,
+                                        select_rows)
 
 
 def is_causal(gm: fx.GraphModule) -> bool:
@@ -451,6 +453,21 @@ def _select_side_inputs(graph: fx.Graph, n: fx.Node, members: set, before: dict,
             with graph.inserting_before(n):
                 rows = pick(a, at, side, out)
             n.args = fx.node.map_arg(n.args, lambda x, a=a, rows=rows: rows if x is a else x)
+
+
+def routed_masks(graph: fx.Graph, site: ResidualSite, positions: fx.Node) -> None:
+    """An encoder's block (or layer) run on its routed tokens alone (keys="selected", top-k
+    routing: equally many per sequence, at `positions` [B, K]): each attention's padding mask
+    (or bias) keeps the routed tokens' columns, and rows where it has one per query. The
+    mask node itself is left as it is (other layers read it too)."""
+    for attn in site.branch:
+        if attn.op != "call_function" or attn.target not in ATTENTION[:2]:
+            continue
+        mask = node_arg(attn, 3, "attn_mask")
+        if isinstance(mask, fx.Node):
+            with graph.inserting_before(attn):
+                _set_arg(attn, 3, "attn_mask",
+                         graph.call_function(select_mask, (mask, positions)))
 
 
 def _compact_mask(graph: fx.Graph, attn: fx.Node, index: fx.Node, k) -> None:

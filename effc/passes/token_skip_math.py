@@ -162,6 +162,24 @@ def select_along(x: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.T
     return select_rows(x.movedim(axis, -2), positions).movedim(-2, axis)
 
 
+def routed_positions(index: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """Top-k routing's flat row indices (ascending, equally many per sequence) as positions
+    per sequence, [batch, K]."""
+    offsets = torch.arange(batch, device=index.device)[:, None] * tokens
+    return index.view(batch, -1) - offsets
+
+
+def select_mask(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """An attention mask [B or 1, H or 1, T or 1, T] of the routed tokens at `positions`
+    [B, K] among themselves: their columns, and their rows where it has one per query."""
+    b, k = positions.shape
+    if mask.shape[-2] != 1:
+        mask = select_rows(mask, positions)
+    mask = mask.expand(b, *mask.shape[1:])
+    cols = positions.view(b, *([1] * (mask.dim() - 2)), k)
+    return mask.gather(-1, cols.expand(*mask.shape[:-1], k))
+
+
 def causal_rows(positions: torch.Tensor, keys: int) -> torch.Tensor:
     """The causal mask of the queries at `positions` [B, K] over `keys` keys ([B, 1, K, keys],
     True where attended): query i sees keys 0..positions[i], the rows of

@@ -408,6 +408,11 @@ def test_encoder_attention_blocks_route_through_the_pass():
                                                "blocks": ["attention"]}})(**inputs)
     assert {(r.details["kind"], r.details["routing"]) for r in _rows()} == {
         ("attention", "top_k")} and len(_rows()) == 2
+    with torch.no_grad():  # Mixture-of-Depths proper: the routed tokens' part of the mask
+        selected = first_tensor(_compile(model, {"token_skip": {
+            "capacity": 0.5, "layers": [0, 1], "blocks": ["attention"],
+            "keys": "selected"}})(**inputs))
+    assert len(_rows()) == 2 and torch.isfinite(selected).all()
     model, inputs = hf_model("llama")  # a decoder's attention: per-token thresholds
     with torch.no_grad():
         _compile(model, {"token_skip": {"capacity": 0.5, "layers": [0, 1],

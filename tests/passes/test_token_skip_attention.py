@@ -18,15 +18,14 @@ from effc.passes.token_skip_attention import is_causal, masked, queries_problem
 from effc.passes.token_skip_math import Router
 
 
-def _route(block, inputs, plan):
-    """(the attention site of `block`'s graph, the graph's outputs with it routed by
-    `plan`), the site checked before it is rewritten."""
+def _route(block, inputs, plan, kind="attention"):
+    """(the `kind` site of `block`'s graph, the graph's outputs with it routed by `plan`), the
+    site checked before it is rewritten."""
     out = {}
 
     def backend(gm, example):
         g = copy_graph_module(gm)
-        (site,) = [s for s in find_sites(g, GraphFacts(g, example), ("attention",))
-                   if s.kind == "attention"]
+        (site,) = [s for s in find_sites(g, GraphFacts(g, example), (kind,)) if s.kind == kind]
         out["site"] = (site.kind, masked(site), queries_problem(site, "all"),
                        queries_problem(site, "selected"))
         route_site(g, site, plan)
@@ -113,6 +112,44 @@ def test_a_padded_encoders_routed_queries_see_the_unpadded_keys(rows):
         assert torch.equal(routed[b, rest], x[b, rest])
         torch.testing.assert_close(routed[b, chosen[b]], full[b, chosen[b]], rtol=1e-5,
                                    atol=1e-6)
+
+
+class _PaddedLayer(_PaddedBlock):
+    """A pre-norm encoder layer with a padding mask: the attention block, then an MLP block."""
+
+    def __init__(self):
+        super().__init__(rows=False)
+        self.ln2 = torch.nn.LayerNorm(16)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x, keep):
+        h = super().forward(x, keep)
+        return h + self.down(torch.relu(self.up(self.ln2(h))))
+
+
+@pytest.mark.parametrize("kind, rows", [("attention", False), ("attention", True),
+                                        ("layer", False)],
+                         ids=["broadcast_mask", "mask_rows", "layer"])
+def test_a_padded_encoders_routed_tokens_attend_among_themselves(kind, rows):
+    """keys="selected" (and whole layers) with a padding mask: each sequence's routed tokens
+    run the block alone, with their columns (and rows) of the mask: the block applied to the
+    routed tokens and their part of the mask."""
+    torch.manual_seed(0)
+    block = (_PaddedLayer() if kind == "layer" else _PaddedBlock(rows)).eval()
+    x, keep = torch.randn(3, 11, 16), torch.ones(3, 11, dtype=torch.bool)
+    keep[1, 8:] = keep[2, 5:] = False
+    router = Router(torch.randn(16), 0.1, 1.0, 1)
+    chosen = (x @ router.weight + router.bias).topk(math.ceil(0.5 * 11)).indices.sort().values
+    assert not keep.gather(1, chosen).all()  # padding among the routed tokens: it is masked
+    _, routed = _route(block, (x, keep), _Plan(router, 0.5, None, "selected"), kind)
+    routed = first_tensor(routed)
+    for b in range(3):
+        at = chosen[b]
+        with torch.no_grad():
+            alone = block(x[b:b + 1, at], keep[b:b + 1, at])[0]
+        rest = [t for t in range(11) if t not in at]
+        assert torch.equal(routed[b, rest], x[b, rest])
+        torch.testing.assert_close(routed[b, at], alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["is_causal", "mask"])
