@@ -63,20 +63,30 @@ def test_decode_steps_past_the_budget_select_and_prefill_does_not():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_compiled_by_effc_selects_like_eager():
+@pytest.mark.parametrize("reuse", [None, -1.0])
+def test_compiled_by_effc_selects_like_eager(reuse):
+    """Compiled, the selection cache lives in effc.select_attention_reusing: the same
+    generation and the same counts as eagerly."""
+    from effc.token_select import _SLOTS, reuse_counts
+
     model, ids = _llama(), torch.randint(3, 96, (2, 40))
-    effc.use_select_attention(model, top_k=8, initial=2, recent=4)
+    effc.use_select_attention(model, top_k=8, initial=2, recent=4, reuse=reuse)
     forward = model.forward
     try:
         with torch.inference_mode():
             eager = model.generate(ids, **GEN)
+            counts = reuse_counts(model)
             torch._dynamo.reset()
             effc.reset()
             model.forward = torch.compile(forward, backend="effc")
             compiled = model.generate(ids, **GEN)
+            compiled_counts = reuse_counts(model)
+            in_op = sorted(k for k in _SLOTS if k.startswith("id:"))  # not eager fallbacks
     finally:
         model.forward = forward
         effc.restore_attention(model)
+    assert compiled_counts == counts == ((2, 8) if reuse is not None else (0, 0))
+    assert len(in_op) == (2 if reuse is not None else 0)
     assert torch.equal(compiled.sequences, eager.sequences)
     for a, b in zip(compiled.scores, eager.scores):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
@@ -107,3 +117,35 @@ def test_reuse_attends_to_the_last_selection_plus_the_new_tokens():
     assert torch.equal(state.index[:, 14:], torch.arange(41, 45).expand(2, -1))
     assert first.shape == (2, 14) and bool((first < 41).all())
     assert not hasattr(layer, "effc_select_state")  # restore_attention forgets it
+
+
+def test_the_compiled_selection_cache_carries_over_to_the_same_sequences_next_step_only():
+    """effc.select_attention_reusing (compiled graphs) keeps a slot's selection for the same
+    sequence one token later; a cache with another first key (a new prompt) of the right
+    length, or a cache that did not grow by one, selects afresh and restarts the counts."""
+    from effc.token_select import _SLOTS, forget_selections
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+
+    def step(k, v):
+        out = torch.ops.effc.select_attention_reusing(q, k, v, 0.35, 8, 2, 4, -1.0, "slot")
+        state = _SLOTS["slot"]
+        return out, (state.made, state.reused, state.index.shape[1])
+
+    forget_selections()
+    assert step(k, v)[1] == (1, 0, 14)
+    grown = torch.cat([k, torch.randn(1, 2, 1, 8)], 2), torch.cat([v, torch.randn(1, 2, 1, 8)], 2)
+    out, counts = step(*grown)
+    assert counts == (1, 1, 15)  # the old 14 and the new token
+    index = torch.cat([_SLOTS["slot"].index[:, :14], torch.tensor([[40]])], 1)
+    assert torch.equal(out, torch.ops.effc.gather_attention(q, *grown, index, 0.35))
+    other = torch.randn(1, 2, 42, 8)  # one token longer, but another sequence
+    assert step(other, other)[1] == (1, 0, 14)
+    assert step(other, other)[1] == (1, 0, 14)  # did not grow: afresh
+    forget_selections()
+    assert not _SLOTS
+    # its schema, fake implementation and compiled use (the same cache each call: no reuse)
+    torch.library.opcheck(torch.ops.effc.select_attention_reusing.default,
+                          (q, k, v, 0.35, 8, 2, 4, -1.0, "check"))
+    forget_selections()

@@ -7,6 +7,7 @@ re-derives the rewrite when a weight it was derived from has changed (stale-weig
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -127,9 +128,11 @@ def session_report() -> Report:
 
 
 def reset() -> None:
-    """Forget the session report and token_skip's routing plans (compiled models keep
-    working)."""
+    """Forget the session report, token_skip's routing plans and kv_proj's selection states
+    (compiled models keep working)."""
     from effc.passes.token_skip import clear_plans
 
     SESSION.graphs.clear()
     clear_plans()
+    if "effc.token_select" in sys.modules:  # compiled decoding's selection states
+        sys.modules["effc.token_select"].forget_selections()

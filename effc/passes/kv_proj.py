@@ -14,8 +14,10 @@ so); the compression itself, and its knobs, belong to effc.kv_cache.
 
 `select` (TokenSelect, part 2 of kv_proj): every decode-step attention (one query token, no
 mask) becomes effc.select_attention, which attends to the first `initial`, the last `recent`
-and the `top_k` best-voted cached tokens (exact while the cache holds no more than that). The
-selection cache across steps (`reuse`) needs eager decoding: effc.use_select_attention.
+and the `top_k` best-voted cached tokens (exact while the cache holds no more than that). With
+`reuse` (TokenSelect's selection cache) it becomes effc.select_attention_reusing, which keeps
+each attention's last selection (by the attention module's name) from one decode step to the
+next (effc/token_select.py).
 """
 
 from __future__ import annotations
@@ -108,11 +110,10 @@ class KVProjConfig(PassConfig):
         if self.select is False:
             return None
         given = {} if self.select is True else dict(self.select)
-        unknown = set(given) - {"top_k", "initial", "recent"}
+        unknown = set(given) - {"top_k", "initial", "recent", "reuse"}
         if unknown:
             raise ValueError(f"effc option 'kv_proj.select': unknown keys {sorted(unknown)}; "
-                             f"accepted: top_k, initial, recent (the selection cache, reuse, "
-                             f"needs eager decoding: effc.use_select_attention)")
+                             f"accepted: top_k, initial, recent, reuse")
         return SelectConfig(**given)
 
 
@@ -151,6 +152,13 @@ def _leading(node) -> torch.Size | None:
             return None
         node = node.args[0]
     return None
+
+
+def _module_name(node: fx.Node) -> str | None:
+    """The name of the module that called `node` (`model.layers.0.self_attn`), as the
+    compiled model's named_modules() says it."""
+    stack = node.meta.get("nn_module_stack")  # paths like L['args'][0].model.layers.0.self_attn
+    return re.sub(r"^[LG](\[[^\]]*\])+\.?", "", list(stack.values())[-1][0]) if stack else None
 
 
 def _scale(sdpa: fx.Node):
@@ -216,20 +224,27 @@ class KVProjPass(Pass):
             if why:
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue
+            args = (node.args[0], node.args[1], node.args[2], float(_scale(node)), sel.top_k,
+                    sel.initial, sel.recent)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(
-                    torch.ops.effc.select_attention.default,
-                    (node.args[0], node.args[1], node.args[2], float(_scale(node)), sel.top_k,
-                     sel.initial, sel.recent))
+                if sel.reuse is None:
+                    new = gm.graph.call_function(torch.ops.effc.select_attention.default, args)
+                else:  # the selection cache: the op keeps each attention's last selection
+                    import effc.token_select  # noqa: F401  (registers the op)
+                    new = gm.graph.call_function(
+                        torch.ops.effc.select_attention_reusing.default,
+                        args + (float(sel.reuse), _module_name(node) or site))
             copy_node_meta(new, node)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             rows.append(SiteRow(self.name, site, "rewritten",
                                 f"a decode step attends to at most {sel.budget} cached tokens "
                                 f"(first {sel.initial}, last {sel.recent}, top {sel.top_k} by "
-                                f"the heads' soft vote); exact while the cache is no longer",
+                                f"the heads' soft vote); exact while the cache is no longer"
+                                + (f"; a selection is reused while the queries keep cosine "
+                                   f">= {sel.reuse}" if sel.reuse is not None else ""),
                                 details={"top_k": sel.top_k, "initial": sel.initial,
-                                         "recent": sel.recent}))
+                                         "recent": sel.recent, "reuse": sel.reuse}))
         return rows
 
     def _fold(self, graph: fx.Graph, node: fx.Node, keys, values, site: str) -> SiteRow:

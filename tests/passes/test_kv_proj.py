@@ -136,6 +136,37 @@ def test_select_as_a_compile_option_selects_like_the_eager_switch():
     assert prefill and all("a query of 40 tokens (a prefill)" in r.reason for r in prefill)
 
 
+@pytest.mark.parametrize("reuse", [-1.0, 0.5])
+def test_selection_reuse_as_a_compile_option_reuses_like_the_eager_switch(reuse):
+    """TokenSelect's selection cache in compiled graphs: the op keeps each attention's last
+    selection. reuse -1 always reuses (one selection per layer, then 4 reuses); 0.5 reuses
+    where the queries agree. Generation, logits and the counts match the eager switch; a
+    second generate() (a new sequence) starts afresh."""
+    from effc.token_select import reuse_counts
+
+    (model, _), ids = _llama(), torch.randint(3, 96, (2, 40))
+    settings = {"top_k": 8, "initial": 2, "recent": 4, "reuse": reuse}
+    compiled = _generate(model, ids, {"kv_proj": {"select": settings}})
+    counts = reuse_counts(model)
+    rows = [r for r in effc.report().sites if r.decision == "rewritten"]
+    again = _generate(model, ids, {"kv_proj": {"select": settings}})
+    assert reuse_counts(model) == counts  # the new prompt did not reuse the old selections
+    effc.use_select_attention(model, **settings)
+    try:
+        eager = _generate(model, ids)
+        eager_counts = reuse_counts(model)
+    finally:
+        effc.restore_attention(model)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.equal(again.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert counts == eager_counts
+    if reuse == -1.0:
+        assert counts == (2, 8)  # 5 decode steps x 2 layers: one selection each
+    assert rows and all(f"cosine >= {reuse}" in r.reason for r in rows)
+
+
 @pytest.mark.parametrize("keys", ["pca", "latent"])
 def test_select_over_a_projected_cache_scores_the_projected_keys(keys):
     """Both rewrites in one graph: the fold hands attention q P_k and the r-wide cache, and
@@ -172,7 +203,7 @@ def test_select_covering_the_cache_keeps_the_model():
 
 @pytest.mark.parametrize("select,key", [({"top_k": -1}, "kv_proj.select.top_k"),
                                         ({"topk": 3}, "kv_proj.select"),
-                                        ({"reuse": 0.9}, "kv_proj.select"),
+                                        ({"reuse": 1.5}, "kv_proj.select.reuse"),
                                         ("yes", "kv_proj.select")])
 def test_bad_select_settings_name_the_key(select, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
