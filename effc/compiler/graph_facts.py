@@ -258,6 +258,12 @@ def node_value(node: fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+# Meta key of a node whose number of rows is data-dependent (token_skip's routed rows): its
+# fake value is the unrouted node's, so shapes must not be read from it (the Triton lowering
+# leaves such nodes to eager).
+ROWS_VARY = "effc_rows_vary"
+
+
 def copy_node_meta(dst: fx.Node, src: fx.Node) -> None:
     """Give a node that replaces `src` (same value) src's fake value and provenance."""
     for key in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack"):

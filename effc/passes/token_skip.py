@@ -35,7 +35,7 @@ import torch.fx as fx
 
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import (GraphFacts, ValueCapture, add_constant,
+from effc.compiler.graph_facts import (ROWS_VARY, GraphFacts, ValueCapture, add_constant,
                                        copy_graph_module, copy_node_meta, node_value,
                                        remove_dead_code)
 from effc.compiler.report import SiteRow
@@ -121,7 +121,19 @@ class _Plan:
 def route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx=None,
                derived_from: tuple[str, ...] = ()) -> fx.Node:
     """Rewrite `site` in `gm` so that only the routed tokens go through its branch; the node
-    that now holds the add's value (a later site whose stream was the add reads it)."""
+    that now holds the add's value (a later site whose stream was the add reads it). The
+    branch's nodes and the new ones are marked ROWS_VARY: their fake values still hold every
+    token (the output, which does, has the add's)."""
+    before = set(gm.graph.nodes) - set(site.branch) - {site.add}  # (a layer keeps its add)
+    out = _route_site(gm, site, plan, ctx, derived_from)
+    for n in gm.graph.nodes:
+        if n not in before and n is not out:
+            n.meta[ROWS_VARY] = True
+    return out
+
+
+def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
+                derived_from: tuple[str, ...]) -> fx.Node:
     graph = gm.graph
     if plan.capacity <= 0.0:  # the whole block is dropped
         site.add.replace_all_uses_with(site.stream)

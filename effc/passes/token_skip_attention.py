@@ -317,8 +317,10 @@ def compact_problem(site: ResidualSite, whole_layer: bool = False) -> str:
     shape = node_value(site.stream).shape if isinstance(node_value(site.stream),
                                                         torch.Tensor) else None
     if shape is None or len(shape) != 3 or not (isinstance(shape[0], int) and shape[0] == 1):
-        return ("keys='selected' in a decoder is built for batch 1: each sequence's cache "
-                "would hold its own number of tokens")
+        what = "a whole layer" if whole_layer else "keys='selected'"
+        return (f"{what} in a decoder is built for batch 1: each sequence routes its own "
+                f"number of tokens, so each would need a cache of its own length in this "
+                f"layer")
     if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
         return "the attention's queries are not [batch, heads, tokens, head size]"
     return ""

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.graph_facts import node_arg, node_value
+from effc.compiler.graph_facts import ROWS_VARY, node_arg, node_value
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # pow exponents the generated code evaluates exactly as eager does (products, sqrt, rsqrt)
@@ -472,7 +472,8 @@ def _gemm(node: fx.Node) -> Op | None:
 
 def classify(node: fx.Node) -> Op | None:
     """The `Op` a node computes, or None if the Triton lowering leaves it to eager."""
-    if node.op not in ("call_function", "call_method") or not _float_tensor(node):
+    if node.op not in ("call_function", "call_method") or not _float_tensor(node) or \
+            node.meta.get(ROWS_VARY):  # its shape metadata is not its shape at run time
         return None
     try:
         op = _gemm(node) if node.op == "call_function" else None
