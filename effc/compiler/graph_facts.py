@@ -266,7 +266,8 @@ ROWS_VARY = "effc_rows_vary"
 
 def copy_node_meta(dst: fx.Node, src: fx.Node) -> None:
     """Give a node that replaces `src` (same value) src's fake value and provenance."""
-    for key in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack"):
+    for key in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack",
+                ROWS_VARY):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
 

@@ -584,17 +584,21 @@ def test_a_trained_router_routes_decoders_per_token_and_stays_causal(tmp_path):
     assert (prefix - full[:, :10]).abs().max() <= 1e-5 * full.abs().max()
 
 
-@pytest.mark.parametrize("kind,knobs,batch", [
-    ("llama", {"blocks": ["mlp"]}, 2),
-    ("llama", {"blocks": ["attention"]}, 2),                      # queries on routed rows
-    ("llama", {"blocks": ["layer"]}, 1),                          # Mixture-of-Depths proper
-    ("bert", {"blocks": ["attention"], "keys": "selected"}, 2),  # the mask's routed part
-    ("vit", {"blocks": ["layer"]}, 2)])
-def test_routed_graphs_lower_to_triton_with_the_routed_nodes_left_to_eager(kind, knobs, batch):
+@pytest.mark.parametrize("kind,knobs,batch,extra", [
+    ("llama", {"blocks": ["mlp"]}, 2, {}),
+    ("llama", {"blocks": ["attention"]}, 2, {}),                      # queries on routed rows
+    ("llama", {"blocks": ["layer"]}, 1, {}),                          # Mixture-of-Depths proper
+    ("bert", {"blocks": ["attention"], "keys": "selected"}, 2, {}),  # the mask's routed part
+    ("vit", {"blocks": ["layer"]}, 2, {}),
+    ("llama", {"blocks": ["mlp"]}, 2, {"low_rank": {"rank_ratio": 0.5}}),  # a later pass's op
+    ("llama", {"blocks": ["attention"]}, 2, {"hypercomplex": {"max_error": 1.0}})])
+def test_routed_graphs_lower_to_triton_with_the_routed_nodes_left_to_eager(kind, knobs, batch,
+                                                                         extra):
     """The routed nodes compute on a data-dependent number of rows that their shape metadata
     (the unrouted graph's) does not state: marked ROWS_VARY, the Triton lowering leaves them
     to eager instead of generating kernels for the wrong sizes (which strict mode turns
-    into errors). Lowered, the routed model equals the eager-lowered one."""
+    into errors), and so do the ops later passes put in their place (low_rank_linear,
+    phm_linear). Lowered, the routed model equals the eager-lowered one."""
     from lowering_helpers import DEVICE
 
     model, inputs = hf_model(kind)
@@ -606,9 +610,11 @@ def test_routed_graphs_lower_to_triton_with_the_routed_nodes_left_to_eager(kind,
     for lowering in ("eager", "triton"):
         with torch.no_grad():
             outs[lowering] = first_tensor(_compile(model, {
-                "lowering": lowering, "strict": True,
+                "lowering": lowering, "strict": True, **extra,
                 "token_skip": {"capacity": 0.5, "layers": [0, 1], **knobs}})(**inputs))
         graphs = effc.report().graphs
         assert len(_rows()) == 2
+        assert all(any(s.decision == "rewritten" for g in graphs for p in g.passes
+                       if p.name == name for s in p.sites) for name in extra)
     assert all(not g.fallbacks for g in graphs) and any(g.kernels for g in graphs)
     torch.testing.assert_close(outs["triton"], outs["eager"], rtol=1e-5, atol=1e-5)
