@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from effc.compiler.calibration.observer import graph_key
 from effc.compiler.graph_facts import GraphFacts, copy_graph_module, node_value
@@ -178,12 +179,26 @@ class EndToEnd:
                         return None
                     args[gi.index] = size
         for gi, v in pairs:
+            if isinstance(v, torch.SymInt):  # the call being compiled, traced dynamic: its size
+                v = optimization_hint(v)
             ex = gi.value
             if isinstance(ex, torch.Tensor) != isinstance(v, torch.Tensor) or (
                     isinstance(v, torch.Tensor) and (v.dtype != ex.dtype or v.dim() != ex.dim())):
                 return None
             args[gi.index] = v.to(ex.device) if isinstance(v, torch.Tensor) else v
         return args
+
+    @staticmethod
+    def example_call(facts: GraphFacts) -> tuple:
+        """The call being compiled: the graph's inputs that are not weights (tensors and
+        size arguments), as a sample for `_fit` / the constructor."""
+        return tuple(gi.value for gi in facts.inputs if gi.kind not in ("parameter", "buffer"))
+
+    @staticmethod
+    def example_args(gm: fx.GraphModule, facts: GraphFacts) -> list[Any] | None:
+        """The graph's full argument list for the call being compiled (sizes concrete)."""
+        fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
+        return EndToEnd._fit(facts, EndToEnd.example_call(facts), fakes)
 
     def __bool__(self) -> bool:
         return bool(self.calls)
@@ -307,9 +322,7 @@ def end_to_end(gm: fx.GraphModule, ctx, *, allocated: bool, compensate: bool
         return e2e
     if not allocated:
         return None
-    example = [tuple(gi.value for gi in ctx.facts.inputs
-                     if gi.kind not in ("parameter", "buffer"))]
-    e2e = EndToEnd(graph, ctx.facts, example)
+    e2e = EndToEnd(graph, ctx.facts, [EndToEnd.example_call(ctx.facts)])
     if not e2e:
         return None
     e2e.source = "example"

@@ -18,8 +18,9 @@ are kept unless named. Attention blocks and whole layers (attention, then MLP, o
 in decoders at batch 1) are routed in encoders, ViTs and decoders (`blocks`); a routed
 attention's queries attend to all tokens' keys (`keys="all"`) or only the routed ones
 (token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys and
-values; an encoder's padding mask keeps the routed tokens' part). Trained routers (a Mixture-of-Depths model's) load from a file (`router`), with
-their updates scaled by sigmoid(score) (`residual_weight`) as such routers are trained.
+values; an encoder's padding mask keeps the routed tokens' part). Trained routers (a
+Mixture-of-Depths model's) load from a file (`router`), with their updates scaled by
+sigmoid(score) (`residual_weight`) as such routers are trained.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ import torch.fx as fx
 import effc.kernels.token_gather  # noqa: F401  (registers torch.ops.effc.token_*)
 from effc.compiler.config import PassConfig, knob
 from effc.compiler.graph_facts import (ROWS_VARY, GraphFacts, ValueCapture, add_constant,
-                                       copy_graph_module, copy_node_meta, node_value,
-                                       remove_dead_code)
+                                       copy_graph_module, copy_node_meta, remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.budget import (DEFAULT_MIN_SQNR_DB, MAX_CHECKS, Candidate, EndToEnd,
@@ -277,9 +277,7 @@ def _fails(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx) -> str:
                  if s.key == site.key), None)
     if twin is None:
         return "the block is no longer found in the graph"
-    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
-    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
-                                          if gi.kind == "input"), fakes)
+    args = EndToEnd.example_args(gm, ctx.facts)
     if args is None:
         return "the rewrite could not be checked on the inputs of the call being compiled"
     try:
@@ -334,9 +332,8 @@ class TokenSkipPass(Pass):
             return PassResult(rows)
         e2e = end_to_end(gm, ctx, allocated=True, compensate=False)
         if e2e is None:  # no calibration: the call being compiled is all there is
-            example = [tuple(gi.value for gi in ctx.facts.inputs
-                             if gi.kind not in ("parameter", "buffer"))]
-            e2e = EndToEnd(copy_graph_module(gm), ctx.facts, example)
+            e2e = EndToEnd(copy_graph_module(gm), ctx.facts,
+                           [EndToEnd.example_call(ctx.facts)])
             e2e.source = "example"
         if not e2e:
             return PassResult(rows + [self._row(s, "skipped", "no inputs to fit the router "

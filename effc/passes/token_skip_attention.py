@@ -59,9 +59,7 @@ def masks_are_causal(gm: fx.GraphModule, ctx) -> bool:
                 masks.append(m)
     if not masks:
         return False
-    fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
-    args = EndToEnd._fit(ctx.facts, tuple(gi.value for gi in ctx.facts.inputs
-                                          if gi.kind == "input"), fakes)
+    args = EndToEnd.example_args(gm, ctx.facts)
     if args is None:
         return False
     cap = ValueCapture(gm, {m.name for m in masks})
@@ -123,8 +121,11 @@ def queries_problem(site: ResidualSite, keys: str) -> str:
             return (f"a value of the block ({n.name}) on the queries' side is also used "
                     f"outside it ({outside[0].name})")
     stream_shape = tuple(shape)
+    mask = node_arg(attn, 3, "attn_mask")
     for n in after:
         for a in n.all_input_nodes:
+            if n is attn and a is mask:  # its rows are selected with the queries
+                continue
             if a not in members and _per_token_input(a, stream_shape):
                 return (f"the block reads another per-token tensor ({a.name}) after its "
                         f"attention")

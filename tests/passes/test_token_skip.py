@@ -185,23 +185,33 @@ def test_decoder_attention_routes_its_queries_causally(batch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_routing_decoder_attention_matches_generate_without_the_cache(kind):
+def test_generate_routing_decoder_attention_matches_generate_without_the_cache(kind, padded):
     """Every token writes its keys and values, so decoding one token at a time with the cache
-    computes what whole-sequence forwards compute (attention and MLP blocks, 2 sequences)."""
+    computes what whole-sequence forwards compute (attention and MLP blocks, 2 sequences).
+    Left-padded: the decode steps' attention gets a padding mask with one row (the query's),
+    which is not another per-token tensor; every decode graph routes its attention too."""
     model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
     ids = torch.randint(3, 96, (2, 8))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :3], mask[1, :3] = 0, 0
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5,
                                                       "blocks": ["attention", "mlp"]}})
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
-                  return_dict_in_generate=True)
+                  return_dict_in_generate=True, attention_mask=mask)
     with torch.inference_mode():
         cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
     kinds = {r.details["kind"] for r in _rows()}
     assert kinds == {"attention", "mlp"}
+    for g in effc.report().graphs:  # the prefill's and every decode step's graph
+        routed = [s.details["kind"] for p in g.passes if p.name == "token_skip"
+                  for s in p.sites if s.decision == "rewritten"]
+        assert sorted(routed) == ["attention", "mlp"], g
     assert torch.equal(cached.sequences, recomputed.sequences)
     for a, b in zip(cached.scores, recomputed.scores):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
@@ -618,3 +628,29 @@ def test_routed_graphs_lower_to_triton_with_the_routed_nodes_left_to_eager(kind,
                        if p.name == name for s in p.sites) for name in extra)
     assert all(not g.fallbacks for g in graphs) and any(g.kernels for g in graphs)
     torch.testing.assert_close(outs["triton"], outs["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_graphs_traced_dynamic_route_and_generate_consistently():
+    """torch.compile(dynamic=True): the graph takes its sizes as SymInt arguments, which the
+    router fit, the rewrite check and the causality check read as the call's own sizes (they
+    used to find no input to run on and routed nothing); generate() with the cache equals
+    generate() without it."""
+    model = _llama(layers=3)
+    ids = torch.randint(3, 96, (2, 8))
+    forward = model.forward
+    torch._dynamo.reset()
+    effc.reset()
+    model.forward = torch.compile(forward, backend="effc", dynamic=True, options={
+        "strict": True, "token_skip": {"capacity": 0.5, "blocks": ["attention", "mlp"]}})
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    try:
+        with torch.inference_mode():
+            cached = model.generate(ids, **kwargs)
+            recomputed = model.generate(ids, use_cache=False, **kwargs)
+    finally:
+        model.forward = forward
+    graphs = effc.report().graphs
+    assert graphs and all(sorted(s.details["kind"] for p in g.passes if p.name == "token_skip"
+                                 for s in p.sites if s.decision == "rewritten")
+                          == ["attention", "mlp"] for g in graphs)
+    assert torch.equal(cached, recomputed)
