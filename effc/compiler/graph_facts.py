@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 InputKind = Literal["parameter", "buffer", "input", "symint"]
 
@@ -200,9 +201,12 @@ class GraphFacts:
 
     def fresh(self, args: Sequence[Any] | None = None) -> list[Any]:
         """`args` (default: the example inputs) with the non-weight tensors cloned, so that a
-        graph that writes into an input (a KV-cache update) cannot change it for a later run."""
+        graph that writes into an input (a KV-cache update) cannot change it for a later run,
+        and sizes concrete (a graph traced dynamic gets its example call's sizes as SymInts,
+        which running it cannot take)."""
         values = [gi.value for gi in self.inputs] if args is None else args
-        return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else a
+        return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else
+                optimization_hint(a) if isinstance(a, torch.SymInt) else a
                 for a, gi in zip(values, self.inputs)]
 
     def describe(self) -> dict[str, int]:

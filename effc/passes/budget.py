@@ -17,6 +17,7 @@ data-free proxy is the sum of the sites' own squared errors, and the report says
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,8 +180,6 @@ class EndToEnd:
                         return None
                     args[gi.index] = size
         for gi, v in pairs:
-            if isinstance(v, torch.SymInt):  # the call being compiled, traced dynamic: its size
-                v = optimization_hint(v)
             ex = gi.value
             if isinstance(ex, torch.Tensor) != isinstance(v, torch.Tensor) or (
                     isinstance(v, torch.Tensor) and (v.dtype != ex.dtype or v.dim() != ex.dim())):
@@ -251,14 +250,19 @@ def _output_depths(gm: fx.GraphModule) -> list[int]:
         val = node_value(leaf) if isinstance(leaf, fx.Node) else leaf
         if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
             continue
-        seen, stack = set(), [leaf] if isinstance(leaf, fx.Node) else []
-        while stack:
-            for a in stack.pop().all_input_nodes:
-                if a not in seen:
-                    seen.add(a)
-                    stack.append(a)
-        depths.append(len(seen))
+        depths.append(_depth(leaf) if isinstance(leaf, fx.Node) else 0)
     return depths
+
+
+def _depth(node: fx.Node) -> int:
+    """The number of graph nodes `node` is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return len(seen)
 
 
 def _size_of(symbol: Any, fakes: Sequence[Any], tensors: Sequence[torch.Tensor]) -> int | None:
@@ -464,15 +468,16 @@ def candidate_details(options: SiteOptions) -> dict[str, Any]:
 
 
 def output_sites(gm: fx.GraphModule, sites: set[fx.Node]) -> set[fx.Node]:
-    """The `sites` that reach the main output (the largest float output) through no other
-    site: a classifier, an LM head."""
+    """The `sites` that reach the main output through no other site: a classifier, an LM
+    head. The main output is EndToEnd.main's: the float output computed from the most of the
+    graph, the largest among equals (sizes of a graph traced dynamic by their hints)."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     leaves = [n for n in out.all_input_nodes
               if isinstance(node_value(n), torch.Tensor) and node_value(n).is_floating_point()]
     if not leaves:
         return set()
-    main = max(leaves, key=lambda n: node_value(n).numel() if all(
-        isinstance(d, int) for d in node_value(n).shape) else 0)
+    main = max(leaves, key=lambda n: (_depth(n), math.prod(
+        optimization_hint(d) for d in node_value(n).shape)))
     found, seen, stack = set(), {main}, [main]
     while stack:
         n = stack.pop()

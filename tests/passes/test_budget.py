@@ -113,6 +113,36 @@ def test_default_without_calibration_is_a_per_site_bound_and_keeps_output_layers
     assert any("per-site error bound of 0.05" in n for n in rep.graphs[0].notes)
 
 
+class _Cached(nn.Module):
+    """A decoder-like graph: the logits, and a wide tensor it also returns (a cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.cache, self.head = nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))), self.cache(x)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_output_layer_is_the_one_feeding_the_deepest_output_also_traced_dynamic(dynamic):
+    """The main output is the one computed from the most of the graph (the logits), not the
+    widest (a cache's tensor): so, without calibration, the head stays dense and the cache's
+    projection does not, also when sizes are symbolic (it used to pick the first output)."""
+    torch.manual_seed(0)
+    model = _Cached().eval()
+    with torch.no_grad():
+        model.body.weight.copy_(_spectral(64, -2.0, 0))
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="effc", dynamic=dynamic,
+                      options={"low_rank": True})(torch.randn(8, 64))
+    rows = {s.site: s for s in effc.report().sites}
+    assert rows["head.weight"].reason.startswith("output layer")
+    assert not rows["cache.weight"].reason.startswith("output layer")
+
+
 def test_allocate_walks_the_convex_hull_and_respects_both_stops():
     def opts(key, errors, sens=1.0):
         cands = [Candidate(r, 10 * r, e) for r, e in errors] + [Candidate(None, 100, 0.0)]
