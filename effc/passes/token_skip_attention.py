@@ -233,10 +233,7 @@ def queries_on_routed_rows(graph: fx.Graph, site: ResidualSite, attn: fx.Node,
             if src is None:  # computed from outside inputs only (cos.unsqueeze(1))
                 continue
             val, out = node_value(start if src is rows else src), node_value(c)
-            if isinstance(val, (tuple, list)) or isinstance(out, (tuple, list)):
-                if not _splits_features(list(val) if isinstance(val, (tuple, list)) else [val],
-                                        list(out) if isinstance(out, (tuple, list)) else [out]):
-                    raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+            if _through_split(n, val, out):
                 before[c] = before[src]
                 continue
             _select_side_inputs(graph, c, members, before, t, pick)
@@ -355,10 +352,7 @@ def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx
             _compact_mask(graph, n, index, k)
             before[n] = math.prod(out.shape[:-2])
             continue
-        if isinstance(val, (tuple, list)) or isinstance(out, (tuple, list)):
-            if not _splits_features(list(val) if isinstance(val, (tuple, list)) else [val],
-                                    list(out) if isinstance(out, (tuple, list)) else [out]):
-                raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+        if _through_split(n, val, out):
             before[n] = b  # GPT-2's c_attn(x).split(d, dim=2) and its items
             continue
         _select_side_inputs(graph, n, members, before, k, lambda a, at, side, out: (
@@ -407,6 +401,18 @@ def _sizes(n: fx.Node) -> tuple:
     """The sizes or dims of x.permute(...) / x.expand(...), given as a sequence or spread."""
     one = len(n.args) == 2 and isinstance(n.args[1], (tuple, list))
     return tuple(n.args[1]) if one else tuple(n.args[1:])
+
+
+def _through_split(n: fx.Node, val, out) -> bool:
+    """True if `n` splits its input along the features (or takes an item of such a split):
+    the tokens stay where they were. False if neither side is a tuple; RuntimeError for any
+    other tuple."""
+    if not (isinstance(val, (tuple, list)) or isinstance(out, (tuple, list))):
+        return False
+    if not _splits_features(list(val) if isinstance(val, (tuple, list)) else [val],
+                            list(out) if isinstance(out, (tuple, list)) else [out]):
+        raise RuntimeError(f"{n.name}: cannot follow the tokens through it")
+    return True
 
 
 def _splits_features(ins: list, outs: list) -> bool:
