@@ -107,8 +107,7 @@ def select_attention_reusing(query: torch.Tensor, key: torch.Tensor, value: torc
     (as many sequences, one more cached token, the same first cached key); anything else (a
     new prompt, another cache) selects afresh and restarts the slot's counts."""
     state, first = _SLOTS.get(slot), key[:, :, :1]
-    if state is not None and not (state.length == key.shape[2] - 1 and state.first is not None
-                                  and state.first.shape == first.shape
+    if state is not None and not (state.length == key.shape[2] - 1
                                   and torch.equal(state.first, first)):
         state = None
     out, new = _select_or_reuse(state, SelectConfig(top_k, initial, recent, reuse), query, key,

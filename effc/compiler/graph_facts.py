@@ -26,7 +26,8 @@ InputKind = Literal["parameter", "buffer", "input", "symint"]
 
 _ROOT = re.compile(r"^([LG])\['([^']*)'\]")
 _TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]"  # nn.Module dicts
-                    r"|\.([A-Za-z_]\w*)"                              # attribute
+                    r"|\.([A-Za-z_]\w*|\d+)"                         # attribute, or a
+                    # child's index as nn_module_stack spells it (`.layers.0.self_attn`)
                     r"|\[(?:'([^']*)'|(\d+))\]")                       # key or index
 
 

@@ -32,7 +32,8 @@ import torch.fx as fx
 
 import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_attention)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import copy_node_meta, node_arg, node_value, remove_dead_code
+from effc.compiler.graph_facts import (copy_node_meta, fqn_from_source, node_arg, node_value,
+                                       remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 
@@ -158,7 +159,7 @@ def _module_name(node: fx.Node) -> str | None:
     """The name of the module that called `node` (`model.layers.0.self_attn`), as the
     compiled model's named_modules() says it."""
     stack = node.meta.get("nn_module_stack")  # paths like L['args'][0].model.layers.0.self_attn
-    return re.sub(r"^[LG](\[[^\]]*\])+\.?", "", list(stack.values())[-1][0]) if stack else None
+    return fqn_from_source(list(stack.values())[-1][0]) if stack else None
 
 
 def _scale(sdpa: fx.Node):

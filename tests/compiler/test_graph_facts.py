@@ -23,6 +23,8 @@ from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_modu
     ("L['kwargs']['model']._modules['fc']._parameters['weight']", "fc.weight"),  # f(**kw)
     ("L['enc']._modules['0']._parameters['bias']", "0.bias"),  # a closure variable
     ("L['model']._parameters['weight']", "weight"),  # f(x, model=lin)
+    # a module's path in node.meta["nn_module_stack"]
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
     ("something odd", "something odd"),
 ])
 def test_fqn_from_source(source, expected):
