@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 import effc.kernels.low_rank  # noqa: F401  (torch.ops.effc.low_rank_linear)
@@ -33,6 +35,8 @@ def traced(fn, *inputs) -> fx.GraphModule:
     gm = fx.symbolic_trace(fn)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
+        # meta["val"], with the device, as Dynamo's (constants the function closes over are real)
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
     return gm
 
 

@@ -20,7 +20,10 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+try:  # torch >= 2.12; torch 2.11 and older (an H200 machine had 2.11) call it hint_int
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as size_hint
+except ImportError:  # pragma: no cover - depends on the installed torch
+    from torch.fx.experimental.symbolic_shapes import hint_int as size_hint
 
 InputKind = Literal["parameter", "buffer", "input", "symint"]
 
@@ -207,7 +210,7 @@ class GraphFacts:
         which running it cannot take)."""
         values = [gi.value for gi in self.inputs] if args is None else args
         return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else
-                optimization_hint(a) if isinstance(a, torch.SymInt) else a
+                size_hint(a) if isinstance(a, torch.SymInt) else a
                 for a, gi in zip(values, self.inputs)]
 
     def describe(self) -> dict[str, int]:
@@ -235,9 +238,10 @@ def is_transpose(node: Any) -> bool:
 
 
 def graph_device(example_inputs: Sequence[Any]) -> torch.device:
-    """Device of the first tensor input (CPU for a graph without tensors)."""
-    t = next((t for t in example_inputs if isinstance(t, torch.Tensor)), None)
-    return t.device if t is not None else torch.device("cpu")
+    """Device of the first accelerator tensor input, else CPU: a GPU model's graph can take CPU
+    tensors too (Dynamo lifts small CPU tensors as inputs), and they may come first."""
+    devices = [t.device for t in example_inputs if isinstance(t, torch.Tensor)]
+    return next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
 
 
 def matches(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:

@@ -143,9 +143,11 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
                 graph.erase_node(n)
         return site.stream
     d = site.features
-    lead = tuple(site.stream.meta["example_value"].shape[:-1]) if "example_value" in \
-        site.stream.meta else ()
-    weight = plan.router.weight.to(ctx.device if ctx else "cpu")
+    stream = site.stream.meta.get("example_value")
+    known = isinstance(stream, torch.Tensor)
+    lead = tuple(stream.shape[:-1]) if known else ()
+    # the router computes where the stream is (a GPU graph can also take CPU inputs)
+    weight = plan.router.weight.to(stream.device if known else ctx.device if ctx else "cpu")
     if ctx is not None:
         w_node = ctx.add_constant(gm, weight, derived_from=list(derived_from),
                                   name_hint=f"{site.name}.router")

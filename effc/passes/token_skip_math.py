@@ -43,7 +43,7 @@ def fit_router(x: torch.Tensor, target: torch.Tensor) -> Router:
     feats = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     gram = feats.T @ feats
     lam = RIDGE * gram.diagonal()[:-1].mean().clamp_min(1e-12)
-    reg = torch.full((gram.shape[0],), float(lam), dtype=gram.dtype)
+    reg = torch.full((gram.shape[0],), float(lam), dtype=gram.dtype, device=gram.device)
     reg[-1] = 0.0  # the bias is not shrunk
     coef = torch.linalg.solve(gram + torch.diag(reg), feats.T @ y)
     pred = feats @ coef
@@ -124,7 +124,7 @@ def arank(maps: list[torch.Tensor]) -> float:
     for m in maps:
         a = m.double().clone()
         n = min(a.shape[-2:])
-        a[..., torch.arange(n), torch.arange(n)] = 0.0
+        a.diagonal(dim1=-2, dim2=-1).zero_()
         ranks.append((torch.linalg.matrix_rank(a).double() / a.shape[-2]).mean())
     return float(torch.stack(ranks).mean()) if ranks else float("nan")
 

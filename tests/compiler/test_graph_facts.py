@@ -7,7 +7,7 @@ from helpers import hf_model
 import effc
 
 from effc.compiler.graph_facts import (GraphFacts, add_constant, copy_graph_module, fqn_from_source,
-                                       is_static, matches, node_shape)
+                                       graph_device, is_static, matches, node_shape)
 
 
 @pytest.mark.parametrize("source,expected", [
@@ -221,3 +221,13 @@ def test_remove_dead_code_keeps_in_place_writes_without_users():
     buf = torch.zeros(3, 2)
     gm(buf, torch.ones(2, 2), torch.tensor([1, 2]))
     assert buf.sum().item() == 4.0
+
+
+def test_graph_device_is_the_accelerator_even_when_a_cpu_tensor_comes_first():
+    """A GPU model's Dynamo graph can take small CPU tensors as inputs, first among them; the
+    constants passes add (token_skip's routers) must go to the accelerator all the same (on an
+    H200 they went to the CPU and every routed site failed). "meta" stands in for the GPU."""
+    cpu, accel = torch.zeros(2), torch.zeros(2, device="meta")
+    assert graph_device([3, cpu, accel, torch.zeros(1)]) == torch.device("meta")
+    assert graph_device([cpu, 3]) == torch.device("cpu")
+    assert graph_device([]) == torch.device("cpu")

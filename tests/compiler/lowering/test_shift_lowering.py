@@ -72,10 +72,11 @@ def weights(terms, m, n, group, dtype=torch.float32, seed=0, bias=True):
     scales [m, G] varying along K, bias [m]: outputs O(1) with both signs."""
     g = torch.Generator().manual_seed(seed)
     groups = math.ceil(n / group) if group > 0 else 1
-    codes = torch.randint(0, 256, (terms, m, math.ceil(n / 2)), generator=g, dtype=torch.uint8)
-    sign = torch.randint(0, 2, (m, groups), generator=g) * 2 - 1
-    scale = (torch.rand(m, groups, generator=g) + 0.5) * sign / n ** 0.5
-    b = torch.randn(m, generator=g) * 0.5 if bias else None
+    cpu = dict(generator=g, device="cpu")  # drawn on the CPU even under on_device's default
+    codes = torch.randint(0, 256, (terms, m, math.ceil(n / 2)), dtype=torch.uint8, **cpu)
+    sign = torch.randint(0, 2, (m, groups), **cpu) * 2 - 1
+    scale = (torch.rand(m, groups, **cpu) + 0.5) * sign / n ** 0.5
+    b = torch.randn(m, **cpu) * 0.5 if bias else None
     return (codes.to(DEVICE), scale.to(dtype=dtype, device=DEVICE),
             None if b is None else b.to(dtype=dtype, device=DEVICE))
 
