@@ -21,7 +21,11 @@ the rotation and so could fold into W_q/W_k; it measured worse than PCA on the L
 them back at rebuild. Ranks are uniform across a layer's heads (the cache
 tensors stay rectangular), chosen per layer and per K/V by `ratio`, a `budget` of cache bytes
 (the shared allocator, each layer's own energy error as the data-free proxy), or by default the
-least rank keeping `min_energy` of each layer's energy.
+least rank keeping `min_energy` of each layer's energy. With `center` (the default, where the
+calibration recorded the means) PCA keys and values are centered: the cache stores
+(K - mu_k) P_k and hands attention (K - mu_k) P_k P_k^T + mu_k (never more error at equal rank).
+Latent and pair keys are not centered: the calibration records the keys after RoPE, whose mean
+is not the latent keys', and a mean would not commute with the rotation of whole planes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from effc.compiler.log import logger
 from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
 from effc.passes.kv_proj import KVProjConfig
 from effc.passes.kv_proj_math import (pca_basis, pca_errors, plane_errors, plane_scores,
@@ -53,10 +58,19 @@ class _Projecting:
     id ([B, T] int64), since a batch's positions need not be the cache's slot numbers."""
 
     def _bases(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
-               rotary: torch.nn.Module | None) -> None:
+               rotary: torch.nn.Module | None, key_mean: torch.Tensor | None = None,
+               value_mean: torch.Tensor | None = None) -> None:
         self.key_basis, self.value_basis = key_basis, value_basis  # [G, d, r] or None
         self.rotary = rotary if key_basis is not None else None
+        # [G, 1, d] or None: subtracted before the projection, added back at rebuild
+        self.key_mean = _per_head(key_mean) if key_basis is not None else None
+        self.value_mean = _per_head(value_mean) if value_basis is not None else None
         self.positions: torch.Tensor | None = None
+
+    def _setup(self) -> dict[str, Any]:
+        """What a fresh layer with the same projection takes."""
+        return dict(key_basis=self.key_basis, value_basis=self.value_basis, rotary=self.rotary,
+                    key_mean=self.key_mean, value_mean=self.value_mean)
 
     def _rope(self, like: torch.Tensor, positions: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +78,21 @@ class _Projecting:
         return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)  # [B, 1, T, d]
 
     @staticmethod
-    def _down(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-        return x if basis is None else x @ basis.to(x.device, x.dtype)
+    def _down(x: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        if basis is None:
+            return x
+        if mean is not None:
+            x = x - mean.to(x.device, x.dtype)
+        return x @ basis.to(x.device, x.dtype)
 
     @staticmethod
-    def _up(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-        return x if basis is None else x @ basis.to(x.device, x.dtype).transpose(-1, -2)
+    def _up(x: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        if basis is None:
+            return x
+        x = x @ basis.to(x.device, x.dtype).transpose(-1, -2)
+        return x if mean is None else x + mean.to(x.device, x.dtype)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, kwargs: dict,
                start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -82,29 +105,30 @@ class _Projecting:
             # undo RoPE: R^T k / |R|^2 (cos^2 + sin^2 is the rotation's scale squared)
             key_states = (key_states * cos - _rotate_half(key_states) * sin) / (cos * cos +
                                                                                  sin * sin)
-        return self._down(key_states, self.key_basis), self._down(value_states,
-                                                                  self.value_basis), new
+        return (self._down(key_states, self.key_basis, self.key_mean),
+                self._down(value_states, self.value_basis, self.value_mean), new)
 
     def _read(self, keys: torch.Tensor, values: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The full-width keys and values attention reads, from the stored ones."""
-        keys = self._up(keys, self.key_basis)
+        keys = self._up(keys, self.key_basis, self.key_mean)
         if self.rotary is not None:
             cos, sin = self._rope(keys, self.positions)
             keys = keys * cos + _rotate_half(keys) * sin
-        return keys, self._up(values, self.value_basis)
+        return keys, self._up(values, self.value_basis, self.value_mean)
 
 
 class ProjectedLayer(_Projecting, DynamicLayer):
     """A DynamicLayer whose tensors are projected (see _Projecting)."""
 
     def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
-                 rotary: torch.nn.Module | None = None, **kwargs: Any):
+                 rotary: torch.nn.Module | None = None, *, key_mean: torch.Tensor | None = None,
+                 value_mean: torch.Tensor | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self._bases(key_basis, value_basis, rotary)
+        self._bases(key_basis, value_basis, rotary, key_mean, value_mean)
 
     def fresh(self) -> ProjectedLayer:
-        return ProjectedLayer(self.key_basis, self.value_basis, self.rotary)
+        return ProjectedLayer(**self._setup())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +148,14 @@ class ProjectedStaticLayer(_Projecting, StaticLayer):
     """A StaticLayer whose preallocated tensors are projected: [B, G, max_cache_len, r]."""
 
     def __init__(self, key_basis: torch.Tensor | None, value_basis: torch.Tensor | None,
-                 rotary: torch.nn.Module | None = None, *, max_cache_len: int, **kwargs: Any):
+                 rotary: torch.nn.Module | None = None, *, max_cache_len: int,
+                 key_mean: torch.Tensor | None = None, value_mean: torch.Tensor | None = None,
+                 **kwargs: Any):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
-        self._bases(key_basis, value_basis, rotary)
+        self._bases(key_basis, value_basis, rotary, key_mean, value_mean)
 
     def fresh(self) -> ProjectedStaticLayer:
-        return ProjectedStaticLayer(self.key_basis, self.value_basis, self.rotary,
-                                    max_cache_len=self.max_cache_len)
+        return ProjectedStaticLayer(**self._setup(), max_cache_len=self.max_cache_len)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +169,12 @@ class ProjectedStaticLayer(_Projecting, StaticLayer):
             self.positions.index_copy_(1, slots, new)
         keys, values = StaticLayer.update(self, k, v)
         return self._read(keys, values)
+
+
+def _per_head(mean: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-KV-head mean [G, d] (or [G, 1, d]) as [G, 1, d] float32, broadcasting over the
+    cache's [B, G, T, d]."""
+    return None if mean is None else mean.reshape(mean.shape[0], 1, mean.shape[-1]).float()
 
 
 def _positions(key_states: torch.Tensor, start: int, kwargs: dict) -> torch.Tensor:
@@ -243,7 +274,7 @@ def _key_mode(config: KVProjConfig, model: torch.nn.Module, rotary: torch.nn.Mod
               weights: dict[int, str], layers_n: int) -> str:
     """The keys knob resolved: "auto" is latent (before RoPE) where the model has RoPE and
     k_proj/v_proj linears in every layer (on the Llama trained here: 0.974 next-token
-    agreement at half the cache's bytes, 0.960 with PCA after RoPE), else pca. "latent"
+    agreement at half the cache's bytes, 0.958 with PCA after RoPE), else pca. "latent"
     without either is a ValueError."""
     every = sorted(weights) == list(range(layers_n))
     if config.keys == "auto":
@@ -285,6 +316,24 @@ def _weight_moment_pair(params: dict, module: str, config, calibration, rotated:
         plane = (diag[:, : d // 2] + diag[:, d // 2:]) / 2
         keys = torch.diag_embed(torch.cat([plane, plane], dim=-1))
     return keys, values
+
+
+def _centering(config: KVProjConfig, from_weights: bool, mode: str) -> set[str]:
+    """Which of keys and values get centered: PCA keys and values, where the calibration
+    recorded their means. center=True where none can be is a ValueError; keys it cannot
+    center (latent, pairs) get a warning."""
+    if config.center is False:
+        return set()
+    if from_weights:
+        if config.center is True:
+            raise ValueError("effc option 'kv_proj.center': True needs the calibration's "
+                             "key/value means (bases from calibration: effc.calibrate(model, "
+                             "batches, what=('inputs', 'kv'))); data-free bases are not centered")
+        return set()
+    if config.center is True and mode in ("latent", "pairs"):
+        logger.warning("kv_proj: center=True centers the values only: %s keys are not "
+                       "centered (the calibration's key mean is taken after RoPE)", mode)
+    return {"values"} | ({"keys"} if mode == "pca" else set())
 
 
 def _options(name: str, errors: list[float], dim: int, g: int, multiple: int, size: int,
@@ -343,12 +392,16 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
     params = dict(model.named_parameters())
     size = next(model.parameters()).element_size()
     options, facts = [], {}
+    centering = _centering(config, from_weights, mode)
     for i in range(layers_n):
+        kmean = vmean = None
         if from_weights:
             kmom, vmom = _weight_moment_pair(params, mods[i], text, calibration)
         else:
             km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
             kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
+            kmean = km.mean() if "keys" in centering else None
+            vmean = vm.mean() if "values" in centering else None
         if mode == "latent":  # the keys before RoPE: W_k C W_k^T, C the input's moment
             kmom = _weight_moment_pair(params, weights[i], text, calibration, rotated=False)[0]
         g, d = kmom.shape[0], kmom.shape[-1]
@@ -361,15 +414,17 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
                     if calibration is not None else None
                 qe = query_plane_energy(wq.detach().cpu(), inp, heads, g)
             scores = plane_scores(kmom, qe)
-        facts[i] = (kmom, vmom, scores, g, d)
+        facts[i] = (kmom, vmom, scores, g, d, kmean, vmean)
         if mode == "pairs":  # ranks are whole planes: 2 dims each
             options.append(_options(f"{i}.k", plane_errors(scores), d, g,
                                     max(2, config.multiple), size, per=2))
         elif mode in ("pca", "latent"):
-            options.append(_options(f"{i}.k", pca_errors(kmom), d, g, config.multiple, size,
+            options.append(_options(f"{i}.k", pca_errors(kmom, kmean), d, g, config.multiple,
+                                    size,
                                     extra=8 if mode == "latent" else 0))
         if config.values:
-            options.append(_options(f"{i}.v", pca_errors(vmom), d, g, config.multiple, size))
+            options.append(_options(f"{i}.v", pca_errors(vmom, vmean), d, g, config.multiple,
+                                    size))
     build = lambda choice: _build(choice, facts, mode, mods, layers_n, rotary)  # noqa: E731
     measure = _logit_error(model, batches, build) if batches else None
     if measure is not None and config.budget is not None:
@@ -384,8 +439,8 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
     choice = _choose(options, config, facts)
     cache = build(choice)
     if max_cache_len is not None:
-        cache = ProjectedCache([ProjectedStaticLayer(layer.key_basis, layer.value_basis,
-                                                     layer.rotary, max_cache_len=max_cache_len)
+        cache = ProjectedCache([ProjectedStaticLayer(**layer._setup(),
+                                                     max_cache_len=max_cache_len)
                                 for layer in cache.layers], cache.plan, cache.head_dim)
     if measure is not None:
         cache.measured_sqnr_db = db(measure(choice))
@@ -423,16 +478,18 @@ def _build(choice: dict[str, Candidate], facts, mode: str, mods: dict[int, str],
     """The cache for one choice of ranks (a site missing from `choice` is kept whole)."""
     layers, plan = [], []
     for i in range(layers_n):
-        kmom, vmom, scores, g, d = facts[i]
+        kmom, vmom, scores, g, d, kmean, vmean = facts[i]
         kc, vc = choice.get(f"{i}.k"), choice.get(f"{i}.v")
         rk = kc.choice if kc is not None else d
         rv = vc.choice if vc is not None else d
         kb = None if rk >= d else (plane_selection(scores, rk // 2) if mode == "pairs"
-                                   else pca_basis(kmom, rk))
-        vb = None if rv >= d else pca_basis(vmom, rv)
-        layers.append(ProjectedLayer(kb, vb, rotary))
+                                   else pca_basis(kmom, rk, kmean))
+        vb = None if rv >= d else pca_basis(vmom, rv, vmean)
+        layers.append(ProjectedLayer(kb, vb, rotary, key_mean=kmean, value_mean=vmean))
         plan.append({"layer": i, "module": mods[i], "keys": mode if kb is not None else "full",
                      "key_rank": rk, "value_rank": rv, "head_dim": d, "kv_heads": g,
+                     "centered": [w for w, b, m in (("keys", kb, kmean), ("values", vb, vmean))
+                                  if b is not None and m is not None],
                      "key_error": 0.0 if kc is None else round(kc.error, 6),
                      "value_error": 0.0 if vc is None else round(vc.error, 6)})
     return ProjectedCache(layers, plan, facts[0][4])

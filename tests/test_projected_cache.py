@@ -67,18 +67,45 @@ def test_the_cache_tensors_really_shrink_in_generate(compiled):
     assert torch.equal(out.sequences, eager.sequences)  # compiled and eager agree
 
 
-def test_attention_reads_the_projection_of_what_it_wrote():
+@pytest.mark.parametrize("center", [False, "auto"])
+def test_attention_reads_the_projection_of_what_it_wrote(center):
+    """The cache stores (K - mu_k) P_k and hands attention (K - mu_k) P_k P_k^T + mu_k (the
+    calibration's per-head means, by default), or K P_k P_k^T uncentered; values alike."""
     model, calib = _llama()
-    cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
+    cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca", center=center)
     layer = cache.layers[0]
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     keys, values = layer.update(k, v)
     kb, vb = layer.key_basis, layer.value_basis  # [G, d, r], orthonormal columns
     torch.testing.assert_close(kb.transpose(1, 2) @ kb, torch.eye(4).expand(2, 4, 4),
                                atol=1e-6, rtol=0)
-    torch.testing.assert_close(keys, k @ kb @ kb.transpose(1, 2), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(values, v @ vb @ vb.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    name = cache.plan[0]["module"]
+    mk, mv = ((calib.keys[name].mean().float()[:, None], calib.values[name].mean().float()[:, None])
+              if center else (torch.zeros(2, 1, 8),) * 2)
+    assert (layer.key_mean is not None) == bool(center)
+    assert not center or mk.abs().max() > 0.01  # a mean that matters
+    assert cache.plan[0]["centered"] == (["keys", "values"] if center else [])
+    torch.testing.assert_close(keys, (k - mk) @ kb @ kb.transpose(1, 2) + mk, rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(values, (v - mv) @ vb @ vb.transpose(1, 2) + mv, rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(layer.keys, (k - mk) @ kb)  # what is stored: r wide
     assert layer.keys.shape == (2, 2, 5, 4)
+
+
+def test_centering_keeps_the_ranks_and_lowers_the_stated_errors():
+    """At the same ranks, centered bases leave no more energy out, layer by layer (the math
+    test checks that the stated error is the measured one; bench_kv_proj part (a) measures
+    the effect on a trained model's predictions)."""
+    model, calib = _llama()
+    plans = {c: effc.kv_cache(model, calib, ratio=0.5, keys="pca", center=c).plan
+             for c in (False, "auto")}
+    for on, off in zip(plans["auto"], plans[False], strict=True):
+        assert on["key_rank"] == off["key_rank"] and on["value_rank"] == off["value_rank"]
+        assert on["key_error"] <= off["key_error"] + 1e-6
+        assert on["value_error"] <= off["value_error"] + 1e-6
+    assert sum(p["value_error"] for p in plans["auto"]) < sum(
+        p["value_error"] for p in plans[False]) - 1e-3
 
 
 def test_rope_plane_selection_commutes_with_the_rotation():
@@ -198,11 +225,21 @@ def test_the_default_keeps_the_stated_share_of_every_layers_energy():
                                        ({"budget": 0.5, "ratio": 0.5}, "kv_proj"),
                                        ({"keys": "rope"}, "kv_proj.keys"),
                                        ({"multiple": 0}, "kv_proj.multiple"),
-                                       ({"rank": 3}, "kv_proj.rank")])
+                                       ({"rank": 3}, "kv_proj.rank"),
+                                       ({"center": "yes"}, "kv_proj.center"),
+                                       ({"center": True, "bases": "weights"}, "kv_proj.center")])
 def test_bad_settings_raise_value_error_naming_the_key(knobs, key):
     model, calib = _llama()
     with pytest.raises(ValueError, match=re.escape(repr(key))):
         effc.kv_cache(model, calib, **knobs)
+
+
+def test_center_true_with_latent_keys_warns_that_only_values_are_centered(caplog):
+    model, calib = _llama()
+    with caplog.at_level("WARNING", logger="effc"):
+        cache = effc.kv_cache(model, calib, ratio=0.5, keys="latent", center=True)
+    assert cache.plan[0]["centered"] == ["values"]
+    assert "centers the values only" in caplog.text
 
 
 def test_a_calibration_without_kv_moments_falls_back_to_data_free_bases():

@@ -8,7 +8,9 @@ scaled_dot_product_attention and moves the projections to the single query and o
     softmax(s q (L_k P_k^T)^T) (L_v P_v^T) = softmax(s (q P_k) L_k^T) L_v  P_v^T
 
 (per query head, with its KV head's bases; the scale s stays the original 1/sqrt(head_dim)).
-Exact algebra; the attention then reads the r-wide cache directly. The rebuild nodes become
+A centered cache rebuilds L P^T + mu: the keys' mean adds s q.mu_k to every score of a query,
+which softmax ignores, and the values' mean comes out as + mu_v, since each row of attention
+weights sums to 1. Exact algebra; the attention then reads the r-wide cache directly. The rebuild nodes become
 dead and are removed. Graphs without a projected cache are left as they are (the report says
 so); the compression itself, and its knobs, belong to effc.kv_cache.
 
@@ -40,7 +42,9 @@ from effc.passes.base import Pass, PassResult
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 MATMULS = (torch.matmul, operator.matmul)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
-COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases")
+_MEAN = re.compile(r"layers_(\d+)_(key|value)_mean")
+COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases",
+                     "center")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,11 @@ class KVProjConfig(PassConfig):
         "auto", "calibration: PCA of the recorded per-head K/V moments; weights: data-free, "
                 "from W_k/W_v (and the recorded input moments where present; RoPE averaged "
                 "over positions); auto: calibration when it holds K/V moments")
+    center: bool | Literal["auto"] = knob(
+        "auto", "subtract the calibration's per-head mean before projecting and add it back at "
+                "rebuild (never more error at equal rank); auto: PCA keys and values wherever "
+                "the calibration recorded means; True: the same, an error without them; False: "
+                "never")
     multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
     select: bool | dict = knob(
         False, "decode steps attend to selected cached tokens: True, or a dict of top_k "
@@ -119,19 +128,26 @@ class KVProjConfig(PassConfig):
 
 
 
-def _basis_of(node) -> tuple[fx.Node, str] | None:
-    """(basis placeholder, its layer index) if `node` is `basis` or `basis.to(...)`."""
+def _basis_of(node, pattern: re.Pattern = _BASIS) -> tuple[fx.Node, str] | None:
+    """(placeholder, its layer index) if `node` is a cache layer's basis (or, with _MEAN, its
+    mean), or that `.to(...)`."""
     while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to":
         node = node.args[0]
     if isinstance(node, fx.Node) and node.op == "placeholder":
-        found = _BASIS.search(node.name)
+        found = pattern.search(node.name)
         if found:
             return node, found.group(1)
     return None
 
 
-def rebuild(node) -> tuple[fx.Node, fx.Node, str] | None:
-    """(latent cache L, basis P, layer) if `node` is `L @ P^T`, a projected cache's rebuild."""
+def rebuild(node) -> tuple[fx.Node, fx.Node, str, fx.Node | None] | None:
+    """(latent cache L, basis P, layer, mean mu or None) if `node` is `L @ P^T`, a projected
+    cache's rebuild, or `L @ P^T + mu`, a centered one's."""
+    mean = None
+    if (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in (operator.add, torch.add) and len(node.args) == 2
+            and not node.kwargs and _basis_of(node.args[1], _MEAN) is not None):
+        node, mean = node.args[0], node.args[1]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in MATMULS):
         return None
     lat, t = node.args[0], node.args[1]
@@ -139,7 +155,7 @@ def rebuild(node) -> tuple[fx.Node, fx.Node, str] | None:
             and set(t.args[1:]) == {-1, -2}):
         return None
     basis = _basis_of(t.args[0])
-    return (lat, t.args[0], basis[1]) if basis is not None else None
+    return (lat, t.args[0], basis[1], mean) if basis is not None else None
 
 
 def _leading(node) -> torch.Size | None:
@@ -188,7 +204,7 @@ class KVProjPass(Pass):
             if node.op != "call_function" or node.target not in SDPA:
                 continue
             keys, values = rebuild(node.args[1]), rebuild(node.args[2])
-            layer = (keys or values or (None, None, None))[2]
+            layer = (keys or values or (None, None, None, None))[2]
             site = f"cache.layers.{layer}" if layer is not None else f"attention:{node.name}"
             why = ("no projected cache rebuild feeds this attention (pass the model an "
                    "effc.kv_cache)" if keys is None and values is None else
@@ -254,7 +270,7 @@ class KVProjPass(Pass):
         heads = q.meta["example_value"].shape[1]
 
         def per_head(basis: fx.Node) -> fx.Node:
-            """[G, d, r] -> [H, d, r]: each query head reads its KV head's basis."""
+            """[G, ...] -> [H, ...]: each query head reads its KV head's basis (or mean)."""
             groups = basis.meta["example_value"].shape[0]
             if groups == heads:
                 return basis
@@ -271,6 +287,8 @@ class KVProjPass(Pass):
             if values is not None:
                 up = graph.call_method("transpose", (per_head(values[1]), -1, -2))
                 out = graph.call_function(torch.matmul, (new, up))
+                if values[3] is not None:  # the value mean, [G, 1, d] -> [H, 1, d]
+                    out = graph.call_function(operator.add, (out, per_head(values[3])))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         what = " and ".join(w for w, f in (("keys", keys), ("values", values)) if f is not None)

@@ -1,7 +1,11 @@
 """kv_proj's math: per-head bases for keys and values, RoPE-aware pair selection, ranks.
 
-Values: the cache stores V P (P: the top-r eigenvectors of E[v v^T] per KV head, uncentered)
-and attention reads V P P^T; the error is the energy of the discarded directions.
+Values: the cache stores V P (P: the top-r eigenvectors of E[v v^T] per KV head) and attention
+reads V P P^T; the error is the energy of the discarded directions. Centered (a mean mu from
+calibration): the cache stores (V - mu) P, attention reads (V - mu) P P^T + mu, and P comes from
+the covariance E[v v^T] - mu mu^T. At equal rank that never leaves more energy out (Ky Fan: the
+covariance's top-r sum is at least the second moment's, minus the rank-one mu mu^T), and the mean
+costs nothing per token.
 Keys with RoPE: a projection does not commute with the rotation, but a selection of whole
 rotation planes does (RoPE rotates dims i and i + d/2 together, rotate_half's pairing), so the
 cache keeps 2s of the d dims and the scores keep the selected planes' terms exactly. Planes are
@@ -28,28 +32,40 @@ def eigen(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.flip(-1).clamp_min(0.0), vecs.flip(-1)
 
 
-def pca_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
-    """[H, d, r]: per head, the top-`rank` eigenvectors of E[x x^T] (orthonormal columns)."""
-    return eigen(moment)[1][..., :rank].float()
+def centered(moment: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """Per head E[x x^T] - mu mu^T (the covariance), or the moment itself without a mean."""
+    if mean is None:
+        return moment.double()
+    mu = mean.double().reshape(moment.shape[:-1])
+    return moment.double() - mu[..., :, None] * mu[..., None, :]
 
 
-def pca_errors(moment: torch.Tensor) -> list[float]:
-    """Relative error sqrt(discarded energy / total energy) over all heads at every rank
-    0..d (one eigendecomposition for all of them)."""
-    return _tail_errors(eigen(moment)[0])
+def pca_basis(moment: torch.Tensor, rank: int, mean: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """[H, d, r]: per head, the top-`rank` eigenvectors of E[x x^T], or of the covariance
+    when the mean is subtracted first (orthonormal columns)."""
+    return eigen(centered(moment, mean))[1][..., :rank].float()
 
 
-def pca_error(moment: torch.Tensor, rank: int) -> float:
-    """pca_errors(moment)[rank]."""
-    return pca_errors(moment)[rank]
+def pca_errors(moment: torch.Tensor, mean: torch.Tensor | None = None) -> list[float]:
+    """Relative error sqrt(discarded energy / total energy E|x|^2) over all heads at every
+    rank 0..d (one eigendecomposition for all of them); centered when `mean` is given (the
+    mean is restored exactly, so only the covariance's tail is lost)."""
+    total = float(moment.double().diagonal(dim1=-2, dim2=-1).sum())
+    return _tail_errors(eigen(centered(moment, mean))[0], total)
 
 
-def _tail_errors(values: torch.Tensor) -> list[float]:
-    """[H, n] non-negative values sorted descending per row -> sqrt(share of the total left
-    out when keeping the first r of each row), for r = 0..n."""
+def pca_error(moment: torch.Tensor, rank: int, mean: torch.Tensor | None = None) -> float:
+    """pca_errors(moment, mean)[rank]."""
+    return pca_errors(moment, mean)[rank]
+
+
+def _tail_errors(values: torch.Tensor, total: float | None = None) -> list[float]:
+    """[H, n] non-negative values sorted descending per row -> sqrt(share of `total` (default:
+    all the values) left out when keeping the first r of each row), for r = 0..n."""
     tails = torch.cat([values.sum(0).flip(0).cumsum(0).flip(0), values.new_zeros(1)])
-    total = float(tails[0])
-    return [(float(t) / total) ** 0.5 if total > 0 else 0.0 for t in tails]
+    total = float(tails[0]) if total is None else total
+    return [min(float(t) / total, 1.0) ** 0.5 if total > 0 else 0.0 for t in tails]
 
 
 def plane_scores(key_moment: torch.Tensor, query_energy: torch.Tensor | None = None

@@ -123,7 +123,6 @@ def arank(maps: list[torch.Tensor]) -> float:
     ranks = []
     for m in maps:
         a = m.double().clone()
-        n = min(a.shape[-2:])
         a.diagonal(dim1=-2, dim2=-1).zero_()
         ranks.append((torch.linalg.matrix_rank(a).double() / a.shape[-2]).mean())
     return float(torch.stack(ranks).mean()) if ranks else float("nan")

@@ -42,8 +42,9 @@ class _Rebuilds(effc.compiler.pass_manager.Instrument):
 
 @pytest.mark.parametrize("kv_heads,knobs", [(2, {}), (4, {}), (2, {"keys": "none"}),
                                             (2, {"values": False, "keys": "pairs"}),
-                                            (2, {"keys": "latent"})],
-                         ids=["gqa", "mha", "values-only", "rope-planes-only", "latent-keys"])
+                                            (2, {"keys": "latent"}), (2, {"center": False})],
+                         ids=["gqa", "mha", "values-only", "rope-planes-only", "latent-keys",
+                              "uncentered"])
 def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, knobs):
     model, calib = _llama(kv_heads)
     ids = torch.randint(3, 96, (2, 7))
@@ -68,6 +69,12 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     assert rows and all(r.decision == "rewritten" for r in rows)
     assert {r.site for r in rows} == {"cache.layers.0", "cache.layers.1"}
     assert seen.counts and all(c == 0 for c in seen.counts)  # no full-width rebuild is left
+    # centered (the default) wherever the bases are PCA: the keys' mean drops out of the
+    # softmax, the values' comes back as a bias
+    centered = [] if knobs.get("center") is False else [
+        w for w, on in (("keys", knobs.get("keys", "pca") == "pca"),
+                        ("values", knobs.get("values", True))) if on]
+    assert cache.plan[0]["centered"] == centered
     layer = folded.layers[0]  # the cache itself still stores r dims where it projects
     assert layer.keys.shape[-1] == (8 if knobs.get("keys") == "none" else 4)
     assert layer.values.shape[-1] == (8 if knobs.get("values") is False else 4)

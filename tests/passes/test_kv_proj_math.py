@@ -23,6 +23,23 @@ def test_pca_error_is_the_measured_reconstruction_error():
     assert pca_error(moment, 8) == 0.0
 
 
+def test_centered_pca_error_is_the_measured_error_and_never_above_the_uncentered():
+    """Subtract the mean, project on the covariance's top-r, add the mean back: the error is
+    what pca_errors(moment, mean) states, and at every rank no larger than without centering
+    (on data with a large mean, much smaller)."""
+    x = (_data() + torch.tensor([3.0, -2.0, 1.0, 0, 0, 0, 0, 0.5])).double()
+    moment = x.transpose(1, 2) @ x / x.shape[1]
+    mean = x.mean(1)  # [G, d]
+    for r in range(0, 9):
+        p = pca_basis(moment, r, mean).double()
+        rec = (x - mean[:, None]) @ p @ p.transpose(1, 2) + mean[:, None]
+        measured = ((x - rec).norm() / x.norm()).item()
+        assert abs(pca_error(moment, r, mean) - measured) <= 1e-6
+        assert pca_error(moment, r, mean) <= pca_error(moment, r) + 1e-12
+    assert pca_error(moment, 2, mean) < 0.5 * pca_error(moment, 2)
+    assert pca_error(moment, 8, mean) <= 1e-6
+
+
 def test_plane_scores_are_the_energies_of_rotate_half_pairs():
     k = _data(d=8).double()
     moment = k.transpose(1, 2) @ k / k.shape[1]
