@@ -16,6 +16,8 @@
     agreement against full attention, and one layer's attention alone (SDPA vs
     effc.select_attention).
 (d) CUDA only: effc.select_attention's Triton kernels vs SDPA at 4k..64k cached tokens.
+(e) CPU time of a prefill (batch 1, 128..1024 tokens) into a projected cache: compiled with
+    kv_proj, with and without the value bases folded into v_proj and o_proj.
 """
 
 from __future__ import annotations
@@ -307,8 +309,57 @@ def part_d(quick: bool) -> str:
                      "whole op", "host per call"], steps))
 
 
+def part_e(quick: bool) -> str:
+    """Prefill into a projected cache: the attention fold and the value bases folded into
+    v_proj and o_proj, against effc without kv_proj."""
+    model, batches, _ = _subject("text_llama", True)
+    calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
+    from transformers import DynamicCache
+
+    caches = {"ratio 0.5": effc.kv_cache(model, calib, ratio=0.5, keys="pca"),
+              "budget 0.5": effc.kv_cache(model, calib, budget=0.5, keys="pca")}
+    rows = []
+    for label, proj in caches.items():
+        for ctx in ((128, 256) if quick else (128, 512, 1024)):
+            ids = torch.randint(0, 256, (1, ctx))
+            torch._dynamo.reset()  # each setting compiled afresh: its own report rows
+            effc.reset()
+            plain = torch.compile(model, backend="effc")
+            attention_only = torch.compile(model, backend="effc",
+                                           options={"kv_proj": {"fold_weights": False}})
+            folded = torch.compile(model, backend="effc", options={"kv_proj": True})
+
+            def call(fn, make):
+                return lambda: fn(ids, cache=make(), use_cache=True).logits
+
+            runs = {"effc dense": call(plain, DynamicCache),
+                    "attention fold only": call(attention_only, proj.fresh),
+                    "kv_proj": call(folded, proj.fresh)}
+            with torch.no_grad():
+                ref, out = runs["attention fold only"](), runs["kv_proj"]()
+                sites = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+                times = time_interleaved(runs, repeats=5 if quick else 11)
+            rows.append([label, ctx, *(times[k] * 1e3 for k in runs),
+                         times["kv_proj"] / times["effc dense"],
+                         times["kv_proj"] / times["attention fold only"],
+                         f"{sum(s.decision == 'rewritten' for s in sites) // 2}/"
+                         f"{len(sites) // 2}",
+                         sum(s.details.get("folded") == ["v_proj", "o_proj"] for s in sites),
+                         ((out - ref).abs().max() / ref.abs().max()).item()])
+    return (f"(e) prefill (batch 1) into a projected cache (PCA keys), text_llama, {machine()}"
+            f"\n\nkv_proj folds a prefill's attention only in layers whose keys and values "
+            f"end up equally wide (SDPA's fused kernels need that), and there also folds the "
+            f"value bases into v_proj and o_proj; `attention fold only` is "
+            f"`fold_weights=False`.\n\n"
+            + table(["cache", "tokens", "effc dense ms", "attention fold only ms",
+                     "kv_proj ms", "kv_proj / effc dense", "kv_proj / attention fold only",
+                     "layers folded", "layers with weights folded",
+                     "max rel diff of the logits"], rows))
+
+
 def main() -> None:
-    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d}, "kv_proj")
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e},
+              "kv_proj")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ import effc
 from effc.passes.kv_proj import SDPA, rebuild
 
 
-def _llama(kv_heads=2):
+def _llama(kv_heads=2, bias=False):
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads,
-                         max_position_embeddings=64)
+                         max_position_embeddings=64, attention_bias=bias)
     model = tf.LlamaForCausalLM(cfg).eval()
     calib = effc.calibrate(model, [torch.randint(3, 96, (2, 16)) for _ in range(2)],
                            what=("inputs", "kv"), progress=False)
@@ -42,11 +42,16 @@ class _Rebuilds(effc.compiler.pass_manager.Instrument):
 
 @pytest.mark.parametrize("kv_heads,knobs", [(2, {}), (4, {}), (2, {"keys": "none"}),
                                             (2, {"values": False, "keys": "pairs"}),
-                                            (2, {"keys": "latent"}), (2, {"center": False})],
+                                            (2, {"keys": "latent"}), (2, {"center": False}),
+                                            (2, {"bias": True})],
                          ids=["gqa", "mha", "values-only", "rope-planes-only", "latent-keys",
-                              "uncentered"])
+                              "uncentered", "attention-bias"])
 def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, knobs):
-    model, calib = _llama(kv_heads)
+    """Generation with the folds equals generation with the rebuilding cache: the attention
+    fold at every step, and in the prefill (14 tokens) the value bases folded into v_proj and
+    o_proj as well; decode steps (2 tokens) keep v_proj and o_proj as they are."""
+    knobs = dict(knobs)
+    model, calib = _llama(kv_heads, bias=knobs.pop("bias", False))
     ids = torch.randint(3, 96, (2, 7))
     cache = effc.kv_cache(model, calib, ratio=0.5, **{"keys": "pca", **knobs})
     forward = model.forward
@@ -66,9 +71,18 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     for a, b in zip(out.scores, ref.scores):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+    prefill, rows = rows[:2], rows[2:]  # the first graph is the prefill's (2 layers)
     assert rows and all(r.decision == "rewritten" for r in rows)
     assert {r.site for r in rows} == {"cache.layers.0", "cache.layers.1"}
-    assert seen.counts and all(c == 0 for c in seen.counts)  # no full-width rebuild is left
+    assert seen.counts[1:] and all(c == 0 for c in seen.counts[1:])  # no full-width rebuild
+    # a prefill folds where its keys and values end up equally wide (SDPA's fused kernels);
+    # otherwise it rebuilds the cache to full width, and says why
+    equal = knobs.get("keys", "pca") == "pca" and knobs.get("values", True)
+    if equal:
+        assert all(r.decision == "rewritten" for r in prefill) and seen.counts[0] == 0
+    else:
+        assert all(r.decision == "skipped" and "equal widths" in r.reason for r in prefill)
+        assert seen.counts[0] == 2
     # centered (the default) wherever the bases are PCA: the keys' mean drops out of the
     # softmax, the values' comes back as a bias
     centered = [] if knobs.get("center") is False else [
@@ -78,6 +92,10 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     layer = folded.layers[0]  # the cache itself still stores r dims where it projects
     assert layer.keys.shape[-1] == (8 if knobs.get("keys") == "none" else 4)
     assert layer.values.shape[-1] == (8 if knobs.get("values") is False else 4)
+    if equal:  # the prefill folds the value bases into v_proj and o_proj as well
+        assert all(r.details["folded"] == ["v_proj", "o_proj"] for r in prefill)
+    assert all(r.details.get("folded", []) == [] for r in rows)  # decode steps do not
+    assert all("decode steps" in r.details["not_folded"] for r in rows if r.details["values"])
     folds = {(r.details["keys"], r.details["values"]) for r in rows}
     # latent keys are rotated after their rebuild: only the values fold
     assert folds == {(knobs.get("keys") not in ("none", "latent"), knobs.get("values", True))}
@@ -215,3 +233,4 @@ def test_select_covering_the_cache_keeps_the_model():
 def test_bad_select_settings_name_the_key(select, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         effc.Config.from_options({"kv_proj": {"select": select}}, env={})
+
