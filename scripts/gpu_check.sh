@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation of effc's Triton code (run on a CUDA machine; CI has none).
 #
-# The kernel and lowering tests run with their tensors on the GPU (EFFC_TEST_DEVICE=cuda), so
+# Each pass runs on the GPU first (tests/test_passes_on_device.py: a pass that builds a
+# constant on the wrong device fails there, not on a CPU). The kernel and lowering tests run
+# with their tensors on the GPU (EFFC_TEST_DEVICE=cuda), so
 # the generated kernels are compiled and autotuned rather than interpreted; then the lowering
 # benchmark times effc-triton against inductor and eager, and the hypercomplex benchmark times
 # the trained PHM model and phm_linear against dense (the goal at batch 1: >= 0.6 n times
@@ -51,6 +53,7 @@ extra=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 240)
 step tests "$TEST_S" "$PY" -m pytest -q -p no:cacheprovider -p scripts.pytest_live_failures -rfE \
     --durations=15 "${extra[@]}" \
+    tests/test_passes_on_device.py \
     "tests/passes/test_token_skip.py::test_routed_graphs_lower_to_triton_with_the_routed_nodes_left_to_eager" \
     tests/compiler/test_generate.py tests/compiler/lowering/test_shift_lowering.py \
     tests/compiler/lowering/test_phm_lowering.py tests/test_examples.py \

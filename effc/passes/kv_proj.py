@@ -166,6 +166,36 @@ def rebuild(node) -> tuple[fx.Node, fx.Node, str, fx.Node | None] | None:
     return (lat, t.args[0], basis[1], mean) if basis is not None else None
 
 
+def _repeat_kv(node) -> tuple[fx.Node, int] | None:
+    """(X, n) if `node` is transformers' repeat_kv(X, n), X[:, :, None].expand(B, G, n, T, d)
+    .reshape(B, G n, T, d): how its SDPA attention repeats KV heads for grouped queries when
+    a mask is given. Each KV head's n copies are adjacent, as repeat_interleave(X, n, 1)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape"):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method"
+            and expand.target == "expand" and len(expand.args) == 6 and len(node.args) == 5):
+        return None
+    item = expand.args[0]
+    whole = slice(None)
+    if not (isinstance(item, fx.Node) and item.op == "call_function"
+            and item.target is operator.getitem
+            and item.args[1] == (whole, whole, None, whole, whole)):
+        return None
+    n = expand.args[3]
+    return (item.args[0], n) if isinstance(n, int) and n > 1 else None
+
+
+def cached(node) -> tuple[fx.Node, fx.Node, str, fx.Node | None, int] | None:
+    """rebuild(node) + (1,), or, through a repeat_kv of a rebuild, rebuild(X) + (n,)."""
+    found = rebuild(node)
+    if found is not None:
+        return found + (1,)
+    repeated = _repeat_kv(node)
+    found = rebuild(repeated[0]) if repeated is not None else None
+    return found + (repeated[1],) if found is not None else None
+
+
 def _leading(node) -> torch.Size | None:
     """The [B, H, T] of an attention operand: its traced value's, or, for a query the fold
     multiplied by a basis (a new node, with no traced value), the query's it multiplied."""
@@ -227,8 +257,8 @@ class KVProjPass(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in SDPA:
                 continue
-            keys, values = rebuild(node.args[1]), rebuild(node.args[2])
-            layer = (keys or values or (None, None, None, None))[2]
+            keys, values = cached(node.args[1]), cached(node.args[2])
+            layer = (keys or values or (None,) * 5)[2]
             site = f"cache.layers.{layer}" if layer is not None else f"attention:{node.name}"
             why = ("no projected cache rebuild feeds this attention (pass the model an "
                    "effc.kv_cache)" if keys is None and values is None else
@@ -307,8 +337,15 @@ class KVProjPass(Pass):
         with graph.inserting_before(node):
             if keys is not None:
                 q = graph.call_function(torch.matmul, (q, per_head(keys[1])))
-            args = (q, keys[0] if keys is not None else node.args[1],
-                    values[0] if values is not None else node.args[2]) + tuple(node.args[3:])
+            def latent(found, whole):
+                """The r-wide cache, its KV heads repeated as the attention repeated them."""
+                if found is None:
+                    return whole
+                return found[0] if found[4] == 1 else graph.call_function(
+                    torch.repeat_interleave, (found[0],), {"repeats": found[4], "dim": 1})
+
+            args = (q, latent(keys, node.args[1]), latent(values, node.args[2])) + tuple(
+                node.args[3:])
             kwargs = {**node.kwargs, "scale": scale}
             new = out = graph.call_function(node.target, args, kwargs)
             if values is not None:

@@ -234,3 +234,32 @@ def test_bad_select_settings_name_the_key(select, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         effc.Config.from_options({"kv_proj": {"select": select}}, env={})
 
+
+
+def test_a_padded_batch_folds_through_repeat_kv_and_generates_what_the_cache_does():
+    """With a padding mask, transformers' SDPA attention repeats the KV heads for grouped
+    queries itself (repeat_kv) instead of passing enable_gqa: the fold looks through it and
+    repeats the r-wide cache the same way."""
+    model, calib = _llama(kv_heads=2)
+    ids = torch.randint(3, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sequence is left-padded
+    ids[0, :3] = 0
+    cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
+    kwargs = dict(attention_mask=mask, **GEN)
+    forward = model.forward
+    with torch.inference_mode():
+        ref = model.generate(ids, cache=cache.fresh(), **kwargs)
+        torch._dynamo.reset()
+        effc.reset()
+        model.forward = torch.compile(forward, backend="effc",
+                                      options={"kv_proj": True, "strict": True})
+        try:
+            out = model.generate(ids, cache=cache.fresh(), **kwargs)
+        finally:
+            model.forward = forward
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+    assert len(rows) >= 4 and all(r.decision == "rewritten" for r in rows)

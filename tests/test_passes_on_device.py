@@ -1,0 +1,82 @@
+"""Each pass on the test device: scripts/gpu_check.sh runs this with EFFC_TEST_DEVICE=cuda.
+
+A pass that builds a constant on the wrong device passes every CPU test and breaks every GPU
+model (token_skip's router did, found on an H200). Here a small Llama is compiled strict with
+each pass on DEVICE: the pass must rewrite sites there, and the model's error against its own
+eager output must be what the same pass gives on the CPU (the rewrites are fitted from the
+same weights; SVD signs, summation order and TF32-free GPU arithmetic differ only in
+rounding). On a CPU run both sides are the CPU, and the strict compile and the site counts
+are what is checked.
+"""
+
+import pytest
+import torch
+from helpers import hf_model
+from lowering_helpers import DEVICE, no_tf32  # noqa: F401 (fixture)
+
+import effc
+
+pytestmark = pytest.mark.usefixtures("no_tf32")
+
+PASSES = {
+    "low_rank": {"low_rank": {"rank_ratio": 0.5}},
+    "hypercomplex": {"hypercomplex": {"max_error": 1.0}},
+    "shift_add": {"shift_add": {"terms": 2}},
+    "token_skip": {"token_skip": {"capacity": 0.5, "layers": [0, 1],
+                                  "blocks": ["mlp", "attention"]}},
+}
+
+
+def _relative_error(device: torch.device, options: dict) -> tuple[float, int]:
+    """(relative error of the compiled Llama's logits against its eager ones, sites the
+    pass rewrote), with the model and inputs on `device`."""
+    model, inputs = hf_model("llama")
+    model = model.eval().to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        out = torch.compile(model, backend="effc", options={"strict": True, **options})(
+            **inputs).logits
+    assert out.device == ref.device == device and torch.isfinite(out).all()
+    (name,) = options
+    rewritten = sum(s.decision == "rewritten" for s in effc.report().sites
+                    if s.pass_name == name)
+    return ((out - ref).norm() / ref.norm()).item(), rewritten
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_each_pass_rewrites_on_the_test_device_as_on_the_cpu(name):
+    on_device, rewritten = _relative_error(DEVICE, PASSES[name])
+    on_cpu, rewritten_cpu = _relative_error(torch.device("cpu"), PASSES[name])
+    assert rewritten >= 2 and rewritten == rewritten_cpu
+    assert on_device == pytest.approx(on_cpu, rel=0.05, abs=1e-5)
+
+
+def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu():
+    """effc.kv_cache and the kv_proj pass: bases from a calibration on DEVICE, compiled
+    generation on DEVICE picks the CPU's tokens."""
+    sequences = {}
+    for device in (DEVICE, torch.device("cpu")):
+        model, inputs = hf_model("llama")
+        model = model.eval().to(device)
+        ids = inputs["input_ids"].to(device)
+        calib = effc.calibrate(model, [ids], what=("inputs", "kv"), progress=False)
+        cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
+        torch._dynamo.reset()
+        effc.reset()
+        forward = model.forward
+        model.forward = torch.compile(forward, backend="effc",
+                                      options={"strict": True, "kv_proj": True})
+        try:
+            with torch.inference_mode():
+                out = model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False,
+                                     pad_token_id=0)
+        finally:
+            model.forward = forward
+        assert sum(s.decision == "rewritten" for s in effc.report().sites
+                   if s.pass_name == "kv_proj") >= 2
+        assert cache.layers[0].values.device == device
+        sequences[device.type] = out.cpu()
+    assert torch.equal(sequences[DEVICE.type], sequences["cpu"])
