@@ -216,6 +216,35 @@ def _module_name(node: fx.Node) -> str | None:
     return fqn_from_source(list(stack.values())[-1][0]) if stack else None
 
 
+def _width(found, sdpa: fx.Node) -> int:
+    """How wide the keys or values an attention reads are once folded: the basis's rank,
+    or the query's head size where the cache keeps them whole."""
+    if found is not None:
+        return node_value(found[1]).shape[-1]
+    return node_value(sdpa.args[0]).shape[-1]
+
+
+def unequal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, scale: float = 1.0
+                      ) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v for decode steps whose keys and values differ in width.
+    SDPA's fused kernels need one width, and its fallback took 1.3-1.7x this one's time on a
+    2-core CPU (one query, 256-8k cached tokens). Grouped queries read their KV head in place
+    when there is no mask; scores and softmax are computed in fp32 for half types."""
+    b, h, t, _ = q.shape
+    g = k.shape[1]
+    if h != g and attn_mask is None:
+        out = unequal_attention(q.reshape(b, g, h // g * t, q.shape[-1]), k, v, scale=scale)
+        return out.reshape(b, h, t, v.shape[-1])
+    if h != g:
+        k, v = k.repeat_interleave(h // g, 1), v.repeat_interleave(h // g, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 def _unequal_widths(sdpa: fx.Node, keys, values) -> str:
     """Why a prefill is not folded: folded, its queries and keys would be r_k wide and its
     values r_v wide, and SDPA's fused CPU kernel needs one width (on a 2-core CPU, 1,024
@@ -224,8 +253,7 @@ def _unequal_widths(sdpa: fx.Node, keys, values) -> str:
     are folded all the same: there the rebuild of every cached token is what costs."""
     q = _leading(sdpa.args[0])
     d = node_value(sdpa.args[0]).shape[-1]
-    width = lambda found: node_value(found[1]).shape[-1] if found else d  # noqa: E731
-    rk, rv = width(keys), width(values)
+    rk, rv = _width(keys, sdpa), _width(values, sdpa)
     if q is None or q[2] == 1 or rk == rv:
         return ""
     return (f"a prefill of {q[2]} tokens with keys {rk} and values {rv} wide: SDPA's fused "
@@ -268,7 +296,8 @@ class KVProjPass(Pass):
             if why:
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue
-            rows.append(self._fold(graph, node, keys, values, site, cfg.fold_weights))
+            rows.append(self._fold(graph, node, keys, values, site, cfg.fold_weights,
+                                   own_kernel=cfg.selection is None))
         if cfg.selection is not None:
             rows += self._select(gm, ctx, cfg.selection)
         if rows:
@@ -320,7 +349,7 @@ class KVProjPass(Pass):
         return rows
 
     def _fold(self, graph: fx.Graph, node: fx.Node, keys, values, site: str,
-              fold_weights: bool = True) -> SiteRow:
+              fold_weights: bool = True, own_kernel: bool = True) -> SiteRow:
         q = node.args[0]
         scale = _scale(node)
         heads = q.meta["example_value"].shape[1]
@@ -347,7 +376,14 @@ class KVProjPass(Pass):
             args = (q, latent(keys, node.args[1]), latent(values, node.args[2])) + tuple(
                 node.args[3:])
             kwargs = {**node.kwargs, "scale": scale}
-            new = out = graph.call_function(node.target, args, kwargs)
+            widths = {_width(keys, node), _width(values, node)}
+            narrow = (own_kernel and len(widths) == 2 and (_leading(q) or (0,) * 3)[2] == 1
+                      and not node_arg(node, 5, "is_causal", False))
+            if narrow:  # SDPA's fused kernels need one width: attend without them
+                new = out = graph.call_function(unequal_attention, args[:3], {
+                    "attn_mask": node_arg(node, 3, "attn_mask"), "scale": scale})
+            else:
+                new = out = graph.call_function(node.target, args, kwargs)
             if values is not None:
                 pv = per_head(values[1])
                 pm = per_head(values[3]) if values[3] is not None else None

@@ -31,10 +31,13 @@ class _Rebuilds(effc.compiler.pass_manager.Instrument):
     """Counts the cache rebuilds (L @ P^T) feeding attention before and after each pass."""
 
     def __init__(self):
-        self.counts = []
+        self.counts, self.narrow = [], []
 
     def after_pass(self, name, gm, ctx, record):
         if name == "kv_proj":
+            from effc.passes.kv_proj import unequal_attention
+
+            self.narrow.append(sum(n.target is unequal_attention for n in gm.graph.nodes))
             self.counts.append(sum(rebuild(n) is not None and any(u.target in SDPA
                                                                   for u in n.users)
                                    for n in gm.graph.nodes))
@@ -78,6 +81,8 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     # a prefill folds where its keys and values end up equally wide (SDPA's fused kernels);
     # otherwise it rebuilds the cache to full width, and says why
     equal = knobs.get("keys", "pca") == "pca" and knobs.get("values", True)
+    # decode steps whose keys and values differ in width attend without SDPA's kernels
+    assert seen.narrow[0] == 0 and all(c == (0 if equal else 2) for c in seen.narrow[1:])
     if equal:
         assert all(r.decision == "rewritten" for r in prefill) and seen.counts[0] == 0
     else:
@@ -263,3 +268,30 @@ def test_a_padded_batch_folds_through_repeat_kv_and_generates_what_the_cache_doe
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
     assert len(rows) >= 4 and all(r.decision == "rewritten" for r in rows)
+
+
+@pytest.mark.parametrize("groups,mask", [(4, None), (2, None), (2, "bool"), (2, "float"),
+                                         (1, "bool")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unequal_attention_is_sdpa_for_keys_and_values_of_different_widths(groups, mask, dtype):
+    """The decode-step attention the fold uses where keys and values differ in width equals
+    SDPA (enable_gqa; masks as SDPA takes them), with fresh ragged sizes."""
+    from effc.passes.kv_proj import unequal_attention
+
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randn(3, 4, 1, 6, generator=g).to(dtype)
+    k = torch.randn(3, groups, 37, 6, generator=g).to(dtype)
+    v = torch.randn(3, groups, 37, 10, generator=g).to(dtype)
+    m = None
+    if mask == "bool":
+        m = torch.rand(3, 1, 1, 37, generator=g) > 0.3
+        m[..., 0] = True  # no row fully masked
+    elif mask == "float":
+        m = torch.randn(3, 4, 1, 37, generator=g).to(dtype)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=m if m is None or m.dtype == torch.bool
+        else m.float(), scale=0.3, enable_gqa=groups != 4)
+    out = unequal_attention(q, k, v, attn_mask=m, scale=0.3)
+    assert out.shape == (3, 4, 1, 10) and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
