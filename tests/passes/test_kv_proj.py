@@ -27,6 +27,28 @@ GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True
            return_dict_in_generate=True)
 
 
+def _generate_both(model, ids, cache, instruments=(), **kwargs):
+    """generate() with the rebuilding cache (eager) and compiled with kv_proj (strict); the
+    tokens must be the same and the scores within 1e-5 of their scale. Returns the cache the
+    compiled run filled."""
+    forward = model.forward
+    with torch.inference_mode():
+        ref = model.generate(ids, cache=cache.fresh(), **GEN, **kwargs)
+        torch._dynamo.reset()
+        effc.reset()
+        model.forward = torch.compile(forward, backend="effc", options={
+            "kv_proj": True, "strict": True, "instruments": list(instruments)})
+        try:
+            filled = cache.fresh()
+            out = model.generate(ids, cache=filled, **GEN, **kwargs)
+        finally:
+            model.forward = forward
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    return filled
+
+
 class _Rebuilds(effc.compiler.pass_manager.Instrument):
     """Counts the cache rebuilds (L @ P^T) feeding attention before and after each pass."""
 
@@ -57,22 +79,8 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     model, calib = _llama(kv_heads, bias=knobs.pop("bias", False))
     ids = torch.randint(3, 96, (2, 7))
     cache = effc.kv_cache(model, calib, ratio=0.5, **{"keys": "pca", **knobs})
-    forward = model.forward
-    with torch.inference_mode():
-        ref = model.generate(ids, cache=cache.fresh(), **GEN)
-        torch._dynamo.reset()
-        effc.reset()
-        seen = _Rebuilds()
-        model.forward = torch.compile(forward, backend="effc", options={
-            "kv_proj": True, "strict": True, "instruments": [seen]})
-        try:
-            folded = cache.fresh()
-            out = model.generate(ids, cache=folded, **GEN)
-        finally:
-            model.forward = forward
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.scores, ref.scores):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    seen = _Rebuilds()
+    folded = _generate_both(model, ids, cache, [seen])
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
     prefill, rows = rows[:2], rows[2:]  # the first graph is the prefill's (2 layers)
     assert rows and all(r.decision == "rewritten" for r in rows)
@@ -250,22 +258,8 @@ def test_a_padded_batch_folds_through_repeat_kv_and_generates_what_the_cache_doe
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # the first sequence is left-padded
     ids[0, :3] = 0
-    cache = effc.kv_cache(model, calib, ratio=0.5, keys="pca")
-    kwargs = dict(attention_mask=mask, **GEN)
-    forward = model.forward
-    with torch.inference_mode():
-        ref = model.generate(ids, cache=cache.fresh(), **kwargs)
-        torch._dynamo.reset()
-        effc.reset()
-        model.forward = torch.compile(forward, backend="effc",
-                                      options={"kv_proj": True, "strict": True})
-        try:
-            out = model.generate(ids, cache=cache.fresh(), **kwargs)
-        finally:
-            model.forward = forward
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.scores, ref.scores):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    _generate_both(model, ids, effc.kv_cache(model, calib, ratio=0.5, keys="pca"),
+                   attention_mask=mask)
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
     assert len(rows) >= 4 and all(r.decision == "rewritten" for r in rows)
 
