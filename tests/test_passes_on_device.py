@@ -5,8 +5,8 @@ model (token_skip's router did, found on an H200). Here a small Llama is compile
 each pass on DEVICE: the pass must rewrite sites there, and the model's error against its own
 eager output must be what the same pass gives on the CPU (the rewrites are fitted from the
 same weights; SVD signs, summation order and TF32-free GPU arithmetic differ only in
-rounding). On a CPU run both sides are the CPU, and the strict compile and the site counts
-are what is checked.
+rounding). On a CPU run both sides are the CPU, computed once, and the strict compile and the
+site counts are what is checked.
 """
 
 import pytest
@@ -49,7 +49,8 @@ def _relative_error(device: torch.device, options: dict) -> tuple[float, int]:
 @pytest.mark.parametrize("name", list(PASSES))
 def test_each_pass_rewrites_on_the_test_device_as_on_the_cpu(name):
     on_device, rewritten = _relative_error(DEVICE, PASSES[name])
-    on_cpu, rewritten_cpu = _relative_error(torch.device("cpu"), PASSES[name])
+    on_cpu, rewritten_cpu = (_relative_error(torch.device("cpu"), PASSES[name])
+                             if DEVICE.type != "cpu" else (on_device, rewritten))
     assert rewritten >= 2 and rewritten == rewritten_cpu
     assert on_device == pytest.approx(on_cpu, rel=0.05, abs=1e-5)
 
@@ -58,7 +59,7 @@ def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu():
     """effc.kv_cache and the kv_proj pass: bases from a calibration on DEVICE, compiled
     generation on DEVICE picks the CPU's tokens."""
     sequences = {}
-    for device in (DEVICE, torch.device("cpu")):
+    for device in dict.fromkeys((DEVICE, torch.device("cpu"))):  # once on a CPU run
         model, inputs = hf_model("llama")
         model = model.eval().to(device)
         ids = inputs["input_ids"].to(device)

@@ -21,9 +21,9 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 try:  # torch >= 2.12; torch 2.11 and older (an H200 machine had 2.11) call it hint_int
-    from torch.fx.experimental.symbolic_shapes import optimization_hint as size_hint
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
 except ImportError:  # pragma: no cover - depends on the installed torch
-    from torch.fx.experimental.symbolic_shapes import hint_int as size_hint
+    from torch.fx.experimental.symbolic_shapes import hint_int as _size_hint
 
 InputKind = Literal["parameter", "buffer", "input", "symint"]
 
@@ -209,8 +209,7 @@ class GraphFacts:
         and sizes concrete (a graph traced dynamic gets its example call's sizes as SymInts,
         which running it cannot take)."""
         values = [gi.value for gi in self.inputs] if args is None else args
-        return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else
-                size_hint(a) if isinstance(a, torch.SymInt) else a
+        return [a.clone() if isinstance(a, torch.Tensor) and gi.kind == "input" else hinted(a)
                 for a, gi in zip(values, self.inputs)]
 
     def describe(self) -> dict[str, int]:
@@ -235,6 +234,12 @@ def is_transpose(node: Any) -> bool:
     if (node.op, t) in (("call_method", "transpose"), ("call_function", torch.transpose)):
         return len(args) == 3 and {args[1], args[2]} in ({0, 1}, {-1, -2}, {0, -1}, {-2, 1})
     return False
+
+
+def hinted(value: Any) -> Any:
+    """A SymInt (a size of a graph traced dynamic) as its hint, the example call's int;
+    anything else as it is."""
+    return _size_hint(value) if isinstance(value, torch.SymInt) else value
 
 
 def graph_device(example_inputs: Sequence[Any]) -> torch.device:

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from effc.compiler.calibration.observer import graph_key
-from effc.compiler.graph_facts import GraphFacts, copy_graph_module, node_value, size_hint
+from effc.compiler.graph_facts import GraphFacts, copy_graph_module, hinted, node_value
 from effc.compiler.log import logger
 from effc.compiler.metrics import sqnr_db
 
@@ -476,7 +476,7 @@ def output_sites(gm: fx.GraphModule, sites: set[fx.Node]) -> set[fx.Node]:
     if not leaves:
         return set()
     main = max(leaves, key=lambda n: (_depth(n), math.prod(
-        size_hint(d) for d in node_value(n).shape)))
+        hinted(d) for d in node_value(n).shape)))
     found, seen, stack = set(), {main}, [main]
     while stack:
         n = stack.pop()

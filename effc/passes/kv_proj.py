@@ -37,15 +37,14 @@ import torch.fx as fx
 
 import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_attention)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import (copy_node_meta, fqn_from_source, node_arg, node_value,
-                                       remove_dead_code, size_hint)
+from effc.compiler.graph_facts import (copy_node_meta, fqn_from_source, hinted, node_arg,
+                                       node_value, remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
-from effc.passes.kv_proj_weights import (fold_value_in, fold_value_out, merge_chain, value_store,
-                                         worth_it)
+from effc.passes.kv_proj_weights import (MATMULS, fold_value_in, fold_value_out, merge_chain,
+                                         strip_to, value_store, worth_it)
 
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-MATMULS = (torch.matmul, operator.matmul)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
 _MEAN = re.compile(r"layers_(\d+)_(key|value)_mean")
 COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases",
@@ -139,8 +138,7 @@ class KVProjConfig(PassConfig):
 def _basis_of(node, pattern: re.Pattern = _BASIS) -> tuple[fx.Node, str] | None:
     """(placeholder, its layer index) if `node` is a cache layer's basis (or, with _MEAN, its
     mean), or that `.to(...)`."""
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to":
-        node = node.args[0]
+    node = strip_to(node)
     if isinstance(node, fx.Node) and node.op == "placeholder":
         found = pattern.search(node.name)
         if found:
@@ -245,19 +243,15 @@ def unequal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-def _unequal_widths(sdpa: fx.Node, keys, values) -> str:
-    """Why a prefill is not folded: folded, its queries and keys would be r_k wide and its
-    values r_v wide, and SDPA's fused CPU kernel needs one width (on a 2-core CPU, 1,024
-    causal tokens took 18 ms at widths 16 and 24 against 2.5 ms at 32 and 32 and 1.5 ms at
-    16 and 16). Rebuilding the cache for a prefill costs about one projection. Decode steps
-    are folded all the same: there the rebuild of every cached token is what costs."""
+def _widths(sdpa: fx.Node, keys, values) -> tuple[int | None, int, int]:
+    """(query tokens or None where unknown, key width, value width) of an attention once
+    folded. Unequal widths leave SDPA's fused kernels (on a 2-core CPU, 1,024 causal tokens
+    took 18 ms at widths 16 and 24 against 2.5 ms at 32 and 32 and 1.5 ms at 16 and 16), so
+    such a prefill is not folded (rebuilding its cache costs about one projection), and such
+    a decode step, where the rebuild of every cached token is what costs, is folded to
+    unequal_attention."""
     q = _leading(sdpa.args[0])
-    d = node_value(sdpa.args[0]).shape[-1]
-    rk, rv = _width(keys, sdpa), _width(values, sdpa)
-    if q is None or q[2] == 1 or rk == rv:
-        return ""
-    return (f"a prefill of {q[2]} tokens with keys {rk} and values {rv} wide: SDPA's fused "
-            f"kernels need equal widths, so rebuilding the cache to {d} is faster here")
+    return (q[2] if q is not None else None), _width(keys, sdpa), _width(values, sdpa)
 
 
 def _scale(sdpa: fx.Node):
@@ -288,16 +282,23 @@ class KVProjPass(Pass):
             keys, values = cached(node.args[1]), cached(node.args[2])
             layer = (keys or values or (None,) * 5)[2]
             site = f"cache.layers.{layer}" if layer is not None else f"attention:{node.name}"
+            tokens, rk, rv = _widths(node, keys, values)
             why = ("no projected cache rebuild feeds this attention (pass the model an "
                    "effc.kv_cache)" if keys is None and values is None else
                    "excluded by filters" if not ctx.selected(site) else
                    "dropout in attention" if node_arg(node, 4, "dropout_p", 0.0) else
-                   _unequal_widths(node, keys, values))
+                   f"a prefill of {tokens} tokens with keys {rk} and values {rv} wide: SDPA's "
+                   f"fused kernels need equal widths, so rebuilding the cache to "
+                   f"{node_value(node.args[0]).shape[-1]} is faster here"
+                   if tokens not in (None, 1) and rk != rv else "")
             if why:
                 rows.append(SiteRow(self.name, site, "skipped", why))
                 continue
-            rows.append(self._fold(graph, node, keys, values, site, cfg.fold_weights,
-                                   own_kernel=cfg.selection is None))
+            # a decode step with unequal widths attends without SDPA's fused kernels (unless
+            # the selection replaces that attention anyway)
+            narrow = (cfg.selection is None and tokens == 1 and rk != rv
+                      and not node_arg(node, 5, "is_causal", False))
+            rows.append(self._fold(graph, node, keys, values, site, cfg.fold_weights, narrow))
         if cfg.selection is not None:
             rows += self._select(gm, ctx, cfg.selection)
         if rows:
@@ -349,7 +350,7 @@ class KVProjPass(Pass):
         return rows
 
     def _fold(self, graph: fx.Graph, node: fx.Node, keys, values, site: str,
-              fold_weights: bool = True, own_kernel: bool = True) -> SiteRow:
+              fold_weights: bool = True, narrow: bool = False) -> SiteRow:
         q = node.args[0]
         scale = _scale(node)
         heads = q.meta["example_value"].shape[1]
@@ -375,15 +376,12 @@ class KVProjPass(Pass):
 
             args = (q, latent(keys, node.args[1]), latent(values, node.args[2])) + tuple(
                 node.args[3:])
-            kwargs = {**node.kwargs, "scale": scale}
-            widths = {_width(keys, node), _width(values, node)}
-            narrow = (own_kernel and len(widths) == 2 and (_leading(q) or (0,) * 3)[2] == 1
-                      and not node_arg(node, 5, "is_causal", False))
             if narrow:  # SDPA's fused kernels need one width: attend without them
                 new = out = graph.call_function(unequal_attention, args[:3], {
                     "attn_mask": node_arg(node, 3, "attn_mask"), "scale": scale})
             else:
-                new = out = graph.call_function(node.target, args, kwargs)
+                new = out = graph.call_function(node.target, args, {**node.kwargs,
+                                                                    "scale": scale})
             if values is not None:
                 pv = per_head(values[1])
                 pm = per_head(values[3]) if values[3] is not None else None
@@ -409,7 +407,7 @@ class KVProjPass(Pass):
         """The value bases folded into W_v and W_o where the graph projects enough tokens
         (kv_proj_weights); {"folded": [...], "not_folded": reason}."""
         groups, d, r = node_value(values[1]).shape
-        shape = tuple(size_hint(s) if isinstance(s, torch.SymInt) else s for s in shape)
+        shape = tuple(hinted(s) for s in shape)
         heads, tokens = shape[1], shape[0] * shape[2]
         if not worth_it(tokens, d, r):
             return {"folded": [], "not_folded": f"{tokens} tokens: computing the folded "

@@ -25,9 +25,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import node_value, size_hint
+from effc.compiler.graph_facts import hinted, node_value
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+MATMULS = (torch.matmul, operator.matmul)
 _MOVES = ("reshape", "view", "transpose", "contiguous", "permute", "flatten")
 
 
@@ -36,7 +37,8 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _strip_to(node):
+def strip_to(node):
+    """`node` without the `.to(...)` calls around it."""
     while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to":
         node = node.args[0]
     return node
@@ -57,10 +59,10 @@ def value_store(graph: fx.Graph, basis: fx.Node, mean: fx.Node | None
     """(store node `... @ P`, the v_proj linear, the head view's sizes, and the basis and
     mean nodes the store reads) where the cache projects the new values as
     (x W_v^T + b - mu) P, else why not."""
-    placeholder = _strip_to(basis)
+    placeholder = strip_to(basis)
     stores = [n for n in graph.nodes if n.op == "call_function"
-              and n.target in (torch.matmul, operator.matmul)
-              and _strip_to(n.args[1]) is placeholder]
+              and n.target in MATMULS
+              and strip_to(n.args[1]) is placeholder]
     if len(stores) != 1:
         return f"{len(stores)} places project new values with this basis"
     store = stores[0]
@@ -68,7 +70,7 @@ def value_store(graph: fx.Graph, basis: fx.Node, mean: fx.Node | None
     if mean is not None:
         if not (isinstance(x, fx.Node) and x.op == "call_function"
                 and x.target in (torch.sub, operator.sub)
-                and _strip_to(x.args[1]) is _strip_to(mean) and _only_user(x) is store):
+                and strip_to(x.args[1]) is strip_to(mean) and _only_user(x) is store):
             return "the new values' mean is not subtracted right before the projection"
         x, store_mean = x.args[0], x.args[1]
     tr = x
@@ -100,8 +102,7 @@ def merge_chain(out: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], fx.Node
             return f"{user.name} between the attention output and its projection"
         chain.append(user)
         node = user
-    hint = lambda v: size_hint(v) if isinstance(v, torch.SymInt) else v  # noqa: E731
-    concrete = lambda a: (hint(node_value(a)) if isinstance(a, fx.Node) else  # noqa: E731
+    concrete = lambda a: (hinted(node_value(a)) if isinstance(a, fx.Node) else  # noqa: E731
                           tuple(concrete(b) for b in a) if isinstance(a, (tuple, list)) else a)
     index = torch.arange(math.prod(shape)).view(*shape)
     t = index
