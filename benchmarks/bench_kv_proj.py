@@ -310,51 +310,61 @@ def part_d(quick: bool) -> str:
 
 
 def part_e(quick: bool) -> str:
-    """Prefill into a projected cache: the attention fold and the value bases folded into
-    v_proj and o_proj, against effc without kv_proj."""
-    model, batches, _ = _subject("text_llama", True)
-    calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
-    from transformers import DynamicCache
-
-    caches = {"ratio 0.5": effc.kv_cache(model, calib, ratio=0.5, keys="pca"),
-              "budget 0.5": effc.kv_cache(model, calib, budget=0.5, keys="pca")}
+    """Prefill into a projected cache: the attention fold, and the bases folded into the
+    projections (values on the Llama, whose RoPE keeps the keys out; everything on GPT-2),
+    against effc without kv_proj."""
     rows = []
-    for label, proj in caches.items():
-        for ctx in ((128, 256) if quick else (128, 512, 1024)):
-            ids = torch.randint(0, 256, (1, ctx))
-            torch._dynamo.reset()  # each setting compiled afresh: its own report rows
-            effc.reset()
-            plain = torch.compile(model, backend="effc")
-            attention_only = torch.compile(model, backend="effc",
-                                           options={"kv_proj": {"fold_weights": False}})
-            folded = torch.compile(model, backend="effc", options={"kv_proj": True})
-
-            def call(fn, make):
-                return lambda: fn(ids, cache=make(), use_cache=True).logits
-
-            runs = {"effc dense": call(plain, DynamicCache),
-                    "attention fold only": call(attention_only, proj.fresh),
-                    "kv_proj": call(folded, proj.fresh)}
-            with torch.no_grad():
-                ref, out = runs["attention fold only"](), runs["kv_proj"]()
-                sites = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
-                times = time_interleaved(runs, repeats=5 if quick else 11)
-            rows.append([label, ctx, *(times[k] * 1e3 for k in runs),
-                         times["kv_proj"] / times["effc dense"],
-                         times["kv_proj"] / times["attention fold only"],
-                         f"{sum(s.decision == 'rewritten' for s in sites) // 2}/"
-                         f"{len(sites) // 2}",
-                         sum(s.details.get("folded") == ["v_proj", "o_proj"] for s in sites),
-                         ((out - ref).abs().max() / ref.abs().max()).item()])
-    return (f"(e) prefill (batch 1) into a projected cache (PCA keys), text_llama, {machine()}"
+    for name in ("text_llama", "text_gpt2"):
+        model, batches, _ = _subject(name, True)
+        calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
+        caches = {"ratio 0.5": effc.kv_cache(model, calib, ratio=0.5, keys="pca")}
+        if name == "text_llama":
+            caches["budget 0.5"] = effc.kv_cache(model, calib, budget=0.5, keys="pca")
+        for label, proj in caches.items():
+            # GPT-2's learned positions end at 256
+            lengths = (128, 256) if quick or name == "text_gpt2" else (128, 512, 1024)
+            for ctx in lengths:
+                rows.append([name, label, ctx, *_prefill_times(model, proj, ctx, quick)])
+    return (f"(e) prefill (batch 1) into a projected cache (PCA keys), {machine()}"
             f"\n\nkv_proj folds a prefill's attention only in layers whose keys and values "
             f"end up equally wide (SDPA's fused kernels need that), and there also folds the "
-            f"value bases into v_proj and o_proj; `attention fold only` is "
-            f"`fold_weights=False`.\n\n"
-            + table(["cache", "tokens", "effc dense ms", "attention fold only ms",
+            f"bases into the projections: the values' into v_proj and o_proj, and without RoPE "
+            f"(GPT-2) the keys' into the keys' and queries' columns of c_attn; `attention fold "
+            f"only` is `fold_weights=False`.\n\n"
+            + table(["model", "cache", "tokens", "effc dense ms", "attention fold only ms",
                      "kv_proj ms", "kv_proj / effc dense", "kv_proj / attention fold only",
-                     "layers folded", "layers with weights folded",
+                     "layers folded", "projections folded per layer",
                      "max rel diff of the logits"], rows))
+
+
+def _prefill_times(model, proj, ctx: int, quick: bool) -> list:
+    """Part (e)'s timings and report counts for one cache and prompt length."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 256, (1, ctx))
+    torch._dynamo.reset()  # each setting compiled afresh: its own report rows
+    effc.reset()
+    plain = torch.compile(model, backend="effc")
+    attention_only = torch.compile(model, backend="effc",
+                                   options={"kv_proj": {"fold_weights": False}})
+    folded = torch.compile(model, backend="effc", options={"kv_proj": True})
+
+    def call(fn, make):
+        return lambda: fn(ids, cache=make(), use_cache=True).logits
+
+    runs = {"effc dense": call(plain, DynamicCache),
+            "attention fold only": call(attention_only, proj.fresh),
+            "kv_proj": call(folded, proj.fresh)}
+    with torch.no_grad():
+        ref, out = runs["attention fold only"](), runs["kv_proj"]()
+        sites = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+        times = time_interleaved(runs, repeats=5 if quick else 11)
+    layers = len(sites) // 2  # the two compiled graphs with kv_proj report every layer
+    projections = {", ".join(s.details.get("folded") or ["none"]) for s in sites[layers:]}
+    return [*(times[k] * 1e3 for k in runs), times["kv_proj"] / times["effc dense"],
+            times["kv_proj"] / times["attention fold only"],
+            f"{sum(s.decision == 'rewritten' for s in sites) // 2}/{layers}",
+            " / ".join(sorted(projections)), ((out - ref).abs().max() / ref.abs().max()).item()]
 
 
 def main() -> None:

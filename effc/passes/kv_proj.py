@@ -14,8 +14,8 @@ weights sums to 1. Exact algebra; the attention then reads the r-wide cache dire
 rebuild nodes become dead and are removed. Graphs without a projected cache are left as they
 are (the report says so); the compression itself, and its knobs, belong to effc.kv_cache.
 A prefill whose keys and values would end up unequally wide is not folded (SDPA's fused
-kernels need one width); a folded prefill also gets the value bases folded into v_proj and
-o_proj, computed in the graph (kv_proj_weights.py).
+kernels need one width); a folded prefill also gets the bases folded into its projections,
+computed in the graph (kv_proj_weights.py).
 
 `select` (TokenSelect, part 2 of kv_proj): every decode-step attention (one query token, no
 mask) becomes effc.select_attention, which attends to the first `initial`, the last `recent`
@@ -41,8 +41,8 @@ from effc.compiler.graph_facts import (copy_node_meta, fqn_from_source, hinted, 
                                        node_value, remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
-from effc.passes.kv_proj_weights import (MATMULS, fold_value_in, fold_value_out, merge_chain,
-                                         strip_to, value_store, worth_it)
+from effc.passes.kv_proj_weights import (MATMULS, NOT_HEADS, Fold, fold_in, fold_value_out,
+                                         heads_part, merge_chain, store_of, strip_to, worth_it)
 
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
@@ -110,8 +110,9 @@ class KVProjConfig(PassConfig):
                 "never")
     multiple: int = knob(2, "ranks are multiples of this (pairs: of 2)", min=1)
     fold_weights: bool = knob(
-        True, "in graphs that project enough tokens (prefills), fold the value bases into "
-              "v_proj and o_proj (computed in the graph from the cache's bases)")
+        True, "in graphs that project enough tokens (prefills), fold the bases into the "
+              "projections: values into v_proj and o_proj, keys without RoPE into k_proj and "
+              "q_proj (computed in the graph from the cache's bases)")
     select: bool | dict = knob(
         False, "decode steps attend to selected cached tokens: True, or a dict of top_k "
                "(256), initial (4), recent (64); False: every cached token")
@@ -364,9 +365,11 @@ class KVProjPass(Pass):
                                        {"repeats": heads // groups, "dim": 0})
 
         shape = node_value(node).shape  # [B, H, T, d]
+        queries = None  # (the queries' heads, the node that projects them into the key basis)
         with graph.inserting_before(node):
             if keys is not None:
-                q = graph.call_function(torch.matmul, (q, per_head(keys[1])))
+                queries = (q, graph.call_function(torch.matmul, (q, per_head(keys[1]))))
+                q = queries[1]
             def latent(found, whole):
                 """The r-wide cache, its KV heads repeated as the attention repeated them."""
                 if found is None:
@@ -382,6 +385,7 @@ class KVProjPass(Pass):
             else:
                 new = out = graph.call_function(node.target, args, {**node.kwargs,
                                                                     "scale": scale})
+            pv = pm = None
             if values is not None:
                 pv = per_head(values[1])
                 pm = per_head(values[3]) if values[3] is not None else None
@@ -393,37 +397,57 @@ class KVProjPass(Pass):
         graph.erase_node(node)
         what = " and ".join(w for w, f in (("keys", keys), ("values", values)) if f is not None)
         details = {"keys": keys is not None, "values": values is not None}
-        if values is not None and fold_weights:
-            details.update(self._fold_weights(graph, values, new, out, pv, pm, shape))
+        if fold_weights:
+            details.update(self._fold_weights(graph, keys, values, queries, new, out, pv, pm,
+                                              shape, heads))
         return SiteRow(self.name, site, "rewritten",
                        f"attention reads the projected {what} directly (queries times P_k, "
                        f"output times P_v^T) instead of rebuilding them to full width"
-                       + (f"; the value bases are folded into {' and '.join(details['folded'])}"
+                       + (f"; the bases are folded into {', '.join(details['folded'])}"
                           if details.get("folded") else ""), details=details)
 
     @staticmethod
-    def _fold_weights(graph: fx.Graph, values, attn: fx.Node, out: fx.Node, pv: fx.Node,
-                      pm: fx.Node | None, shape: torch.Size) -> dict:
-        """The value bases folded into W_v and W_o where the graph projects enough tokens
-        (kv_proj_weights); {"folded": [...], "not_folded": reason}."""
-        groups, d, r = node_value(values[1]).shape
+    def _fold_weights(graph: fx.Graph, keys, values, queries, attn: fx.Node, out: fx.Node,
+                      pv, pm, shape: torch.Size, heads: int) -> dict:
+        """The bases folded into the projections where the graph projects enough tokens
+        (kv_proj_weights): keys into k_proj and the queries' basis into q_proj, values into
+        v_proj and o_proj. {"folded": [roles], "not_folded": reasons}."""
         shape = tuple(hinted(s) for s in shape)
-        heads, tokens = shape[1], shape[0] * shape[2]
+        tokens = shape[0] * shape[2]
+        found = keys or values
+        _, d, r = (hinted(s) for s in node_value(found[1]).shape)
         if not worth_it(tokens, d, r):
             return {"folded": [], "not_folded": f"{tokens} tokens: computing the folded "
                     f"weights would cost more than it saves (decode steps)"}
-        folded, why = [], []
-        found = value_store(graph, values[1], values[3])
-        if isinstance(found, str):
-            why.append(f"v_proj: {found}")
-        else:
-            store, lin, sizes, basis, mean = found
-            fold_value_in(graph, store, lin, sizes, basis, mean, groups, d, r)
-            folded.append("v_proj")
-        chain = merge_chain(out, shape)
-        if isinstance(chain, str):
-            why.append(f"o_proj: {chain}")
-        else:
-            fold_value_out(graph, attn, chain[1], pv, pm, heads, d, r)
-            folded.append("o_proj")
+        folds, why = [], []
+        for role, cache in (("k_proj", keys), ("v_proj", values)):
+            if cache is None:
+                continue
+            store = store_of(graph, cache[1], cache[3], queries or ())
+            part = heads_part(store[1]) if not isinstance(store, str) else store
+            if isinstance(part, str):
+                why.append(f"{role}: the {'keys' if cache is keys else 'values'} the cache "
+                           f"stores are {part}" + (" (RoPE rotates them in between)"
+                                                   if part == NOT_HEADS else ""))
+            else:
+                folds.append(Fold(role, part, store[0], strip_to(cache[1]), store[2]))
+        if queries is not None:
+            part = heads_part(queries[0])
+            if isinstance(part, str):
+                why.append(f"q_proj: the queries are {part} (RoPE rotates them in between)"
+                           if part == NOT_HEADS else f"q_proj: {part}")
+            else:
+                groups = node_value(keys[1]).shape[0]
+                folds.append(Fold("q_proj", part, queries[1], strip_to(keys[1]), None,
+                                  heads // groups))
+        fold_in(graph, folds)
+        folded = [r for r in ("q_proj", "k_proj", "v_proj") if any(f.role == r for f in folds)]
+        if values is not None:
+            chain = merge_chain(out, shape)
+            if isinstance(chain, str):
+                why.append(f"o_proj: {chain}")
+            else:
+                fold_value_out(graph, attn, chain[1], pv, pm, heads, d,
+                               hinted(node_value(values[1]).shape[-1]))
+                folded.append("o_proj")
         return {"folded": folded, **({"not_folded": "; ".join(why)} if why else {})}

@@ -1,24 +1,33 @@
-"""kv_proj, prefill graphs: the value bases folded into W_v and W_o, computed in the graph.
+"""kv_proj, prefill graphs: the cache's bases folded into the projections, computed in the graph.
 
-After the attention fold (kv_proj.py), each layer of a projected cache still computes, per KV
-head g with basis P_g [d, r] and mean mu_g (zero when uncentered),
+After the attention fold (kv_proj.py), each layer of a projected cache still computes, per
+head with basis P [d, r] and mean mu (zero when uncentered),
 
-    v = (x W_v^T + b_v - mu) P                 what the cache stores, [B, G, T, r]
-    y = merge_heads(A L P^T + mu) W_o^T + b_o  the attention output projected
+    k = (x W_k^T + b_k - mu_k) P_k             what the cache stores, [B, G, T, r]
+    q P_k = (x W_q^T + b_q) P_k                the queries in their KV head's key basis
+    v = (x W_v^T + b_v - mu_v) P_v
+    y = merge_heads(A L_v P_v^T + mu_v) W_o^T + b_o
 
-With W_v' = P^T W_v and b_v' = P^T (b_v - mu) per head, and W_o' = W_o blockdiag(P) and
-b_o' = b_o + W_o mu (over each query head's KV head), v_proj writes the r-wide values and
-o_proj reads them: exact algebra, and both projections do r/d of their work.
+With W' = P^T W and b' = P^T (b - mu) per head, the projections write the r-wide heads
+directly, and with W_o' = W_o blockdiag(P_v) and b_o' = b_o + W_o mu_v, o_proj reads them:
+exact algebra, each projection doing r/d of its work. Keys and queries fold only where
+nothing comes between their projection and the cache or the attention: not with RoPE, whose
+rotation sits there (GPT-2 folds; Llama folds its values).
+
+A projection is F.linear (W [out, in]) or transformers' Conv1D, addmm on the flattened tokens
+(W [in, out]); a fused one (GPT-2's c_attn: q, k and v side by side, then split) is rebuilt as
+one projection whose folded parts have their r-wide columns.
 
 Why in the graph and not as constants: the bases and means belong to the cache object the
 model is called with and reach the graph as inputs. Weights folded at compile time would give
-another cache's calls wrong answers without any error. Computing W_v' and W_o' costs about as
-much as projecting d r / (d - r) tokens, so a graph is folded only when it projects more
-tokens than that (prefills, not decode steps).
+another cache's calls wrong answers without any error. Computing W' costs about as much as
+projecting d r / (d - r) tokens, so a graph is folded only when it projects more tokens than
+that (prefills, not decode steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -30,6 +39,7 @@ from effc.compiler.graph_facts import hinted, node_value
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMULS = (torch.matmul, operator.matmul)
 _MOVES = ("reshape", "view", "transpose", "contiguous", "permute", "flatten")
+NOT_HEADS = "not a projection's output split into heads"
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -44,59 +54,236 @@ def strip_to(node):
     return node
 
 
-def _is_linear(node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEARS
-            and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder")
+def _is_method(node, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 
 
-def _linear_parts(lin: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
-    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-    return lin.args[0], lin.args[1], bias
+def _is_param(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder"
 
 
-def value_store(graph: fx.Graph, basis: fx.Node, mean: fx.Node | None
-                ) -> tuple[fx.Node, fx.Node, tuple, fx.Node, fx.Node | None] | str:
-    """(store node `... @ P`, the v_proj linear, the head view's sizes, and the basis and
-    mean nodes the store reads) where the cache projects the new values as
-    (x W_v^T + b - mu) P, else why not."""
+def _view_sizes(view: fx.Node) -> tuple:
+    """The sizes a view/reshape node asks for: its arguments, a tuple, or a torch.Size node's."""
+    sizes = view.args[1] if len(view.args) == 2 else tuple(view.args[1:])
+    if isinstance(sizes, fx.Node) and sizes.op == "call_function" and sizes.target is torch.Size:
+        sizes = sizes.args[0]
+    return tuple(sizes) if isinstance(sizes, (tuple, list)) else (sizes,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """x W^T + b as the graph computes it: `call` is F.linear (W [out, in]) or addmm on the
+    flattened tokens (W [in, out], transformers' Conv1D); `out` is what the model reads (the
+    addmm's view back to [B, T, out], else `call`)."""
+
+    call: fx.Node
+    out: fx.Node
+    x: fx.Node
+    w: fx.Node
+    b: fx.Node | None
+    io: bool  # W stored [in, out]
+
+
+def projection(node) -> Projection | None:
+    """The projection whose output `node` is, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if (node.op == "call_function" and node.target in LINEARS and _is_param(node.args[1])):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return Projection(node, node, node.args[0], node.args[1], bias, False)
+    call = node.args[0] if _is_method(node, "view", "reshape") else node
+    if (isinstance(call, fx.Node) and call.op == "call_function" and call.target is torch.addmm
+            and len(call.args) == 3 and not call.kwargs and _is_param(call.args[2])
+            and _is_param(call.args[0]) and (call is node or _only_user(call) is node)):
+        return Projection(call, node, call.args[1], call.args[2], call.args[0], True)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Columns [start, stop) of a projection's output, split into heads: `heads` is
+    transpose(view(columns, sizes), 1, 2), [B, n, T, d]."""
+
+    proj: Projection
+    start: int
+    stop: int
+    columns: fx.Node  # proj.out, or a getitem of its split
+    sizes: tuple
+    heads: fx.Node
+
+
+def _split_widths(split: fx.Node) -> list[int] | None:
+    """The widths of a split along the last dim, from its traced value, else None."""
+    dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+    value, whole = node_value(split), node_value(split.args[0])
+    if not isinstance(value, (tuple, list)) or not isinstance(whole, torch.Tensor):
+        return None
+    return [hinted(v.shape[-1]) for v in value] if dim in (-1, whole.dim() - 1) else None
+
+
+def heads_part(heads) -> Part | str:
+    """The projection columns that `heads` [B, n, T, d] was split from, else why not."""
+    if not (_is_method(heads, "transpose") and set(heads.args[1:]) == {1, 2}):
+        return NOT_HEADS
+    view = heads.args[0]
+    if not (_is_method(view, "view", "reshape") and _only_user(view) is heads):
+        return NOT_HEADS
+    columns = view.args[0]
+    if not (isinstance(columns, fx.Node) and _only_user(columns) is view):
+        return NOT_HEADS
+    found = projection(columns)
+    if found is not None:
+        return Part(found, 0, hinted(node_value(columns).shape[-1]), columns,
+                    _view_sizes(view), heads)
+    if not (columns.op == "call_function" and columns.target is operator.getitem
+            and _is_method(columns.args[0], "split")):
+        return NOT_HEADS
+    split, index = columns.args
+    found = projection(split.args[0])
+    widths = _split_widths(split)
+    if (found is None or widths is None or _only_user(split.args[0]) is not split
+            or not all(u.target is operator.getitem and isinstance(u.args[1], int)
+                       for u in split.users)):
+        return NOT_HEADS
+    start = sum(widths[:index])
+    return Part(found, start, start + widths[index], columns, _view_sizes(view), heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """Replace `target` (the cache's store (heads - mu) P, or the queries' heads @ P) with the
+    part's projection folded: r-wide heads. `basis` [n, d, r] and `mean` [n, 1, d] (or None)
+    are the cache's placeholders, one per head of the part."""
+
+    role: str
+    part: Part
+    target: fx.Node
+    basis: fx.Node
+    mean: fx.Node | None
+    repeats: int = 1  # query heads per KV head: the basis repeated to each query head
+
+
+def store_of(graph: fx.Graph, basis: fx.Node, mean: fx.Node | None, skip: tuple = ()
+             ) -> tuple[fx.Node, fx.Node, fx.Node | None] | str:
+    """(the cache's store `(heads - mu) @ P` of new keys or values with this basis, the heads
+    it projects, the mean placeholder or None), else why not. `skip`: other products with
+    the basis (the queries')."""
     placeholder = strip_to(basis)
-    stores = [n for n in graph.nodes if n.op == "call_function"
-              and n.target in MATMULS
-              and strip_to(n.args[1]) is placeholder]
+    stores = [n for n in graph.nodes if n.op == "call_function" and n.target in MATMULS
+              and n not in skip and strip_to(n.args[1]) is placeholder]
     if len(stores) != 1:
-        return f"{len(stores)} places project new values with this basis"
+        return f"{len(stores)} places project new states with this basis"
     store = stores[0]
-    x, store_mean = store.args[0], None
-    if mean is not None:
-        if not (isinstance(x, fx.Node) and x.op == "call_function"
-                and x.target in (torch.sub, operator.sub)
-                and strip_to(x.args[1]) is strip_to(mean) and _only_user(x) is store):
-            return "the new values' mean is not subtracted right before the projection"
-        x, store_mean = x.args[0], x.args[1]
-    tr = x
-    if not (isinstance(tr, fx.Node) and tr.op == "call_method" and tr.target == "transpose"
-            and set(tr.args[1:]) == {1, 2} and len(tr.users) == 1):
-        return "the new values are not v_proj's output split into heads"
-    view = tr.args[0]
-    if not (isinstance(view, fx.Node) and view.op == "call_method" and view.target == "view"
-            and _only_user(view) is tr and _is_linear(view.args[0])
-            and _only_user(view.args[0]) is view):
-        return "the new values are not v_proj's output split into heads"
-    sizes = view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (tuple, list)) \
-        else tuple(view.args[1:])
-    return store, view.args[0], tuple(sizes), store.args[1], store_mean
+    x = store.args[0]
+    if mean is None:
+        return store, x, None
+    if not (isinstance(x, fx.Node) and x.op == "call_function"
+            and x.target in (torch.sub, operator.sub)
+            and strip_to(x.args[1]) is strip_to(mean) and _only_user(x) is store):
+        return "the mean is not subtracted right before the projection"
+    return store, x.args[0], strip_to(mean)
 
 
-def merge_chain(out: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], fx.Node] | str:
-    """(the reshapes between the attention output [B, H, T, d] and o_proj, the o_proj linear)
-    when they only merge heads, as transpose(1, 2).flatten(-2) does (checked by running them
-    on positions), else why not."""
+def worth_it(tokens: int, d: int, r: int) -> bool:
+    """Folding costs about d r token-projections' work; it saves (d - r) per token."""
+    return tokens * (d - r) > d * r
+
+
+def _folded_block(graph: fx.Graph, fold: Fold, w: fx.Node, b: fx.Node | None, io: bool
+                  ) -> tuple[fx.Node, fx.Node | None]:
+    """(P^T W, P^T (b - mu)) per head of the part, in W's layout ([n r, in] or [in, n r])."""
+    call = graph.call_function
+    value = node_value(fold.part.proj.w)
+    basis = graph.call_method("to", (strip_to(fold.basis),),
+                              {"device": value.device, "dtype": value.dtype})
+    if fold.repeats > 1:
+        basis = call(torch.repeat_interleave, (basis,), {"repeats": fold.repeats, "dim": 0})
+    n, d, r = (hinted(s) for s in node_value(fold.basis).shape)
+    n *= fold.repeats
+    if io:
+        wf = call(torch.einsum, ("ndr,ind->inr", basis, graph.call_method("view", (w, (-1, n, d)))))
+        wf = graph.call_method("reshape", (wf, (-1, n * r)))
+    else:
+        wf = call(torch.einsum, ("ndr,ndi->nri", basis, graph.call_method("view", (w, (n, d, -1)))))
+        wf = graph.call_method("reshape", (wf, (n * r, -1)))
+    shift = None if b is None else graph.call_method("view", (b, (n, d)))
+    if fold.mean is not None:
+        mu = graph.call_method("reshape", (graph.call_method("to", (fold.mean,), {
+            "device": value.device, "dtype": value.dtype}), (n, d)))
+        shift = call(torch.neg, (mu,)) if shift is None else call(torch.sub, (shift, mu))
+    bias = None if shift is None else graph.call_method("reshape", (
+        call(torch.einsum, ("ndr,nd->nr", basis, shift)), (n * r,)))
+    return wf, bias
+
+
+def fold_in(graph: fx.Graph, folds: list[Fold]) -> None:
+    """Each projection with folded parts rebuilt once, in place of the targets (see the
+    module docstring); a fused projection's other parts read their columns as before."""
+    by_call: dict[fx.Node, list[Fold]] = {}
+    for fold in folds:
+        by_call.setdefault(fold.part.proj.call, []).append(fold)
+    for group in by_call.values():
+        _rebuild(graph, group)
+
+
+def _rebuild(graph: fx.Graph, group: list[Fold]) -> None:
+    proj = group[0].part.proj
+    call = graph.call_function
+    fused = proj.out.users and all(_is_method(u, "split") for u in proj.out.users)
+    split = next(iter(proj.out.users)) if fused else None
+    widths = _split_widths(split) if fused else [group[0].part.stop]
+    pieces = list(split.users) if fused else [group[0].part.columns]
+    by_start = {f.part.start: f for f in group}
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    with graph.inserting_before(proj.call):
+        ws, bs, new_widths = [], [], []
+        for start, width in zip(starts, widths):
+            fold = by_start.get(start)
+            cols = slice(start, start + width)
+            w = proj.w if not fused else call(operator.getitem, (
+                proj.w, (slice(None), cols) if proj.io else cols))
+            b = proj.b if not fused or proj.b is None else call(operator.getitem, (proj.b, cols))
+            if fold is not None:
+                w, b = _folded_block(graph, fold, w, b, proj.io)
+                _, d, r = (hinted(s) for s in node_value(fold.basis).shape)
+                width = width // d * r
+            ws.append(w)
+            bs.append(b)
+            new_widths.append(width)
+        w = call(torch.cat, (ws, 0 if not proj.io else 1)) if fused else ws[0]
+        b = (call(torch.cat, (bs,)) if fused and proj.b is not None else bs[0] if not fused
+             else None)
+        if not proj.io:
+            out = call(proj.call.target, (proj.x, w, b))
+        else:
+            new = call(torch.addmm, (b, proj.x, w)) if b is not None else call(torch.mm, (proj.x, w))
+            out = new if proj.out is proj.call else graph.call_method(
+                "view", (new, _view_sizes(proj.out)[:-1] + (sum(new_widths),)))
+        if fused:
+            parts = call(torch.split, (out, new_widths), {"dim": -1})
+        for piece in pieces:
+            index = piece.args[1] if fused else 0
+            new_piece = call(operator.getitem, (parts, index)) if fused else out
+            fold = by_start.get(starts[index])
+            if fold is None:
+                piece.replace_all_uses_with(new_piece)
+                continue
+            r = hinted(node_value(fold.basis).shape[-1])
+            heads = graph.call_method("reshape", (new_piece, fold.part.sizes[:-1] + (r,)))
+            fold.target.replace_all_uses_with(graph.call_method("transpose", (heads, 1, 2)))
+
+
+def merge_chain(out: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], Projection] | str:
+    """(the reshapes between the attention output [B, H, T, d] and o_proj, o_proj) when they
+    only merge heads, as transpose(1, 2).flatten(-2) does (with the tokens flattened too for
+    an addmm; checked by running them on positions), else why not."""
     chain, node = [], out
     while True:
         user = _only_user(node)
         if user is None:
             return "the attention output has several users"
-        if _is_linear(user) and user.args[0] is node:
+        found = projection(user)
+        if found is not None and found.x is node:
             break
         if user.op != "call_method" or user.target not in _MOVES:
             return f"{user.name} between the attention output and its projection"
@@ -110,54 +297,37 @@ def merge_chain(out: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], fx.Node
         t = getattr(t, n.target)(*(concrete(a) for a in n.args[1:]),
                                  **{k: concrete(v) for k, v in n.kwargs.items()})
     want = index.transpose(1, 2).flatten(-2)
+    if found.io:
+        want = want.flatten(0, -2)
     if t.shape != want.shape or not torch.equal(t, want):
         return "the reshapes before the output projection do more than merge the heads"
-    return chain, user
+    return chain, found
 
 
-def worth_it(tokens: int, d: int, r: int) -> bool:
-    """Folding costs about d r token-projections' work; it saves (d - r) per token."""
-    return tokens * (d - r) > d * r
-
-
-def fold_value_in(graph: fx.Graph, store: fx.Node, lin: fx.Node, sizes: tuple,
-                  basis: fx.Node, mean: fx.Node | None, groups: int, d: int, r: int) -> None:
-    """v_proj with W_v' = P^T W_v, b_v' = P^T (b_v - mu) per KV head, split into r-wide heads,
-    in place of the cache's projection of its output."""
-    x, w, b = _linear_parts(lin)
-    call = graph.call_function
-    with graph.inserting_before(store):
-        w3 = graph.call_method("view", (w, (groups, d, -1)))
-        wf = graph.call_method("reshape", (call(torch.einsum, ("gdr,gdi->gri", basis, w3)),
-                                           (groups * r, -1)))
-        shift = None
-        if b is not None:
-            shift = graph.call_method("view", (b, (groups, d)))
-        if mean is not None:
-            mu = graph.call_method("reshape", (mean, (groups, d)))
-            shift = call(torch.neg, (mu,)) if shift is None else call(torch.sub, (shift, mu))
-        bias = None if shift is None else graph.call_method("reshape", (
-            call(torch.einsum, ("gdr,gd->gr", basis, shift)), (groups * r,)))
-        new = call(lin.target, (x, wf, bias))
-        heads = graph.call_method("view", (new, tuple(sizes[:-1]) + (r,)))
-        split = graph.call_method("transpose", (heads, 1, 2))
-    store.replace_all_uses_with(split)
-
-
-def fold_value_out(graph: fx.Graph, attn: fx.Node, out_lin: fx.Node, per_head_basis: fx.Node,
+def fold_value_out(graph: fx.Graph, attn: fx.Node, proj: Projection, per_head_basis: fx.Node,
                    per_head_mean: fx.Node | None, heads: int, d: int, r: int) -> None:
     """o_proj with W_o' = W_o blockdiag(P) and b_o' = b_o + W_o mu, reading the r-wide
     attention output [B, H, T, r] with its heads merged."""
-    _, w, b = _linear_parts(out_lin)
     call = graph.call_function
-    with graph.inserting_before(out_lin):
-        w3 = graph.call_method("view", (w, (-1, heads, d)))
-        wf = graph.call_method("flatten", (call(torch.einsum, ("ohd,hdr->ohr", w3,
-                                                               per_head_basis)), -2))
-        bias = b
+    w, b = proj.w, proj.b
+    with graph.inserting_before(proj.call):
+        if proj.io:
+            w3 = graph.call_method("view", (w, (heads, d, -1)))
+            wf = graph.call_method("flatten", (call(torch.einsum, ("hdr,hdo->hro", per_head_basis,
+                                                                   w3)), 0, 1))
+        else:
+            w3 = graph.call_method("view", (w, (-1, heads, d)))
+            wf = graph.call_method("flatten", (call(torch.einsum, ("ohd,hdr->ohr", w3,
+                                                                   per_head_basis)), -2))
         if per_head_mean is not None:
-            shift = call(torch.mv, (w, graph.call_method("reshape", (per_head_mean, (-1,)))))
-            bias = shift if b is None else call(torch.add, (b, shift))
+            mu = graph.call_method("reshape", (per_head_mean, (-1,)))
+            shift = call(torch.matmul, (mu, w)) if proj.io else call(torch.mv, (w, mu))
+            b = shift if b is None else call(torch.add, (b, shift))
         merged = graph.call_method("flatten", (graph.call_method("transpose", (attn, 1, 2)), -2))
-        new = call(out_lin.target, (merged, wf, bias))
-    out_lin.replace_all_uses_with(new)
+        if proj.io:
+            merged = graph.call_method("flatten", (merged, 0, -2))
+            new = call(torch.addmm, (b, merged, wf)) if b is not None else call(torch.mm, (
+                merged, wf))
+        else:
+            new = call(proj.call.target, (merged, wf, b))
+    proj.call.replace_all_uses_with(new)

@@ -249,6 +249,39 @@ def test_bad_select_settings_name_the_key(select, key):
 
 
 
+class _FusedProjections(effc.compiler.pass_manager.Instrument):
+    """Counts the addmms reading GPT-2's c_attn weights whole after kv_proj, per graph."""
+
+    def __init__(self):
+        self.counts = []
+
+    def after_pass(self, name, gm, ctx, record):
+        if name == "kv_proj":
+            self.counts.append(sum(n.target is torch.addmm and "c_attn" in n.args[2].name
+                                   for n in gm.graph.nodes))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_gpt2s_prefill_folds_every_basis_into_its_projections_and_generates_the_same(center):
+    """Without RoPE, a prefill folds the key bases too: W_q and W_k's columns of the fused
+    c_attn become P_k^T W per head, and the values' P_v^T W_v; c_proj reads the r-wide heads.
+    Decode steps keep c_attn whole; generation equals the rebuilding cache's."""
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=1, eos_token_id=2)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    calib = effc.calibrate(model, [torch.randint(3, 96, (2, 16)) for _ in range(2)],
+                           what=("inputs", "kv"), progress=False)
+    cache = effc.kv_cache(model, calib, ratio=0.5, center=center)
+    seen = _FusedProjections()
+    _generate_both(model, torch.randint(3, 96, (2, 9)), cache, [seen])
+    rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+    assert [r.details["folded"] for r in rows[:2]] == [["q_proj", "k_proj", "v_proj",
+                                                         "o_proj"]] * 2
+    assert all(r.details["folded"] == [] for r in rows[2:])
+    assert seen.counts[0] == 0 and seen.counts[1:] and all(c == 2 for c in seen.counts[1:])
+
+
 def test_a_padded_batch_folds_through_repeat_kv_and_generates_what_the_cache_does():
     """With a padding mask, transformers' SDPA attention repeats the KV heads for grouped
     queries itself (repeat_kv) instead of passing enable_gqa: the fold looks through it and
