@@ -36,10 +36,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from effc.compiler.log import logger
-from effc.passes.budget import PROBE_ERROR, Candidate, SiteOptions, allocate, db
+from effc.passes.budget import PROBE_ERROR, Candidate, db
 from effc.passes.kv_proj import KVProjConfig
-from effc.passes.kv_proj_math import (pca_basis, pca_errors, plane_errors, plane_scores,
-                                      plane_selection, query_plane_energy, round_rank)
+from effc.passes.kv_proj_math import (choose_ranks, pca_basis, pca_errors, plane_errors,
+                                      plane_scores, plane_selection, query_plane_energy,
+                                      rank_options)
 from effc.passes.residual_sites import layer_index
 
 
@@ -336,17 +337,6 @@ def _centering(config: KVProjConfig, from_weights: bool, mode: str) -> set[str]:
     return {"values"} | ({"keys"} if mode == "pca" else set())
 
 
-def _options(name: str, errors: list[float], dim: int, g: int, multiple: int, size: int,
-             per: int = 1, extra: int = 0) -> SiteOptions:
-    """One layer's keys or values: a candidate per rank (a multiple of `multiple`, up to
-    `dim`), with its error `errors[rank // per]` and its bytes per token (`extra` more when
-    projected: latent keys' position id)."""
-    ranks = sorted({round_rank(r, dim, multiple) for r in range(1, dim + 1)})
-    cost = lambda r: g * r * size + (extra if r < dim else 0)  # noqa: E731
-    return SiteOptions(name, [Candidate(r, cost(r), errors[r // per], bytes=cost(r))
-                              for r in ranks])
-
-
 def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | None = None, *,
              batches: list | None = None, max_cache_len: int | None = None,
              **knobs: Any) -> ProjectedCache:
@@ -416,14 +406,14 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
             scores = plane_scores(kmom, qe)
         facts[i] = (kmom, vmom, scores, g, d, kmean, vmean)
         if mode == "pairs":  # ranks are whole planes: 2 dims each
-            options.append(_options(f"{i}.k", plane_errors(scores), d, g,
+            options.append(rank_options(f"{i}.k", plane_errors(scores), d, g,
                                     max(2, config.multiple), size, per=2))
         elif mode in ("pca", "latent"):
-            options.append(_options(f"{i}.k", pca_errors(kmom, kmean), d, g, config.multiple,
+            options.append(rank_options(f"{i}.k", pca_errors(kmom, kmean), d, g, config.multiple,
                                     size,
                                     extra=8 if mode == "latent" else 0))
         if config.values:
-            options.append(_options(f"{i}.v", pca_errors(vmom, vmean), d, g, config.multiple,
+            options.append(rank_options(f"{i}.v", pca_errors(vmom, vmean), d, g, config.multiple,
                                     size))
     build = lambda choice: _build(choice, facts, mode, mods, layers_n, rotary)  # noqa: E731
     measure = _logit_error(model, batches, build) if batches else None
@@ -436,7 +426,7 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
                     lossy, key=lambda c: c.error)
                 site.sensitivity = measure({site.key: probe}) / probe.error ** 2
                 site.measured = True
-    choice = _choose(options, config, facts)
+    choice = choose_ranks(options, config)
     cache = build(choice)
     if max_cache_len is not None:
         cache = ProjectedCache([ProjectedStaticLayer(**layer._setup(),
@@ -493,25 +483,6 @@ def _build(choice: dict[str, Candidate], facts, mode: str, mods: dict[int, str],
                      "key_error": 0.0 if kc is None else round(kc.error, 6),
                      "value_error": 0.0 if vc is None else round(vc.error, 6)})
     return ProjectedCache(layers, plan, facts[0][4])
-
-
-def _choose(options: list[SiteOptions], config: KVProjConfig, facts) -> dict[str, Candidate]:
-    """One rank per layer and K/V: `ratio` uniformly, a bytes `budget` through the shared
-    allocator, or the least rank keeping `min_energy` of the energy (error^2 <= 1 - it)."""
-    if config.ratio is not None:
-        out = {}
-        for s in options:
-            d = max(c.choice for c in s.candidates)
-            want = config.ratio * d
-            out[s.key] = min((c for c in s.candidates if c.choice >= want - 1e-9),
-                             key=lambda c: c.choice)
-        return out
-    if config.budget is not None:
-        total = sum(max(c.bytes for c in s.candidates) for s in options)
-        return allocate(options, max_params=config.budget * total, cost="bytes")
-    bound = 1.0 - config.min_energy
-    return {s.key: min((c for c in s.candidates if c.error ** 2 <= bound + 1e-12),
-                       key=lambda c: c.bytes) for s in options}
 
 
 __all__ = ["KVProjConfig", "ProjectedCache", "ProjectedLayer", "ProjectedStaticLayer", "kv_cache"]

@@ -17,6 +17,11 @@ A prefill whose keys and values would end up unequally wide is not folded (SDPA'
 kernels need one width); a folded prefill also gets the bases folded into its projections,
 computed in the graph (kv_proj_weights.py).
 
+Attention without a cache (encoders, ViTs, decoders called without one), given a calibration
+with K/V moments: each attention whose q, k and v are projections split into heads runs in r
+of d dimensions per head, with per-head PCA bases of the moments (constants of the graph,
+so the same fold into the projections is computed once, at compile time).
+
 `select` (TokenSelect, part 2 of kv_proj): every decode-step attention (one query token, no
 mask) becomes effc.select_attention, which attends to the first `initial`, the last `recent`
 and the `top_k` best-voted cached tokens (exact while the cache holds no more than that). With
@@ -28,6 +33,7 @@ next (effc/token_select.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 from typing import ClassVar, Literal
@@ -37,12 +43,15 @@ import torch.fx as fx
 
 import effc.kernels.select_attention  # noqa: F401  (registers torch.ops.effc.select_attention)
 from effc.compiler.config import PassConfig, knob
-from effc.compiler.graph_facts import (copy_node_meta, fqn_from_source, hinted, node_arg,
-                                       node_value, remove_dead_code)
+from effc.compiler.calibration.observer import module_of
+from effc.compiler.graph_facts import (add_constant, copy_node_meta, fqn_from_source, hinted,
+                                       node_arg, node_value, remove_dead_code)
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
+from effc.passes.kv_proj_math import choose_ranks, pca_basis, pca_errors, rank_options
 from effc.passes.kv_proj_weights import (MATMULS, NOT_HEADS, Fold, fold_in, fold_value_out,
-                                         heads_part, merge_chain, store_of, strip_to, worth_it)
+                                         freeze_derived, heads_part, merge_chain, store_of,
+                                         strip_to, worth_it)
 
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
@@ -269,24 +278,20 @@ class KVProjPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg: KVProjConfig = self.config
-        given = [k for k in COMPRESSION_KNOBS
-                 if getattr(cfg, k) != KVProjConfig.__dataclass_fields__[k].default]
-        if given:
-            ctx.warn(f"the knobs {', '.join(given)} choose effc.kv_cache's projections; as a "
-                     f"compile option kv_proj only runs attention in the dimensions of the "
-                     f"cache it is given (build it with effc.kv_cache(model, calibration, ...))")
-        rows = []
+        rows, direct = [], []
         graph = gm.graph
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in SDPA:
                 continue
             keys, values = cached(node.args[1]), cached(node.args[2])
+            if keys is None and values is None:  # no projected cache: a calibrated projection?
+                found = self._direct_site(node, ctx)
+                (rows if isinstance(found, SiteRow) else direct).append(found)
+                continue
             layer = (keys or values or (None,) * 5)[2]
             site = f"cache.layers.{layer}" if layer is not None else f"attention:{node.name}"
             tokens, rk, rv = _widths(node, keys, values)
-            why = ("no projected cache rebuild feeds this attention (pass the model an "
-                   "effc.kv_cache)" if keys is None and values is None else
-                   "excluded by filters" if not ctx.selected(site) else
+            why = ("excluded by filters" if not ctx.selected(site) else
                    "dropout in attention" if node_arg(node, 4, "dropout_p", 0.0) else
                    f"a prefill of {tokens} tokens with keys {rk} and values {rv} wide: SDPA's "
                    f"fused kernels need equal widths, so rebuilding the cache to "
@@ -300,11 +305,123 @@ class KVProjPass(Pass):
             narrow = (cfg.selection is None and tokens == 1 and rk != rv
                       and not node_arg(node, 5, "is_causal", False))
             rows.append(self._fold(graph, node, keys, values, site, cfg.fold_weights, narrow))
+        given = [k for k in COMPRESSION_KNOBS
+                 if getattr(cfg, k) != KVProjConfig.__dataclass_fields__[k].default]
+        over_cache = any(r.site.startswith("cache.") for r in rows)
+        if given and (over_cache or not direct):
+            ctx.warn(f"the knobs {', '.join(given)} choose the projections of effc.kv_cache, "
+                     f"or of attention without a cache (given calibration=...); "
+                     + ("over a projected cache, kv_proj runs attention in that cache's "
+                        "dimensions" if over_cache else "this graph has no such attention")
+                     + " (build a cache with effc.kv_cache(model, calibration, ...))")
+        if direct:
+            rows += self._project_direct(gm, ctx, direct)
         if cfg.selection is not None:
             rows += self._select(gm, ctx, cfg.selection)
         if rows:
             remove_dead_code(graph)
         return PassResult(rows)
+
+    def _direct_site(self, node: fx.Node, ctx) -> dict | SiteRow:
+        """An attention without a projected cache whose keys and values (and queries) are
+        projections split into heads, and whose module the calibration holds K/V moments
+        of: a site to run in fewer dimensions per head (encoders; decoders without a cache)."""
+        cfg: KVProjConfig = self.config
+        parts = [heads_part(a) for a in node.args[:3]]
+        if isinstance(parts[1], str) or isinstance(parts[2], str):
+            return SiteRow(self.name, f"attention:{node.name}", "skipped",
+                           "no projected cache rebuild feeds this attention (pass the model an "
+                           "effc.kv_cache), and its keys and values are not projections split "
+                           "into heads (a transformers cache, RoPE, or repeated KV heads)")
+        weight = ctx.facts.weight_name(parts[1].proj.w)
+        module = module_of(weight) if weight else node.name
+        site = f"attention:{module}"
+        calib = ctx.calibration
+        stats = (None, None) if calib is None else (calib.keys.get(module),
+                                                   calib.values.get(module))
+        why = ("excluded by filters" if not ctx.selected(site) else
+               "dropout in attention" if node_arg(node, 4, "dropout_p", 0.0) else
+               "no calibration with its key/value moments: pass "
+               "calibration=effc.calibrate(model, batches, what=('inputs', 'kv'))"
+               if None in stats else
+               f"the queries are {parts[0]}" if isinstance(parts[0], str) else
+               "data-free bases (bases='weights') are for effc.kv_cache; attention without "
+               "a cache is projected from calibration moments" if cfg.bases == "weights" else
+               "keys='none' and values=False leave nothing to project"
+               if cfg.keys == "none" and not cfg.values else "")
+        names = [ctx.facts.weight_name(p.proj.w) for p in parts]
+        why = why or ctx.claim(site, sorted({n for n in names if n}))
+        if why:
+            return SiteRow(self.name, site, "skipped", why)
+        return {"node": node, "site": site, "parts": parts, "stats": stats}
+
+    def _project_direct(self, gm: fx.GraphModule, ctx, found: list[dict]) -> list[SiteRow]:
+        """Ranks for every direct site at once (ratio, budget or min_energy, over the error
+        of keys and values together: one rank for both, so SDPA keeps its fused kernels),
+        then each site's attention over (K - mu_k) P_k and (V - mu_v) P_v, folded as a
+        projected cache's is (see _project_site)."""
+        cfg: KVProjConfig = self.config
+        roles = [w for w, on in (("keys", cfg.keys != "none"), ("values", cfg.values)) if on]
+        options = []
+        for f in found:
+            for role, stats in zip(("keys", "values"), f["stats"]):
+                f[role] = (stats.sum_outer / max(stats.count, 1),
+                           stats.mean() if cfg.center is not False else None)
+            f["errors"] = {w: pca_errors(*f[w]) for w in roles}
+            g, d = f["keys"][0].shape[0], f["keys"][0].shape[-1]
+            joint = [math.sqrt(sum(f["errors"][w][r] ** 2 for w in roles) / len(roles))
+                     for r in range(d + 1)]
+            size = node_value(f["parts"][1].proj.w).element_size()
+            options.append(rank_options(f["site"], joint, d, g * len(roles), cfg.multiple,
+                                        size))
+        choice = choose_ranks(options, cfg)
+        seeds: set[fx.Node] = set()
+        rows = [self._project_site(gm, f, roles, choice[o.key].choice, seeds)
+                for f, o in zip(found, options)]
+        freeze_derived(gm, ctx, seeds)  # the folded weights, computed once, here
+        return rows
+
+    def _project_site(self, gm: fx.GraphModule, f: dict, roles: list[str], r: int,
+                      seeds: set) -> SiteRow:
+        """One direct site at rank r: the bases and means become constants of the graph,
+        the attention reads (K - mu_k) P_k and (V - mu_v) P_v, and _fold moves P_k to the
+        queries and P_v^T after the attention, folding them into the projections."""
+        cfg: KVProjConfig = self.config
+        node, graph = f["node"], gm.graph
+        g, d = f["keys"][0].shape[0], f["keys"][0].shape[-1]
+        errors = {w: round(f["errors"][w][r], 6) for w in roles}
+        if r >= d:
+            return SiteRow(self.name, f["site"], "skipped",
+                           f"keeps all {d} dimensions per head (the rule asks for more "
+                           f"than {d - cfg.multiple})", details={"head_dim": d})
+        w = node_value(f["parts"][1].proj.w)
+        found = {}
+        with graph.inserting_before(node):
+            for role, arg in (("keys", node.args[1]), ("values", node.args[2])):
+                if role not in roles:
+                    found[role] = None
+                    continue
+                moment, mean = f[role]
+                const = lambda t, what: add_constant(  # noqa: E731
+                    gm, t.to(device=w.device, dtype=w.dtype), f"{f['site']}.{role}_{what}")
+                basis = const(pca_basis(moment, r, mean), "basis")
+                mu = const(mean.reshape(g, 1, d), "mean") if mean is not None else None
+                seeds.update(n for n in (basis, mu) if n is not None)
+                x = graph.call_function(operator.sub, (arg, mu)) if mu is not None else arg
+                store = graph.call_function(operator.matmul, (x, basis))
+                found[role] = (store, basis, f["site"], mu, 1)
+        row = self._fold(graph, node, found["keys"], found["values"], f["site"],
+                         cfg.fold_weights)
+        folded = row.details.get("folded") or []
+        return SiteRow(self.name, f["site"], "rewritten",
+                       f"attention in {r} of {d} dimensions per head for the "
+                       f"{' and '.join(roles)} (PCA bases of the calibration's moments"
+                       f"{', centered' if cfg.center is not False else ''}); "
+                       + (f"folded into {', '.join(folded)}" if folded else
+                          f"projected in the graph ({row.details.get('not_folded', 'fold_weights=False')})"),
+                       error={f"{w}_rel_error": e for w, e in errors.items()},
+                       details={**row.details, "rank": r, "head_dim": d, "kv_heads": g,
+                                **{f"{w}_error": e for w, e in errors.items()}})
 
     def _select(self, gm: fx.GraphModule, ctx, sel) -> list[SiteRow]:
         """Each decode-step attention -> effc.select_attention (see the module docstring)."""
@@ -354,11 +471,11 @@ class KVProjPass(Pass):
               fold_weights: bool = True, narrow: bool = False) -> SiteRow:
         q = node.args[0]
         scale = _scale(node)
-        heads = q.meta["example_value"].shape[1]
+        heads = node_value(q).shape[1]
 
         def per_head(basis: fx.Node) -> fx.Node:
             """[G, ...] -> [H, ...]: each query head reads its KV head's basis (or mean)."""
-            groups = basis.meta["example_value"].shape[0]
+            groups = node_value(basis).shape[0]
             if groups == heads:
                 return basis
             return graph.call_function(torch.repeat_interleave, (basis,),

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from effc.passes.budget import Candidate, SiteOptions, allocate
+
 
 def round_rank(rank: float, dim: int, multiple: int) -> int:
     """`rank` rounded up to a multiple of `multiple`, within [multiple, dim]."""
@@ -111,3 +113,33 @@ def query_plane_energy(w_q: torch.Tensor, moment: torch.Tensor | None, heads: in
     e = per_row.reshape(heads, d)
     e = e[:, : d // 2] + e[:, d // 2:]
     return e.reshape(kv_heads, heads // kv_heads, d // 2).sum(1)
+
+
+def rank_options(name: str, errors: list[float], dim: int, g: int, multiple: int, size: int,
+                 per: int = 1, extra: int = 0) -> SiteOptions:
+    """One layer's keys or values: a candidate per rank (a multiple of `multiple`, up to
+    `dim`), with its error `errors[rank // per]` and its bytes per token (`extra` more when
+    projected: latent keys' position id)."""
+    ranks = sorted({round_rank(r, dim, multiple) for r in range(1, dim + 1)})
+    cost = lambda r: g * r * size + (extra if r < dim else 0)  # noqa: E731
+    return SiteOptions(name, [Candidate(r, cost(r), errors[r // per], bytes=cost(r))
+                              for r in ranks])
+
+
+def choose_ranks(options: list[SiteOptions], config) -> dict[str, Candidate]:
+    """One rank per layer and K/V: `ratio` uniformly, a bytes `budget` through the shared
+    allocator, or the least rank keeping `min_energy` of the energy (error^2 <= 1 - it)."""
+    if config.ratio is not None:
+        out = {}
+        for s in options:
+            d = max(c.choice for c in s.candidates)
+            want = config.ratio * d
+            out[s.key] = min((c for c in s.candidates if c.choice >= want - 1e-9),
+                             key=lambda c: c.choice)
+        return out
+    if config.budget is not None:
+        total = sum(max(c.bytes for c in s.candidates) for s in options)
+        return allocate(options, max_params=config.budget * total, cost="bytes")
+    bound = 1.0 - config.min_energy
+    return {s.key: min((c for c in s.candidates if c.error ** 2 <= bound + 1e-12),
+                       key=lambda c: c.bytes) for s in options}

@@ -331,3 +331,33 @@ def fold_value_out(graph: fx.Graph, attn: fx.Node, proj: Projection, per_head_ba
         else:
             new = call(proj.call.target, (merged, wf, b))
     proj.call.replace_all_uses_with(new)
+
+
+def freeze_derived(gm: fx.GraphModule, ctx, seeds: set[fx.Node]) -> int:
+    """Evaluate now what the graph computes from parameters and the constants in `seeds`
+    alone (the folded weights of bases that are compile-time constants, unlike a cache's),
+    and make each such result a constant derived from its parameters (the stale-weight
+    guard watches them). Returns how many constants replaced computations."""
+    values: dict[fx.Node, tuple[torch.Tensor, set[str], bool]] = {}  # value, sources, seeded
+    for n in gm.graph.nodes:
+        if n in seeds:
+            values[n] = (getattr(gm, n.target), set(), True)
+        elif n.op == "placeholder" and ctx.facts.weight_name(n) is not None:
+            values[n] = (ctx.facts.weight_value(n), {ctx.facts.weight_name(n)}, False)
+        elif (n.op in ("call_function", "call_method") and n.all_input_nodes
+              and all(i in values for i in n.all_input_nodes)):
+            args = fx.node.map_arg(n.args, lambda a: values[a][0])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a][0])
+            with torch.no_grad():
+                value = (n.target(*args, **kwargs) if n.op == "call_function"
+                         else getattr(args[0], n.target)(*args[1:], **kwargs))
+            ins = [values[i] for i in n.all_input_nodes]
+            values[n] = (value, set().union(*(v[1] for v in ins)), any(v[2] for v in ins))
+    frozen = 0
+    for n, (value, sources, seeded) in list(values.items()):
+        if (seeded and n not in seeds and isinstance(value, torch.Tensor)
+                and any(u not in values for u in n.users)):
+            const = ctx.add_constant(gm, value, derived_from=sorted(sources), name_hint=n.name)
+            n.replace_all_uses_with(const)
+            frozen += 1
+    return frozen

@@ -322,3 +322,126 @@ def test_unequal_attention_is_sdpa_for_keys_and_values_of_different_widths(group
     assert out.shape == (3, 4, 1, 10) and out.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def _encoder(kind):
+    """(model, calibration batches, forward) of a small model built from config whose
+    attention has no cache: ViT, BERT with padding, GPT-2 without a cache."""
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = tf.ViTForImageClassification(tf.ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, num_labels=10)).eval()
+        x = torch.randn(4, 1, 8, 8)
+        return model, [x], lambda m: m(x).logits
+    if kind == "bert":
+        model = tf.BertModel(tf.BertConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)).eval()
+        ids = torch.randint(3, 96, (2, 12))
+        mask = torch.ones_like(ids)
+        mask[0, 8:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        return model, [batch], lambda m: m(**batch).last_hidden_state
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
+                                             n_positions=64, bos_token_id=1,
+                                             eos_token_id=2)).eval()
+    ids = torch.randint(3, 96, (2, 12))
+    return model, [ids], lambda m: m(ids, use_cache=False).logits
+
+
+class _WeightMath(effc.compiler.pass_manager.Instrument):
+    """Counts the einsums (folded-weight computations) left in each graph after kv_proj."""
+
+    def __init__(self):
+        self.counts = []
+
+    def after_pass(self, name, gm, ctx, record):
+        if name == "kv_proj":
+            self.counts.append(sum(n.target is torch.einsum for n in gm.graph.nodes))
+
+
+def _direct(kind, dynamic=False, seen=None, **knobs):
+    """The forward compiled with kv_proj and a K/V calibration, strict: (eager output,
+    compiled output, kv_proj's report rows, the calibration)."""
+    model, batches, forward = _encoder(kind)
+    calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
+    torch._dynamo.reset()
+    effc.reset()
+    compiled = torch.compile(model, backend="effc", dynamic=dynamic, options={
+        "kv_proj": knobs, "calibration": calib, "strict": True,
+        "instruments": [seen] if seen else []})
+    with torch.no_grad():
+        ref, out = forward(model), forward(compiled)
+    return ref, out, [s for s in effc.report().sites if s.pass_name == "kv_proj"], calib
+
+
+@pytest.mark.parametrize("kind,dynamic", [("vit", False), ("bert", False), ("gpt2", False),
+                                          ("gpt2", True)])
+def test_attention_without_a_cache_runs_in_fewer_dimensions_folded_into_its_projections(
+        kind, dynamic):
+    """ViT, BERT (padding mask) and GPT-2 without a cache: at ratio 0.5 each attention reads
+    (K - mu_k) P_k and (V - mu_v) P_v from the calibration's PCA, with the bases folded into
+    q, k, v (GPT-2: its fused c_attn) and the output projection. The fold equals projecting
+    explicitly (fold_weights=False) to fp32 rounding, and each row states the energy error
+    of its rank, which pca_errors gives from the same moments. The bases being constants
+    here, the folded weights are computed at compile time: no einsum is left in the graph."""
+    from effc.passes.kv_proj_math import pca_error
+
+    seen = _WeightMath()
+    ref, folded, rows, calib = _direct(kind, dynamic, seen, ratio=0.5)
+    _, explicit, plain_rows, _ = _direct(kind, dynamic, ratio=0.5, fold_weights=False)
+    assert seen.counts == [0]
+    assert [r.decision for r in rows] == ["rewritten"] * 2
+    assert all(r.details["folded"] == ["q_proj", "k_proj", "v_proj", "o_proj"] for r in rows)
+    assert all(r.details["rank"] == 4 and r.details["head_dim"] == 8 for r in rows)
+    assert all("folded" not in r.details for r in plain_rows)
+    assert (folded - explicit).abs().max() <= 1e-5 * explicit.abs().max()
+    for r in rows:
+        module = r.site.split(":", 1)[1]
+        assert module in calib.keys
+        for role, stats in (("keys", calib.keys[module]), ("values", calib.values[module])):
+            want = pca_error(stats.sum_outer / stats.count, 4, stats.mean())
+            assert r.error[f"{role}_rel_error"] == pytest.approx(want, abs=1e-6)
+    # lossy, and by about what the errors say: not a no-op, not broken
+    rel = ((folded - ref).norm() / ref.norm()).item()
+    assert 1e-5 < rel < 0.2
+
+
+def test_attention_kept_whole_at_ratio_one_and_the_default_bound_on_flat_spectra():
+    """Ratio 1.0 keeps every dimension: the sites are skipped and the model's output is
+    eager's to fp32 tolerance. The default (99% of the energy) on random weights, whose
+    spectra are flat, keeps every dimension too: a lossy default bounded by quality."""
+    for knobs in ({"ratio": 1.0}, {}):
+        ref, out, rows, _ = _direct("vit", **knobs)
+        assert rows and all(r.decision == "skipped" and "keeps all 8" in r.reason
+                            for r in rows)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_budget_of_kv_dimensions_is_kept_across_the_sites():
+    """budget 0.5: the ranks chosen over all sites keep at most half the K/V dimensions."""
+    _, _, rows, _ = _direct("bert", budget=0.5)
+    kept = sum(r.details.get("rank", 8) for r in rows) / (8 * len(rows))
+    assert rows and kept <= 0.5 and any(r.decision == "rewritten" for r in rows)
+
+
+def test_attention_without_moments_or_with_rope_is_skipped_with_the_reason():
+    """No K/V calibration: said so. RoPE between the projections and the attention
+    (Llama without a cache): the queries and keys cannot be projected by a fold."""
+    model, batches, forward = _encoder("vit")
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        forward(torch.compile(model, backend="effc", options={"kv_proj": {"ratio": 0.5}}))
+    rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+    assert rows and all("what=('inputs', 'kv')" in r.reason for r in rows)
+    llama, calib = _llama()
+    torch._dynamo.reset()
+    effc.reset()
+    ids = torch.randint(3, 96, (2, 12))
+    with torch.no_grad():
+        torch.compile(llama, backend="effc", options={
+            "kv_proj": {"ratio": 0.5}, "calibration": calib})(ids, use_cache=False)
+    rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+    assert rows and all(r.decision == "skipped" and "RoPE" in r.reason for r in rows)
