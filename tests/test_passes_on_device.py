@@ -81,3 +81,34 @@ def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu():
         assert cache.layers[0].values.device == device
         sequences[device.type] = out.cpu()
     assert torch.equal(sequences[DEVICE.type], sequences["cpu"])
+
+
+def _projected_attention(device: torch.device, kind: str) -> tuple[float, int]:
+    """kv_proj on attention without a cache (a calibration on `device`, ratio 0.5):
+    (relative error of the output against eager, attentions rewritten)."""
+    model, inputs = hf_model(kind)
+    model = model.eval().to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    calib = effc.calibrate(model, [inputs], what=("inputs", "kv"), progress=False)
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+        out = torch.compile(model, backend="effc", options={
+            "strict": True, "kv_proj": {"ratio": 0.5}, "calibration": calib})(
+            **inputs).last_hidden_state
+    assert out.device == device and torch.isfinite(out).all()
+    rewritten = sum(s.decision == "rewritten" for s in effc.report().sites
+                    if s.pass_name == "kv_proj")
+    return ((out - ref).norm() / ref.norm()).item(), rewritten
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_attention_without_a_cache_is_projected_on_the_test_device_as_on_the_cpu(kind):
+    """The bases and the weights folded with them are constants made at compile time: they
+    must be made on the model's device, and give the CPU's error."""
+    on_device, rewritten = _projected_attention(DEVICE, kind)
+    on_cpu, rewritten_cpu = (_projected_attention(torch.device("cpu"), kind)
+                             if DEVICE.type != "cpu" else (on_device, rewritten))
+    assert rewritten >= 2 and rewritten == rewritten_cpu
+    assert on_device == pytest.approx(on_cpu, rel=0.05, abs=1e-5)
