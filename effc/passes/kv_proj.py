@@ -32,6 +32,7 @@ next (effc/token_select.py).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import operator
@@ -308,14 +309,23 @@ class KVProjPass(Pass):
         given = [k for k in COMPRESSION_KNOBS
                  if getattr(cfg, k) != KVProjConfig.__dataclass_fields__[k].default]
         over_cache = any(r.site.startswith("cache.") for r in rows)
-        if given and (over_cache or not direct):
-            ctx.warn(f"the knobs {', '.join(given)} choose the projections of effc.kv_cache, "
-                     f"or of attention without a cache (given calibration=...); "
-                     + ("over a projected cache, kv_proj runs attention in that cache's "
-                        "dimensions" if over_cache else "this graph has no such attention")
-                     + " (build a cache with effc.kv_cache(model, calibration, ...))")
+        if given and over_cache:
+            ctx.warn(f"the knobs {', '.join(given)} choose the projections of effc.kv_cache "
+                     f"and of attention without a cache; over a projected cache, kv_proj runs "
+                     f"attention in that cache's dimensions (build it with "
+                     f"effc.kv_cache(model, calibration, ...))")
         if direct:
             rows += self._project_direct(gm, ctx, direct)
+        if rows and not over_cache and cfg.selection is None and not any(
+                r.decision == "rewritten" for r in rows):
+            top = "; ".join(f"{n}x {why}" for why, n in
+                            collections.Counter(r.reason for r in rows).most_common(2))
+            ctx.warn(f"rewrote none of the {len(rows)} attentions of this graph "
+                     f"({top}). It runs attention over an effc.kv_cache (build it with "
+                     f"effc.kv_cache(model, calibration, ...)"
+                     + (f"; the knobs {', '.join(given)} choose its projections" if given
+                        else "") + "), or attention without a cache given "
+                     "calibration=effc.calibrate(model, batches, what=('inputs', 'kv'))")
         if cfg.selection is not None:
             rows += self._select(gm, ctx, cfg.selection)
         if rows:

@@ -114,17 +114,21 @@ def test_folded_attention_generates_what_the_rebuilding_cache_does(kv_heads, kno
     assert folds == {(knobs.get("keys") not in ("none", "latent"), knobs.get("values", True))}
 
 
-def test_without_a_projected_cache_the_graph_is_left_as_is_and_said_so():
+def test_without_a_projected_cache_the_graph_is_left_as_is_and_said_so(caplog):
+    """Nothing to do (a transformers cache, no calibration): the model is unchanged, each
+    row says why, and a warning says how kv_proj is meant to be used."""
     model, _ = _llama()
     ids = torch.randint(3, 96, (2, 7))
     torch._dynamo.reset()
     effc.reset()
-    with torch.inference_mode():
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="effc"):
         ref = model(ids).logits
         out = torch.compile(model, backend="effc", options={"kv_proj": True})(ids).logits
     assert torch.equal(out, ref)
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
     assert len(rows) == 2 and all("no projected cache" in r.reason for r in rows)
+    assert any("rewrote none of the 2 attentions" in r.getMessage() and
+               "effc.kv_cache(model, calibration" in r.getMessage() for r in caplog.records)
 
 
 def test_compression_knobs_as_a_compile_option_warn_that_they_belong_to_kv_cache(caplog):
