@@ -1,8 +1,8 @@
 """Each pass on the test device: scripts/gpu_check.sh runs this with EFFC_TEST_DEVICE=cuda.
 
 A pass that builds a constant on the wrong device passes every CPU test and breaks every GPU
-model (token_skip's router did, found on an H200). Here a small Llama is compiled strict with
-each pass on DEVICE: the pass must rewrite sites there, and the model's error against its own
+model (token_skip's router did, found on an H200). Here small Llama, BERT and ViT models (the
+Llama with dynamic=True too) are compiled strict with each pass on DEVICE: the pass must rewrite sites there, and the model's error against its own
 eager output must be what the same pass gives on the CPU (the rewrites are fitted from the
 same weights; SVD signs, summation order and TF32-free GPU arithmetic differ only in
 rounding). On a CPU run both sides are the CPU, computed once, and the strict compile and the
@@ -27,18 +27,20 @@ PASSES = {
 }
 
 
-def _relative_error(device: torch.device, options: dict) -> tuple[float, int]:
-    """(relative error of the compiled Llama's logits against its eager ones, sites the
+def _relative_error(device: torch.device, options: dict, kind: str = "llama",
+                    dynamic: bool = False) -> tuple[float, int]:
+    """(relative error of the compiled model's output against its eager one, sites the
     pass rewrote), with the model and inputs on `device`."""
-    model, inputs = hf_model("llama")
+    model, inputs = hf_model(kind)
     model = model.eval().to(device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch._dynamo.reset()
     effc.reset()
+    main = lambda out: out[0]  # noqa: E731  (logits, or an encoder's last hidden state)
     with torch.no_grad():
-        ref = model(**inputs).logits
-        out = torch.compile(model, backend="effc", options={"strict": True, **options})(
-            **inputs).logits
+        ref = main(model(**inputs))
+        out = main(torch.compile(model, backend="effc", dynamic=dynamic, options={
+            "strict": True, **options})(**inputs))
     assert out.device == ref.device == device and torch.isfinite(out).all()
     (name,) = options
     rewritten = sum(s.decision == "rewritten" for s in effc.report().sites
@@ -46,21 +48,25 @@ def _relative_error(device: torch.device, options: dict) -> tuple[float, int]:
     return ((out - ref).norm() / ref.norm()).item(), rewritten
 
 
+@pytest.mark.parametrize("kind,dynamic", [("llama", False), ("bert", False), ("vit", False),
+                                          ("llama", True)])
 @pytest.mark.parametrize("name", list(PASSES))
-def test_each_pass_rewrites_on_the_test_device_as_on_the_cpu(name):
-    on_device, rewritten = _relative_error(DEVICE, PASSES[name])
-    on_cpu, rewritten_cpu = (_relative_error(torch.device("cpu"), PASSES[name])
+def test_each_pass_rewrites_on_the_test_device_as_on_the_cpu(name, kind, dynamic):
+    on_device, rewritten = _relative_error(DEVICE, PASSES[name], kind, dynamic)
+    on_cpu, rewritten_cpu = (_relative_error(torch.device("cpu"), PASSES[name], kind, dynamic)
                              if DEVICE.type != "cpu" else (on_device, rewritten))
     assert rewritten >= 2 and rewritten == rewritten_cpu
     assert on_device == pytest.approx(on_cpu, rel=0.05, abs=1e-5)
 
 
-def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu():
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu(kind):
     """effc.kv_cache and the kv_proj pass: bases from a calibration on DEVICE, compiled
-    generation on DEVICE picks the CPU's tokens."""
+    generation on DEVICE picks the CPU's tokens. GPT-2's prefill folds every basis into its
+    projections (the fused c_attn rebuilt in the graph)."""
     sequences = {}
     for device in dict.fromkeys((DEVICE, torch.device("cpu"))):  # once on a CPU run
-        model, inputs = hf_model("llama")
+        model, inputs = hf_model(kind)
         model = model.eval().to(device)
         ids = inputs["input_ids"].to(device)
         calib = effc.calibrate(model, [ids], what=("inputs", "kv"), progress=False)
@@ -76,8 +82,10 @@ def test_a_projected_cache_generates_on_the_test_device_as_on_the_cpu():
                                      pad_token_id=0)
         finally:
             model.forward = forward
-        assert sum(s.decision == "rewritten" for s in effc.report().sites
-                   if s.pass_name == "kv_proj") >= 2
+        rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
+        assert sum(s.decision == "rewritten" for s in rows) >= 2
+        if kind == "gpt2":
+            assert rows[0].details["folded"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
         assert cache.layers[0].values.device == device
         sequences[device.type] = out.cpu()
     assert torch.equal(sequences[DEVICE.type], sequences["cpu"])
