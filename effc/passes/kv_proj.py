@@ -265,6 +265,34 @@ def _widths(sdpa: fx.Node, keys, values) -> tuple[int | None, int, int]:
     return (q[2] if q is not None else None), _width(keys, sdpa), _width(values, sdpa)
 
 
+def _direct_costs(shapes, parts, folded: list[str], widths: dict, d: int, out_proj
+                  ) -> tuple[int, int, int, int]:
+    """(params before, after, FLOPs before, after) of an attention run in fewer dimensions:
+    the scores and the weighted sum (2 per multiply-add, as every report row counts), and
+    the projections folded (q, k, v by their heads' widths; o by the values')."""
+    (b, h, t, _), (_, _, tk, _) = shapes
+    before = b * h * t * tk * 2 * d
+    after = b * h * t * tk * (widths["keys"] + widths["values"])
+    params_before = params_after = 0
+    for role, part, width in zip(("q_proj", "k_proj", "v_proj"), parts,
+                                 (widths["keys"], widths["keys"], widths["values"])):
+        if role in folded:
+            heads = (part.stop - part.start) // d
+            inputs = hinted(node_value(part.proj.x).shape[-1])
+            params_before += inputs * heads * d
+            params_after += inputs * heads * width
+            rows = b * (t if role == "q_proj" else tk)
+            before += rows * inputs * heads * d
+            after += rows * inputs * heads * width
+    if "o_proj" in folded and out_proj is not None:
+        outs = hinted(node_value(out_proj.w).shape[1 if out_proj.io else 0])
+        params_before += h * d * outs
+        params_after += h * widths["values"] * outs
+        before += b * t * h * d * outs
+        after += b * t * h * widths["values"] * outs
+    return params_before, params_after, 2 * before, 2 * after
+
+
 def _scale(sdpa: fx.Node):
     """The softmax scale an SDPA call uses: its `scale`, else 1/sqrt of the query's head dim."""
     scale = node_arg(sdpa, 6, "scale")
@@ -420,16 +448,22 @@ class KVProjPass(Pass):
                 x = graph.call_function(operator.sub, (arg, mu)) if mu is not None else arg
                 store = graph.call_function(operator.matmul, (x, basis))
                 found[role] = (store, basis, f["site"], mu, 1)
+        shapes = [tuple(hinted(s) for s in node_value(a).shape) for a in (node, node.args[1])]
+        chain = merge_chain(node, shapes[0])  # o_proj's width, read before the fold
         row = self._fold(graph, node, found["keys"], found["values"], f["site"],
                          cfg.fold_weights)
         folded = row.details.get("folded") or []
+        widths = {"keys": r if "keys" in roles else d, "values": r if "values" in roles else d}
+        costs = _direct_costs(shapes, f["parts"], folded, widths, d,
+                              None if isinstance(chain, str) else chain[1])
         return SiteRow(self.name, f["site"], "rewritten",
                        f"attention in {r} of {d} dimensions per head for the "
                        f"{' and '.join(roles)} (PCA bases of the calibration's moments"
                        f"{', centered' if cfg.center is not False else ''}); "
                        + (f"folded into {', '.join(folded)}" if folded else
-                          f"projected in the graph ({row.details.get('not_folded', 'fold_weights=False')})"),
-                       error={f"{w}_rel_error": e for w, e in errors.items()},
+                          "projected in the graph ("
+                          + row.details.get("not_folded", "fold_weights=False") + ")"),
+                       *costs, error={f"{w}_rel_error": e for w, e in errors.items()},
                        details={**row.details, "rank": r, "head_dim": d, "kv_heads": g,
                                 **{f"{w}_error": e for w, e in errors.items()}})
 

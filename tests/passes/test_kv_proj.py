@@ -399,6 +399,11 @@ def test_attention_without_a_cache_runs_in_fewer_dimensions_folded_into_its_proj
     assert [r.decision for r in rows] == ["rewritten"] * 2
     assert all(r.details["folded"] == ["q_proj", "k_proj", "v_proj", "o_proj"] for r in rows)
     assert all(r.details["rank"] == 4 and r.details["head_dim"] == 8 for r in rows)
+    # half of every head: q, k, v and o's weights and the attention's FLOPs halve exactly
+    # (GPT-2's c_attn counts its three parts; biases are not counted)
+    width = 32 * 32
+    assert all(r.params_before == 4 * width and r.params_after == 2 * width for r in rows)
+    assert all(r.flops_after * 2 == r.flops_before > 0 for r in rows)
     assert all("folded" not in r.details for r in plain_rows)
     assert (folded - explicit).abs().max() <= 1e-5 * explicit.abs().max()
     for r in rows:
