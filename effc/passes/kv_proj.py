@@ -312,6 +312,10 @@ class KVProjPass(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in SDPA:
                 continue
+            if len(node.args) < 3:
+                rows.append(SiteRow(self.name, f"attention:{node.name}", "skipped",
+                                    "query, key and value passed by keyword"))
+                continue
             keys, values = cached(node.args[1]), cached(node.args[2])
             if keys is None and values is None:  # no projected cache: a calibrated projection?
                 found = self._direct_site(node, ctx)
