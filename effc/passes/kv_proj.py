@@ -18,7 +18,7 @@ kernels need one width); a folded prefill also gets the bases folded into its pr
 computed in the graph (kv_proj_weights.py).
 
 Attention without a cache (encoders, ViTs, decoders called without one), given a calibration
-with K/V moments: each attention whose q, k and v are projections split into heads runs in r
+with K/V moments: each attention whose k and v are projections split into heads runs in r
 of d dimensions per head, with per-head PCA bases of the moments (constants of the graph,
 so the same fold into the projections is computed once, at compile time).
 
@@ -365,9 +365,9 @@ class KVProjPass(Pass):
         return PassResult(rows)
 
     def _direct_site(self, node: fx.Node, ctx) -> dict | SiteRow:
-        """An attention without a projected cache whose keys and values (and queries) are
-        projections split into heads, and whose module the calibration holds K/V moments
-        of: a site to run in fewer dimensions per head (encoders; decoders without a cache)."""
+        """An attention without a projected cache whose keys and values are projections
+        split into heads, and whose module the calibration holds K/V moments of: a site to
+        run in fewer dimensions per head (encoders; decoders without a cache)."""
         cfg: KVProjConfig = self.config
         parts = [heads_part(a) for a in node.args[:3]]
         if isinstance(parts[1], str) or isinstance(parts[2], str):
@@ -386,12 +386,12 @@ class KVProjPass(Pass):
                "no calibration with its key/value moments: pass "
                "calibration=effc.calibrate(model, batches, what=('inputs', 'kv'))"
                if None in stats else
-               f"the queries are {parts[0]}" if isinstance(parts[0], str) else
                "data-free bases (bases='weights') are for effc.kv_cache; attention without "
                "a cache is projected from calibration moments" if cfg.bases == "weights" else
                "keys='none' and values=False leave nothing to project"
                if cfg.keys == "none" and not cfg.values else "")
-        names = [ctx.facts.weight_name(p.proj.w) for p in parts]
+        # the queries need not be a projection: they are then multiplied by P_k in the graph
+        names = [ctx.facts.weight_name(p.proj.w) for p in parts if not isinstance(p, str)]
         why = why or ctx.claim(site, sorted({n for n in names if n}))
         if why:
             return SiteRow(self.name, site, "skipped", why)

@@ -347,9 +347,14 @@ def _encoder(kind):
         mask[0, 8:] = 0
         batch = {"input_ids": ids, "attention_mask": mask}
         return model, [batch], lambda m: m(**batch).last_hidden_state
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
-                                             n_positions=64, bos_token_id=1,
-                                             eos_token_id=2)).eval()
+    if kind == "opt":  # its queries are scaled after q_proj
+        model = tf.OPTForCausalLM(tf.OPTConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+    else:
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
+                                                 n_positions=64, bos_token_id=1,
+                                                 eos_token_id=2)).eval()
     ids = torch.randint(3, 96, (2, 12))
     return model, [ids], lambda m: m(ids, use_cache=False).logits
 
@@ -381,7 +386,7 @@ def _direct(kind, dynamic=False, seen=None, **knobs):
 
 
 @pytest.mark.parametrize("kind,dynamic", [("vit", False), ("bert", False), ("gpt2", False),
-                                          ("gpt2", True)])
+                                          ("gpt2", True), ("opt", False)])
 def test_attention_without_a_cache_runs_in_fewer_dimensions_folded_into_its_projections(
         kind, dynamic):
     """ViT, BERT (padding mask) and GPT-2 without a cache: at ratio 0.5 each attention reads
@@ -397,12 +402,15 @@ def test_attention_without_a_cache_runs_in_fewer_dimensions_folded_into_its_proj
     _, explicit, plain_rows, _ = _direct(kind, dynamic, ratio=0.5, fold_weights=False)
     assert seen.counts == [0]
     assert [r.decision for r in rows] == ["rewritten"] * 2
-    assert all(r.details["folded"] == ["q_proj", "k_proj", "v_proj", "o_proj"] for r in rows)
+    # OPT scales its queries after q_proj: they are multiplied by P_k in the graph instead
+    want = ["q_proj", "k_proj", "v_proj", "o_proj"][kind == "opt":]
+    assert all(r.details["folded"] == want for r in rows)
     assert all(r.details["rank"] == 4 and r.details["head_dim"] == 8 for r in rows)
     # half of every head: q, k, v and o's weights and the attention's FLOPs halve exactly
     # (GPT-2's c_attn counts its three parts; biases are not counted)
     width = 32 * 32
-    assert all(r.params_before == 4 * width and r.params_after == 2 * width for r in rows)
+    assert all(r.params_before == len(want) * width and r.params_after * 2 == r.params_before
+               for r in rows)
     assert all(r.flops_after * 2 == r.flops_before > 0 for r in rows)
     assert all("folded" not in r.details for r in plain_rows)
     assert (folded - explicit).abs().max() <= 1e-5 * explicit.abs().max()
