@@ -413,6 +413,12 @@ class TokenSkipPass(Pass):
                 attention_add = next(n for n in s.branch if n.op == "call_function"
                                      and n.target in ADDS and s.stream in n.args)
                 whole[attention_add] = whole[s.add] = s
+        batch_one = [r.site for r in rows if "is built for batch 1" in r.reason]
+        if batch_one:  # asked for, and silently less would be done: say it
+            ctx.warn(f"{len(batch_one)} blocks ({', '.join(batch_one[:3])}"
+                     f"{', ...' if len(batch_one) > 3 else ''}) are kept whole: Mixture-of-"
+                     f"Depths proper (keys='selected', whole layers) in a decoder is built for "
+                     f"batch 1; with several sequences, route attention with keys='all'")
         return rows, eligible
 
     def _ineligible(self, s: ResidualSite, ctx, causal: bool, named: set, ends: set) -> str:
