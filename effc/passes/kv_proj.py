@@ -50,11 +50,11 @@ from effc.compiler.graph_facts import (add_constant, copy_node_meta, fqn_from_so
 from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.kv_proj_math import choose_ranks, pca_basis, pca_errors, rank_options
-from effc.passes.kv_proj_weights import (MATMULS, NOT_HEADS, Fold, fold_in, fold_value_out,
-                                         freeze_derived, heads_part, merge_chain, store_of,
-                                         strip_to, worth_it)
+from effc.passes.attention_sites import (MATMULS, NOT_HEADS, SDPA, heads_part, merge_chain,
+                                         strip_to)
+from effc.passes.kv_proj_weights import (Fold, fold_in, fold_value_out, freeze_derived,
+                                         store_of, worth_it)
 
-SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _BASIS = re.compile(r"layers_(\d+)_(key|value)_basis")
 _MEAN = re.compile(r"layers_(\d+)_(key|value)_mean")
 COMPRESSION_KNOBS = ("ratio", "budget", "min_energy", "keys", "values", "multiple", "bases",

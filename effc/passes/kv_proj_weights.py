@@ -14,8 +14,8 @@ exact algebra, each projection doing r/d of its work. Keys and queries fold only
 nothing comes between their projection and the cache or the attention: not with RoPE, whose
 rotation sits there (GPT-2 folds; Llama folds its values).
 
-A projection is F.linear (W [out, in]) or transformers' Conv1D, addmm on the flattened tokens
-(W [in, out]); a fused one (GPT-2's c_attn: q, k and v side by side, then split) is rebuilt as
+The projections are found by attention_sites.py (F.linear, or transformers' Conv1D: addmm with
+W [in, out]); a fused one (GPT-2's c_attn: q, k and v side by side, then split) is rebuilt as
 one projection whose folded parts have their r-wide columns.
 
 Why in the graph and not as constants: the bases and means belong to the cache object the
@@ -28,126 +28,14 @@ that (prefills, not decode steps).
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 
 import torch
 import torch.fx as fx
 
 from effc.compiler.graph_facts import hinted, node_value
-
-LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
-MATMULS = (torch.matmul, operator.matmul)
-_MOVES = ("reshape", "view", "transpose", "contiguous", "permute", "flatten")
-NOT_HEADS = "not a projection's output split into heads"
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def strip_to(node):
-    """`node` without the `.to(...)` calls around it."""
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to":
-        node = node.args[0]
-    return node
-
-
-def _is_method(node, *names: str) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
-
-
-def _is_param(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "placeholder"
-
-
-def _view_sizes(view: fx.Node) -> tuple:
-    """The sizes a view/reshape node asks for: its arguments, a tuple, or a torch.Size node's."""
-    sizes = view.args[1] if len(view.args) == 2 else tuple(view.args[1:])
-    if isinstance(sizes, fx.Node) and sizes.op == "call_function" and sizes.target is torch.Size:
-        sizes = sizes.args[0]
-    return tuple(sizes) if isinstance(sizes, (tuple, list)) else (sizes,)
-
-
-@dataclasses.dataclass(frozen=True)
-class Projection:
-    """x W^T + b as the graph computes it: `call` is F.linear (W [out, in]) or addmm on the
-    flattened tokens (W [in, out], transformers' Conv1D); `out` is what the model reads (the
-    addmm's view back to [B, T, out], else `call`)."""
-
-    call: fx.Node
-    out: fx.Node
-    x: fx.Node
-    w: fx.Node
-    b: fx.Node | None
-    io: bool  # W stored [in, out]
-
-
-def projection(node) -> Projection | None:
-    """The projection whose output `node` is, or None."""
-    if not isinstance(node, fx.Node):
-        return None
-    if (node.op == "call_function" and node.target in LINEARS and _is_param(node.args[1])):
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return Projection(node, node, node.args[0], node.args[1], bias, False)
-    call = node.args[0] if _is_method(node, "view", "reshape") else node
-    if (isinstance(call, fx.Node) and call.op == "call_function" and call.target is torch.addmm
-            and len(call.args) == 3 and not call.kwargs and _is_param(call.args[2])
-            and _is_param(call.args[0]) and (call is node or _only_user(call) is node)):
-        return Projection(call, node, call.args[1], call.args[2], call.args[0], True)
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """Columns [start, stop) of a projection's output, split into heads: `heads` is
-    transpose(view(columns, sizes), 1, 2), [B, n, T, d]."""
-
-    proj: Projection
-    start: int
-    stop: int
-    columns: fx.Node  # proj.out, or a getitem of its split
-    sizes: tuple
-    heads: fx.Node
-
-
-def _split_widths(split: fx.Node) -> list[int] | None:
-    """The widths of a split along the last dim, from its traced value, else None."""
-    dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
-    value, whole = node_value(split), node_value(split.args[0])
-    if not isinstance(value, (tuple, list)) or not isinstance(whole, torch.Tensor):
-        return None
-    return [hinted(v.shape[-1]) for v in value] if dim in (-1, whole.dim() - 1) else None
-
-
-def heads_part(heads) -> Part | str:
-    """The projection columns that `heads` [B, n, T, d] was split from, else why not."""
-    if not (_is_method(heads, "transpose") and set(heads.args[1:]) == {1, 2}):
-        return NOT_HEADS
-    view = heads.args[0]
-    if not (_is_method(view, "view", "reshape") and _only_user(view) is heads):
-        return NOT_HEADS
-    columns = view.args[0]
-    if not (isinstance(columns, fx.Node) and _only_user(columns) is view):
-        return NOT_HEADS
-    found = projection(columns)
-    if found is not None:
-        return Part(found, 0, hinted(node_value(columns).shape[-1]), columns,
-                    _view_sizes(view), heads)
-    if not (columns.op == "call_function" and columns.target is operator.getitem
-            and _is_method(columns.args[0], "split")):
-        return NOT_HEADS
-    split, index = columns.args
-    found = projection(split.args[0])
-    widths = _split_widths(split)
-    if (found is None or widths is None or _only_user(split.args[0]) is not split
-            or not all(u.target is operator.getitem and isinstance(u.args[1], int)
-                       for u in split.users)):
-        return NOT_HEADS
-    start = sum(widths[:index])
-    return Part(found, start, start + widths[index], columns, _view_sizes(view), heads)
-
+from effc.passes.attention_sites import (MATMULS, Part, Projection, is_method, only_user,
+                                         split_widths, strip_to, view_sizes)
 
 @dataclasses.dataclass(frozen=True)
 class Fold:
@@ -179,7 +67,7 @@ def store_of(graph: fx.Graph, basis: fx.Node, mean: fx.Node | None, skip: tuple 
         return store, x, None
     if not (isinstance(x, fx.Node) and x.op == "call_function"
             and x.target in (torch.sub, operator.sub)
-            and strip_to(x.args[1]) is strip_to(mean) and _only_user(x) is store):
+            and strip_to(x.args[1]) is strip_to(mean) and only_user(x) is store):
         return "the mean is not subtracted right before the projection"
     return store, x.args[0], strip_to(mean)
 
@@ -229,9 +117,9 @@ def fold_in(graph: fx.Graph, folds: list[Fold]) -> None:
 def _rebuild(graph: fx.Graph, group: list[Fold]) -> None:
     proj = group[0].part.proj
     call = graph.call_function
-    fused = proj.out.users and all(_is_method(u, "split") for u in proj.out.users)
+    fused = proj.out.users and all(is_method(u, "split") for u in proj.out.users)
     split = next(iter(proj.out.users)) if fused else None
-    widths = _split_widths(split) if fused else [group[0].part.stop]
+    widths = split_widths(split) if fused else [group[0].part.stop]
     pieces = list(split.users) if fused else [group[0].part.columns]
     by_start = {f.part.start: f for f in group}
     starts = [sum(widths[:i]) for i in range(len(widths))]
@@ -258,7 +146,7 @@ def _rebuild(graph: fx.Graph, group: list[Fold]) -> None:
         else:
             new = call(torch.addmm, (b, proj.x, w)) if b is not None else call(torch.mm, (proj.x, w))
             out = new if proj.out is proj.call else graph.call_method(
-                "view", (new, _view_sizes(proj.out)[:-1] + (sum(new_widths),)))
+                "view", (new, view_sizes(proj.out)[:-1] + (sum(new_widths),)))
         if fused:
             parts = call(torch.split, (out, new_widths), {"dim": -1})
         for piece in pieces:
@@ -271,37 +159,6 @@ def _rebuild(graph: fx.Graph, group: list[Fold]) -> None:
             r = hinted(node_value(fold.basis).shape[-1])
             heads = graph.call_method("reshape", (new_piece, fold.part.sizes[:-1] + (r,)))
             fold.target.replace_all_uses_with(graph.call_method("transpose", (heads, 1, 2)))
-
-
-def merge_chain(out: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], Projection] | str:
-    """(the reshapes between the attention output [B, H, T, d] and o_proj, o_proj) when they
-    only merge heads, as transpose(1, 2).flatten(-2) does (with the tokens flattened too for
-    an addmm; checked by running them on positions), else why not."""
-    chain, node = [], out
-    while True:
-        user = _only_user(node)
-        if user is None:
-            return "the attention output has several users"
-        found = projection(user)
-        if found is not None and found.x is node:
-            break
-        if user.op != "call_method" or user.target not in _MOVES:
-            return f"{user.name} between the attention output and its projection"
-        chain.append(user)
-        node = user
-    concrete = lambda a: (hinted(node_value(a)) if isinstance(a, fx.Node) else  # noqa: E731
-                          tuple(concrete(b) for b in a) if isinstance(a, (tuple, list)) else a)
-    index = torch.arange(math.prod(shape)).view(*shape)
-    t = index
-    for n in chain:
-        t = getattr(t, n.target)(*(concrete(a) for a in n.args[1:]),
-                                 **{k: concrete(v) for k, v in n.kwargs.items()})
-    want = index.transpose(1, 2).flatten(-2)
-    if found.io:
-        want = want.flatten(0, -2)
-    if t.shape != want.shape or not torch.equal(t, want):
-        return "the reshapes before the output projection do more than merge the heads"
-    return chain, found
 
 
 def fold_value_out(graph: fx.Graph, attn: fx.Node, proj: Projection, per_head_basis: fx.Node,

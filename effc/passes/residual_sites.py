@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from effc.compiler.calibration.observer import ADDS, module_of
 from effc.compiler.graph_facts import GraphFacts, node_value
+from effc.passes.attention_sites import SDPA
 
-ATTENTION = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
-             F.softmax, torch.softmax)
+ATTENTION = SDPA + (F.softmax, torch.softmax)  # SDPA first: token_skip reads ATTENTION[:2]
 CONVS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"),
             ("call_function", torch.reshape)}

@@ -9,7 +9,8 @@ import torch
 import transformers as tf
 
 import effc
-from effc.passes.kv_proj import SDPA, rebuild
+from effc.passes.attention_sites import SDPA
+from effc.passes.kv_proj import rebuild
 
 
 def _llama(kv_heads=2, bias=False):

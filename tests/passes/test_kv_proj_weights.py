@@ -3,31 +3,9 @@ is tested with the pass, tests/passes/test_kv_proj.py)."""
 
 import operator
 
-import pytest
 import torch
-import torch.fx as fx
 
-from effc.passes.kv_proj_weights import merge_chain, worth_it
-
-
-@pytest.mark.parametrize("merge,ok", [
-    (lambda a: a.transpose(1, 2).reshape(2, 5, -1), True),        # Llama's
-    (lambda a: a.permute(0, 2, 1, 3).contiguous().flatten(-2), True),
-    (lambda a: a.reshape(2, 5, -1), False),                       # heads and tokens mixed
-    (lambda a: a.transpose(2, 3).transpose(1, 2).flatten(-2), False),  # d-major merge
-])
-def test_o_proj_folds_only_behind_reshapes_that_merge_the_heads(merge, ok):
-    """The output fold assumes o_proj reads transpose(1, 2).flatten(-2) of [B, H, T, d]: the
-    chain in between is run on positions to check that, and anything else is left alone."""
-    gm = fx.symbolic_trace(lambda a, w: torch.nn.functional.linear(merge(a), w))
-    a = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    found = merge_chain(a, torch.Size([2, 4, 5, 8]))
-    assert isinstance(found, tuple) == ok
-    if ok:
-        assert found[1].call.target is torch.nn.functional.linear and not found[1].io
-    else:
-        assert "more than merge the heads" in found
-
+from effc.passes.kv_proj_weights import worth_it
 
 
 def test_only_graphs_with_enough_tokens_are_worth_folding():
@@ -59,7 +37,8 @@ def _separate(x, wq, wk, bk, p, mu):
 def _folded(fn, inputs, roles):
     """`fn` traced, the parts named in `roles` folded (keys' store, queries' product)."""
     from effc.compiler.graph_facts import remove_dead_code
-    from effc.passes.kv_proj_weights import Fold, fold_in, heads_part, store_of
+    from effc.passes.attention_sites import heads_part
+    from effc.passes.kv_proj_weights import Fold, fold_in, store_of
     from tests.lowering_helpers import traced
 
     gm = traced(fn, *inputs)
@@ -108,24 +87,3 @@ def test_separate_projections_fold_keys_and_grouped_queries():
                                                          torch.nn.functional.linear)]
     assert len(linears) == 2 and all(n.args[1].op != "placeholder" for n in linears)
     assert not any(n.target is operator.matmul for n in gm.graph.nodes)  # no product with P
-
-
-def test_rotated_queries_are_not_a_projection_split_into_heads():
-    """With RoPE (any op after the heads' transpose) the queries cannot fold: said why."""
-    from effc.passes.kv_proj_weights import NOT_HEADS, heads_part
-    from tests.lowering_helpers import traced
-
-    gm = traced(lambda x, w: torch.nn.functional.linear(x, w).view(B, T, -1, D)
-                .transpose(1, 2) * 2.0, torch.randn(B, T, 32), torch.randn(H * D, 32))
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    assert heads_part(out) == NOT_HEADS
-    assert heads_part(out.args[0]).proj.w.name == "w"  # the heads themselves are found
-
-
-def test_gpt2s_merge_into_an_addmm_is_found():
-    """Conv1D's c_proj reads the heads merged and the tokens flattened."""
-    gm = fx.symbolic_trace(lambda a, w, b: torch.addmm(
-        b, a.transpose(1, 2).contiguous().reshape(2, 5, -1).view(-1, 32), w))
-    a = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    found = merge_chain(a, torch.Size([2, 4, 5, 8]))
-    assert not isinstance(found, str) and found[1].io and found[1].call.target is torch.addmm
