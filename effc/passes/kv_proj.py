@@ -392,6 +392,9 @@ class KVProjPass(Pass):
                if cfg.keys == "none" and not cfg.values else "")
         # the queries need not be a projection: they are then multiplied by P_k in the graph
         names = [ctx.facts.weight_name(p.proj.w) for p in parts if not isinstance(p, str)]
+        chain = merge_chain(node, tuple(hinted(s) for s in node_value(node).shape))
+        if not isinstance(chain, str):  # the output projection, which the values fold into
+            names.append(ctx.facts.weight_name(chain[1].w))
         why = why or ctx.claim(site, sorted({n for n in names if n}))
         if why:
             return SiteRow(self.name, site, "skipped", why)

@@ -463,3 +463,20 @@ def test_attention_without_moments_or_with_rope_is_skipped_with_the_reason():
             "kv_proj": {"ratio": 0.5}, "calibration": calib})(ids, use_cache=False)
     rows = [s for s in effc.report().sites if s.pass_name == "kv_proj"]
     assert rows and all(r.decision == "skipped" and "RoPE" in r.reason for r in rows)
+
+
+def test_the_projections_kv_proj_folds_are_not_taken_by_low_rank():
+    """kv_proj runs first and claims q, k, v and the output projection of each attention it
+    projects; low_rank then factorizes the MLPs only, and the model still runs strict."""
+    model, batches, forward = _encoder("bert")
+    calib = effc.calibrate(model, batches, what=("inputs", "kv"), progress=False)
+    torch._dynamo.reset()
+    effc.reset()
+    with torch.no_grad():
+        forward(torch.compile(model, backend="effc", options={
+            "kv_proj": {"ratio": 0.5}, "low_rank": {"rank_ratio": 0.5},
+            "calibration": calib, "strict": True}))
+    sites = effc.report().sites
+    assert sum(s.pass_name == "kv_proj" and s.decision == "rewritten" for s in sites) == 2
+    low = [s.site for s in sites if s.pass_name == "low_rank" and s.decision == "rewritten"]
+    assert low and not any(".attention." in name for name in low)
