@@ -4,6 +4,8 @@ Tolerance: the fold reassociates (q P_k) L_k^T and (A L_v) P_v^T, so scores diff
 rebuilding path by fp32 rounding: measured 6e-8; asserted within 1e-5 of the scores' scale.
 """
 
+import operator
+
 import pytest
 import torch
 import transformers as tf
@@ -361,14 +363,22 @@ def _encoder(kind):
 
 
 class _WeightMath(effc.compiler.pass_manager.Instrument):
-    """Counts the einsums (folded-weight computations) left in each graph after kv_proj."""
+    """Counts, after kv_proj, the products left in each graph that read only weights and
+    constants: folded weights computed at every call."""
 
     def __init__(self):
         self.counts = []
 
     def after_pass(self, name, gm, ctx, record):
         if name == "kv_proj":
-            self.counts.append(sum(n.target is torch.einsum for n in gm.graph.nodes))
+            static = set()  # computed from weights and constants alone
+            for n in gm.graph.nodes:
+                if n.op == "get_attr" or ctx.facts.weight_name(n) or (
+                        n.op in ("call_function", "call_method") and n.all_input_nodes
+                        and all(i in static for i in n.all_input_nodes)):
+                    static.add(n)
+            self.counts.append(sum(n.target in (torch.matmul, torch.einsum, operator.matmul)
+                                   for n in static))
 
 
 def _direct(kind, dynamic=False, seen=None, **knobs):
