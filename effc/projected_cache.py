@@ -389,7 +389,7 @@ def kv_cache(model: torch.nn.Module, calibration=None, config: KVProjConfig | No
             kmom, vmom = _weight_moment_pair(params, mods[i], text, calibration)
         else:
             km, vm = calibration.keys[mods[i]], calibration.values[mods[i]]
-            kmom, vmom = km.sum_outer / max(km.count, 1), vm.sum_outer / max(vm.count, 1)
+            kmom, vmom = km.moment(), vm.moment()
             kmean = km.mean() if "keys" in centering else None
             vmean = vm.mean() if "values" in centering else None
         if mode == "latent":  # the keys before RoPE: W_k C W_k^T, C the input's moment

@@ -390,15 +390,19 @@ class KVProjPass(Pass):
                "a cache is projected from calibration moments" if cfg.bases == "weights" else
                "keys='none' and values=False leave nothing to project"
                if cfg.keys == "none" and not cfg.values else "")
+        if why:
+            return SiteRow(self.name, site, "skipped", why)
         # the queries need not be a projection: they are then multiplied by P_k in the graph
         names = [ctx.facts.weight_name(p.proj.w) for p in parts if not isinstance(p, str)]
         chain = merge_chain(node, tuple(hinted(s) for s in node_value(node).shape))
-        if not isinstance(chain, str):  # the output projection, which the values fold into
-            names.append(ctx.facts.weight_name(chain[1].w))
-        why = why or ctx.claim(site, sorted({n for n in names if n}))
+        out_proj = None if isinstance(chain, str) else chain[1]  # the values fold into it
+        if out_proj is not None:
+            names.append(ctx.facts.weight_name(out_proj.w))
+        why = ctx.claim(site, sorted({n for n in names if n}))
         if why:
             return SiteRow(self.name, site, "skipped", why)
-        return {"node": node, "site": site, "parts": parts, "stats": stats}
+        return {"node": node, "site": site, "parts": parts, "stats": stats,
+                "out_proj": out_proj}
 
     def _project_direct(self, gm: fx.GraphModule, ctx, found: list[dict]) -> list[SiteRow]:
         """Ranks for every direct site at once (ratio, budget or min_energy, over the error
@@ -410,8 +414,7 @@ class KVProjPass(Pass):
         options = []
         for f in found:
             for role, stats in zip(("keys", "values"), f["stats"]):
-                f[role] = (stats.sum_outer / max(stats.count, 1),
-                           stats.mean() if cfg.center is not False else None)
+                f[role] = (stats.moment(), stats.mean() if cfg.center is not False else None)
             f["errors"] = {w: pca_errors(*f[w]) for w in roles}
             g, d = f["keys"][0].shape[0], f["keys"][0].shape[-1]
             joint = [math.sqrt(sum(f["errors"][w][r] ** 2 for w in roles) / len(roles))
@@ -456,13 +459,11 @@ class KVProjPass(Pass):
                 store = graph.call_function(operator.matmul, (x, basis))
                 found[role] = (store, basis, f["site"], mu, 1)
         shapes = [tuple(hinted(s) for s in node_value(a).shape) for a in (node, node.args[1])]
-        chain = merge_chain(node, shapes[0])  # o_proj's width, read before the fold
         row = self._fold(graph, node, found["keys"], found["values"], f["site"],
                          cfg.fold_weights)
         folded = row.details.get("folded") or []
         widths = {"keys": r if "keys" in roles else d, "values": r if "values" in roles else d}
-        costs = _direct_costs(shapes, f["parts"], folded, widths, d,
-                              None if isinstance(chain, str) else chain[1])
+        costs = _direct_costs(shapes, f["parts"], folded, widths, d, f["out_proj"])
         return SiteRow(self.name, f["site"], "rewritten",
                        f"attention in {r} of {d} dimensions per head for the "
                        f"{' and '.join(roles)} (PCA bases of the calibration's moments"

@@ -33,7 +33,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import hinted, node_value
+from effc.compiler.graph_facts import hinted, node_value, run_node
 from effc.passes.attention_sites import (MATMULS, Part, Projection, is_method, only_user,
                                          split_widths, strip_to, view_sizes)
 
@@ -200,26 +200,27 @@ def freeze_derived(gm: fx.GraphModule, ctx, seeds: set[fx.Node]) -> int:
     alone (the folded weights of bases that are compile-time constants, unlike a cache's),
     and make each such result a constant derived from its parameters (the stale-weight
     guard watches them). Returns how many constants replaced computations."""
-    values: dict[fx.Node, tuple[torch.Tensor, set[str], bool]] = {}  # value, sources, seeded
-    for n in gm.graph.nodes:
-        if n in seeds:
-            values[n] = (getattr(gm, n.target), set(), True)
-        elif n.op == "placeholder" and ctx.facts.weight_name(n) is not None:
-            values[n] = (ctx.facts.weight_value(n), {ctx.facts.weight_name(n)}, False)
-        elif (n.op in ("call_function", "call_method") and n.all_input_nodes
-              and all(i in values for i in n.all_input_nodes)):
-            args = fx.node.map_arg(n.args, lambda a: values[a][0])
-            kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a][0])
-            with torch.no_grad():
-                value = (n.target(*args, **kwargs) if n.op == "call_function"
-                         else getattr(args[0], n.target)(*args[1:], **kwargs))
-            ins = [values[i] for i in n.all_input_nodes]
-            values[n] = (value, set().union(*(v[1] for v in ins)), any(v[2] for v in ins))
+    env: dict[fx.Node, object] = {}          # computed from weights and seeds alone
+    sources: dict[fx.Node, set[str]] = {}    # the weights each value is derived from
+    seeded = set(seeds)                      # values that read a seed
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            name = ctx.facts.weight_name(n)
+            if n in seeds:
+                env[n], sources[n] = run_node(gm, n, env), set()
+            elif name is not None:
+                env[n], sources[n] = ctx.facts.weight_value(n), {name}
+            elif (n.op in ("call_function", "call_method") and n.all_input_nodes
+                  and all(i in env for i in n.all_input_nodes)):
+                env[n] = run_node(gm, n, env)
+                sources[n] = set().union(*(sources[i] for i in n.all_input_nodes))
+                if any(i in seeded for i in n.all_input_nodes):
+                    seeded.add(n)
     frozen = 0
-    for n, (value, sources, seeded) in list(values.items()):
-        if (seeded and n not in seeds and isinstance(value, torch.Tensor)
-                and any(u not in values for u in n.users)):
-            const = ctx.add_constant(gm, value, derived_from=sorted(sources), name_hint=n.name)
+    for n in [m for m in gm.graph.nodes if m in seeded and m not in seeds]:  # graph order
+        if isinstance(env[n], torch.Tensor) and any(u not in env for u in n.users):
+            const = ctx.add_constant(gm, env[n], derived_from=sorted(sources[n]),
+                                     name_hint=n.name)
             n.replace_all_uses_with(const)
             frozen += 1
     return frozen

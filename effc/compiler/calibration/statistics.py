@@ -80,10 +80,14 @@ class HeadMoments:
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
 
+    def moment(self) -> torch.Tensor:
+        """E[k k^T] per head, [H, D, D]."""
+        return self.sum_outer / max(self.count, 1)
+
     def covariance(self) -> torch.Tensor:
         """E[k k^T] - E[k] E[k]^T per head, [H, D, D]."""
         mu = self.mean()
-        return self.sum_outer / max(self.count, 1) - mu[:, :, None] * mu[:, None, :]
+        return self.moment() - mu[:, :, None] * mu[:, None, :]
 
 
 @dataclasses.dataclass
