@@ -14,11 +14,12 @@ or the `max_layers` least sensitive), a `budget` of token work allocated across 
 shared allocator, or, by default, as much skipping as keeps the graph's main output at
 `min_sqnr_db` (25 dB). Every candidate's effect is measured end to end on the calibration's
 sample inputs (else on the call being compiled, with a warning). The first and last layers
-are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing;
-in decoders at batch 1) are routed in encoders, ViTs and decoders (`blocks`); a routed
-attention's queries attend to all tokens' keys (`keys="all"`) or only the routed ones
-(token_skip_attention.py; in a decoder, batch 1, skipped tokens then write no keys and
-values; an encoder's padding mask keeps the routed tokens' part). Trained routers (a
+are kept unless named. Attention blocks and whole layers (attention, then MLP, one routing)
+are routed in encoders, ViTs and decoders (`blocks`); a routed attention's queries attend to
+all tokens' keys (`keys="all"`) or only the routed ones (token_skip_attention.py; in a
+decoder, skipped tokens then write no keys and values: at batch 1 the layer's cache holds
+the routed tokens alone, at batch > 1 a row per token whose skipped rows are marked and
+hidden; an encoder's padding mask keeps the routed tokens' part). Trained routers (a
 Mixture-of-Depths model's) load from a file (`router`), with their updates scaled by
 sigmoid(score) (`residual_weight`) as such routers are trained.
 """
@@ -48,7 +49,8 @@ from effc.passes.token_skip_attention import (compact_branch, compact_problem, i
                                               masked, masks_are_causal, queries_at_attention,
                                               queries_only, queries_problem, routed_masks)
 from effc.passes.token_skip_math import (Router, arank, fit_router, load_routers, overlap,
-                                         per_sequence, routed_positions, threshold)
+                                         per_sequence, routed_of, routed_positions,
+                                         select_rows, threshold)
 
 CAPACITIES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # candidates of budget/default
 MAX_TOKENS = 1 << 16  # calibration tokens per site the router is fitted on
@@ -69,11 +71,11 @@ class TokenSkipConfig(PassConfig):
                                      "this SQNR (dB); the default rule, at 25", min=0.0)
     blocks: tuple[Literal["mlp", "attention", "layer"], ...] = knob(
         ("mlp",), "which residual blocks may be routed: mlp, attention, or a whole layer "
-                  "(attention then MLP, one routing; in decoders at batch 1)")
+                  "(attention then MLP, one routing)")
     keys: Literal["all", "selected"] = knob(
         "all", "attention blocks: the routed tokens attend to all tokens' keys, or only to "
-               "the routed ones (Mixture-of-Depths proper: the least work; in decoders at "
-               "batch 1, a skipped token then writes no keys and values to the cache)")
+               "the routed ones (Mixture-of-Depths proper: the least work; in decoders, a "
+               "skipped token then writes no keys and values to the cache)")
     layers: Literal["auto"] | tuple[int, ...] = knob(
         "auto", "layer indices to convert, or auto: the eligible ones (not the first and last)")
     max_layers: int | None = knob(None, "auto: convert at most this many layers, least "
@@ -161,6 +163,9 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
         plan.threshold is not None or masked(site))
     compact = plan.threshold is not None and (  # a decoder's block on its routed tokens
         site.kind == "layer" or site.kind == "attention" and plan.keys == "selected")
+    # at batch > 1 (or a batch not known until run time) each sequence routes its own
+    # number of tokens: K rows per sequence, the most any routes, fillers marked
+    each_own = compact and not (known and isinstance(lead[0], int) and lead[0] == 1)
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (site.stream, (-1, d)))
         scores = graph.call_function(torch.mv, (graph.call_method("float", (x2d,)), w_node))
@@ -171,20 +176,27 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
                                     (scores, float(plan.capacity), plan.threshold))
         batched = site.kind in ("attention", "layer")  # attention mixes tokens: keep rows
         # of a sequence together
-        if not at_attention:
+        if each_own:
+            seqs = graph.call_function(per_sequence, (
+                index, graph.call_method("size", (site.stream, 0)), tokens))
+            positions, fill = (graph.call_function(operator.getitem, (seqs, i))
+                               for i in range(2))
+            rows = graph.call_function(select_rows, (site.stream, positions))
+            routed = graph.call_function(routed_of, (fill,))
+        elif not at_attention:
             rows = graph.call_function(ops.token_gather.default, (x2d, index))
             head = (graph.call_method("size", (site.stream, 0)),) if batched else \
                 (1,) * (len(lead) - 1)
             rows = graph.call_method("reshape", (rows, head + (-1, d)))
     if at_attention:  # per-sequence positions, padded: a batch's sequences differ
         with graph.inserting_before(first):
-            padded = graph.call_function(per_sequence, (
+            seqs = graph.call_function(per_sequence, (
                 index, graph.call_method("size", (site.stream, 0)), tokens))
-            positions, fill, index = (graph.call_function(operator.getitem, (padded, i))
+            positions, fill, index = (graph.call_function(operator.getitem, (seqs, i))
                                       for i in range(3))
         queries_at_attention(graph, site, positions, lead)
     elif compact:  # a decoder's block on its routed tokens alone: they alone write the cache
-        compact_branch(graph, site, rows, index)
+        compact_branch(graph, site, rows, index, *((positions, fill) if each_own else ()))
     elif site.kind == "attention" and plan.keys == "all":
         queries_only(graph, site, rows, lead)
     else:
@@ -201,6 +213,8 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
         with graph.inserting_before(site.add.next):
             delta = graph.call_function(torch.sub, (site.add, rows))
             upd = graph.call_method("reshape", (delta, (-1, d)))
+            if each_own:  # the routed tokens' rows, without the fillers
+                upd = graph.call_function(torch.index_select, (upd, 0, routed))
             out = graph.call_function(ops.token_scatter_add.default,
                                       (x2d, index, upd, _gate(graph, plan, scores, index)))
             out = graph.call_method("view_as", (out, site.stream))
@@ -209,6 +223,8 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
         return out
     with graph.inserting_before(site.add):
         upd = graph.call_method("reshape", (site.update, (-1, d)))
+        if each_own:
+            upd = graph.call_function(torch.index_select, (upd, 0, routed))
         gate = _gate(graph, plan, scores, index)
         if at_attention:  # the filler rows add nothing
             gate = fill if gate is None else graph.call_function(torch.mul, (gate, fill))
@@ -316,6 +332,11 @@ class TokenSkipPass(Pass):
                 for p in (_PLANS.get(_plan_key(s, ctx, cfg)) for s in found)):  # as before
             causal = True
         rows, eligible = self._eligible(found, ctx, causal)
+        why = {r.site: r.reason for r in rows}
+        for site in found:  # (a routed layer's cache, at batch > 1, holds marked keys)
+            if site not in eligible and _PLANS.get(_plan_key(site, ctx, cfg)) is not None:
+                ctx.warn(f"{site.name} is routed in an earlier graph of this model but not in "
+                         f"this one ({why.get(site.name)}): their outputs differ")
         keys = {s.key: _plan_key(s, ctx, cfg) for s in eligible}
         if eligible and all(keys[s.key] in _PLANS for s in eligible):
             for site in eligible:  # decided by an earlier graph of this model
@@ -413,12 +434,6 @@ class TokenSkipPass(Pass):
                 attention_add = next(n for n in s.branch if n.op == "call_function"
                                      and n.target in ADDS and s.stream in n.args)
                 whole[attention_add] = whole[s.add] = s
-        batch_one = [r.site for r in rows if "is built for batch 1" in r.reason]
-        if batch_one:  # asked for, and silently less would be done: say it
-            ctx.warn(f"{len(batch_one)} blocks ({', '.join(batch_one[:3])}"
-                     f"{', ...' if len(batch_one) > 3 else ''}) are kept whole: Mixture-of-"
-                     f"Depths proper (keys='selected', whole layers) in a decoder is built for "
-                     f"batch 1; with several sequences, route attention with keys='all'")
         return rows, eligible
 
     def _ineligible(self, s: ResidualSite, ctx, causal: bool, named: set, ends: set) -> str:

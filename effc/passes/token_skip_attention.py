@@ -6,10 +6,12 @@ copied onto the gathered rows (`queries_only`); in decoders, whose keys and valu
 cache, and in masked encoders, every token computes its keys and values, and only the routed
 tokens' queries are computed (`queries_on_routed_rows`: q_proj and RoPE on their rows) and
 attend, with their rows of the mask (`queries_at_attention`). keys="selected" in a decoder
-(batch 1, Mixture-of-Depths proper): the whole block runs on the routed tokens, with RoPE's
-angles at their positions, and only they append keys and values to the cache
-(`compact_branch`); in an encoder, its padding mask keeps the routed tokens' rows and
-columns (`routed_masks`). The nodes that then see fewer rows are freed of the token count by
+(Mixture-of-Depths proper): the whole block runs on the routed tokens, with RoPE's angles at
+their positions (`compact_branch`); at batch 1 only they append keys and values to the
+cache; at batch B, whose sequences route different numbers, each sequence runs as many rows
+as the one that routes the most, and the layer's cache keeps a row per token, the skipped
+ones marked and hidden on every later step (`_marked_attention`). In an encoder, its
+padding mask keeps the routed tokens' rows and columns (`routed_masks`). The nodes that then see fewer rows are freed of the token count by
 following it (by the product of the sizes before it, which reshapes keep), so a count equal
 to a head size or head count is never mistaken for it.
 """
@@ -23,12 +25,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
+from effc.compiler.graph_facts import ValueCapture, copy_node_meta, node_arg, node_value
 from effc.passes.budget import EndToEnd
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
                                         reshape_sizes, same_size, size_expr)
-from effc.passes.token_skip_math import (causal_rows, select_along, select_mask,
-                                        select_rows)
+from effc.passes.token_skip_math import (cached_rows_mask, causal_rows, compact_rows_mask,
+                                        select_along, select_mask, select_rows,
+                                        skipped_keys, spread_rows)
 
 
 def is_causal(gm: fx.GraphModule) -> bool:
@@ -303,8 +306,11 @@ def compact_problem(site: ResidualSite, whole_layer: bool = False) -> str:
                     f"({outside[0].name})")
     if whole_layer:
         stream_shape = tuple(node_value(site.stream).shape)
-        for n in site.branch[site.branch.index(attention_node(site) or site.branch[0]):]:
+        attn = attention_node(site)
+        for n in site.branch[site.branch.index(attn or site.branch[0]):]:
             for a in n.all_input_nodes:
+                if n is attn and a is node_arg(attn, 3, "attn_mask"):  # rows with the queries
+                    continue
                 if a not in members and a is not site.stream and \
                         _per_token_input(a, stream_shape):
                     return (f"the layer reads another per-token tensor ({a.name}) after its "
@@ -314,28 +320,39 @@ def compact_problem(site: ResidualSite, whole_layer: bool = False) -> str:
         return "the block holds no single scaled_dot_product_attention"
     shape = node_value(site.stream).shape if isinstance(node_value(site.stream),
                                                         torch.Tensor) else None
-    if shape is None or len(shape) != 3 or not (isinstance(shape[0], int) and shape[0] == 1):
-        what = "a whole layer" if whole_layer else "keys='selected'"
-        return (f"{what} in a decoder is built for batch 1: each sequence routes its own "
-                f"number of tokens, so each would need a cache of its own length in this "
-                f"layer")
+    if shape is None or len(shape) != 3:
+        return "the block's input is not [batch, tokens, features]"
     if node_value(attn.args[0]) is None or node_value(attn.args[0]).dim() != 4:
         return "the attention's queries are not [batch, heads, tokens, head size]"
+    if site.stream not in _within(attn.args[1], members | {site.stream}):
+        return "the attention's keys are not computed from the block's input (cross-attention)"
     return ""
 
 
-def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx.Node) -> None:
-    """keys="selected" in a decoder (batch 1): the whole block runs on the routed rows
-    (`rows`, the tokens at positions `index`). Per-token inputs it reads besides its stream
-    (RoPE's cos and sin) are selected at those positions along the token axis, which is
-    followed from the stream through every node (by the product of the sizes before it); the
-    keys and values it appends to the cache are the routed tokens' only. A mask with a row
-    and a column per token keeps the routed ones; with cached keys, a mask cannot be
-    mapped onto the layer's own (shorter) cache: RuntimeError, the block is kept whole."""
+def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx.Node,
+                   positions: fx.Node | None = None, weight: fx.Node | None = None) -> None:
+    """keys="selected" in a decoder: the whole block runs on the routed rows (`rows`). At
+    batch 1 they are the tokens at positions `index`; at batch B, [B, K] rows per sequence
+    at `positions` (per_sequence: its routed tokens, then fillers, `weight` 0). Per-token
+    inputs the block reads besides its stream (RoPE's cos and sin) are selected at those
+    positions along the token axis, which is followed from the stream through every node
+    (by the product of the sizes before it); the keys and values it appends to the cache are
+    the routed rows' only. At batch 1, a mask with a row and a column per token keeps the
+    routed ones; with cached keys, a mask cannot be mapped onto the layer's own (shorter)
+    cache: RuntimeError, the block is kept whole. At batch B, see `_marked_attention`."""
     members = set(site.branch)
     k = node_value(site.stream).shape[-2]
-    before = {site.stream: 1}  # batch 1: nothing before the tokens
+    before = {site.stream: node_value(site.stream).shape[0]}  # the batch is before the tokens
     attn = attention_node(site)
+    cats = []
+    if positions is None:
+        pick = lambda a, at, side, out: graph.call_function(  # noqa: E731
+            torch.index_select, (a, at, index))
+    else:
+        def pick(a, at, side, out):
+            if at >= 1 and side.dim() == out.dim():  # a batch axis (B or 1) leads
+                return graph.call_function(select_along, (a, at, positions))
+            raise RuntimeError(f"{a.name}: a per-token input without a batch axis")
     for n in site.branch:
         n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
@@ -347,17 +364,77 @@ def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx
         if n.op == "call_function" and n.target is torch.cat:
             dim = node_arg(n, 1, "dim", 0) % out.dim()
             if _query_axis(val.shape, b, k) == dim:  # the cache: past keys + the routed ones
+                cats.append(n)
                 continue
         if n is attn:
-            _compact_mask(graph, n, index, k)
+            if positions is None:
+                _compact_mask(graph, n, index, k)
+            else:
+                _marked_attention(graph, site, cats, positions, weight)
             before[n] = math.prod(out.shape[:-2])
             continue
         if _through_split(n, val, out):
             before[n] = b  # GPT-2's c_attn(x).split(d, dim=2) and its items
             continue
-        _select_side_inputs(graph, n, members, before, k, lambda a, at, side, out: (
-            graph.call_function(torch.index_select, (a, at, index))))
+        _select_side_inputs(graph, n, members, before, k, pick)
         before[n] = _follow(n, val, out, b, k)
+
+
+def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
+                      positions: fx.Node, weight: fx.Node) -> None:
+    """A decoder's routed attention at batch B, whose sequences route different numbers of
+    tokens (K rows each, at `positions`, fillers of `weight` 0). With a cache, the layer
+    keeps a row per token, as every layer does (the model's mask, built for the first
+    layer's cache, then fits this one): the routed rows' keys and values go to their
+    tokens' rows, and every other row holds a marked key (token_skip_math.mark_skipped),
+    which this and every later step hides; the attention reads the keys with the marker
+    cleared, and the model's mask of the routed queries with the marked rows hidden. Without
+    a cache, the routed rows attend among themselves, causally, fillers hidden.
+    RuntimeError where the cache is not one [batch, heads, tokens, head size] tensor each
+    for keys and values."""
+    attn = attention_node(site)
+    members = set(site.branch)
+    mask = node_arg(attn, 3, "attn_mask")
+    joins = [[c for c in cats if c in _within(attn.args[i], members)] for i in (1, 2)]
+    if not any(joins):
+        left = [n for i in (1, 2) for n in _within(attn.args[i], members)
+                if any(u.op == "output" for u in n.users)]
+        if left:  # a cache kept outside the graph would get the fillers' rows, unmarked
+            raise RuntimeError(f"the graph returns {left[0].name} without a cache this rewrite "
+                               f"can mark (at batch > 1, a routed layer's cache marks rows)")
+        with graph.inserting_before(attn):
+            mask = graph.call_function(compact_rows_mask, (mask, positions, weight))
+    elif any(len(j) != 1 for j in joins):
+        raise RuntimeError("the attention's keys or values do not join one cache each")
+    else:
+        with graph.inserting_before(joins[0][0]):
+            tokens = graph.call_method("size", (site.stream, -2))
+        for (cat,), marked in zip(joins, (True, False)):
+            v = node_value(cat)
+            if not isinstance(v, torch.Tensor) or v.dim() != 4 or \
+                    node_arg(cat, 1, "dim", 0) % 4 != 2:
+                raise RuntimeError(f"{cat.name}: the cache is not [batch, heads, tokens, "
+                                   f"head size]")
+            parts = list(cat.args[0])
+            new = [i for i, p in enumerate(parts) if p in members]
+            if len(new) != 1:
+                raise RuntimeError(f"{cat.name}: cannot tell the new rows from the cached ones")
+            with graph.inserting_before(cat):
+                parts[new[0]] = graph.call_function(spread_rows, (
+                    parts[new[0]], positions, weight, tokens, marked))
+            cat.args = (parts,) + tuple(cat.args[1:])
+        cat = joins[0][0]
+        with graph.inserting_after(cat):
+            clean = graph.call_method("nan_to_num", (cat,), {"nan": 0.0})
+            copy_node_meta(clean, cat)
+        with graph.inserting_after(clean):
+            hidden = graph.call_function(skipped_keys, (cat,))
+        cat.replace_all_uses_with(clean, delete_user_cb=lambda u: u.op != "output" and u
+                                  is not clean and u is not hidden)
+        with graph.inserting_before(attn):
+            mask = graph.call_function(cached_rows_mask, (mask, positions, hidden, tokens))
+    _set_arg(attn, 3, "attn_mask", mask)
+    _set_arg(attn, 5, "is_causal", False)
 
 
 def _follow(n: fx.Node, val, out, b, k):

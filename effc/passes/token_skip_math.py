@@ -184,3 +184,69 @@ def causal_rows(positions: torch.Tensor, keys: int) -> torch.Tensor:
     True where attended): query i sees keys 0..positions[i], the rows of
     scaled_dot_product_attention's is_causal mask that the routed queries keep."""
     return torch.arange(keys, device=positions.device) <= positions[:, None, :, None]
+
+
+# Mixture-of-Depths proper at batch > 1: sequences route different numbers of tokens, but
+# a cache tensor holds as many rows for each. A routed layer's cache keeps a row per token
+# (so the model's mask, whose columns count the first layer's cache, fits it too); a token
+# that does not go through the layer writes a key marked NaN, which the layer hides on this
+# and every later step, and so "writes no keys and values". The model's code, which traced
+# the cache's shapes, sees keys of the usual width and length.
+
+def routed_of(weight: torch.Tensor) -> torch.Tensor:
+    """The rows of per_sequence's [batch * K] layout that hold routed tokens (weight 1), in
+    the order of the routed flat indices (by sequence, then position)."""
+    return weight.nonzero().view(-1)
+
+
+def _seen(mask: torch.Tensor) -> torch.Tensor:
+    """An attention mask as booleans (True: attended); additive masks hide with the dtype's
+    minimum."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def spread_rows(rows: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor,
+                tokens: int, keys: bool) -> torch.Tensor:
+    """A routed layer's new cache rows [B, H, tokens, d] from its K rows per sequence
+    [B, H, K, d] at `positions` [B, K]: the routed rows at their tokens; every other row
+    (a filler's, weight 0, or a token the layer skipped) a marked key (NaN) if `keys`, else
+    a zero value."""
+    b, h, _, d = rows.shape
+    fill = float("nan") if keys else 0.0
+    rows = rows.masked_fill(weight.view(b, 1, -1, 1) == 0, fill)
+    out = rows.new_full((b, h, tokens, d), fill)
+    return out.scatter(2, positions.view(b, 1, -1, 1).expand(b, h, -1, d), rows)
+
+
+def skipped_keys(keys: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the rows of a routed layer's keys [B, H, L, d] that hold the marker."""
+    return keys[:, 0, :, 0].isnan()
+
+
+def cached_rows_mask(mask: torch.Tensor | None, positions: torch.Tensor,
+                     hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The mask (True: attended) of a routed layer's queries at `positions` [B, K] over its
+    L cached rows, the last `tokens` of them this call's: the model's mask's rows of those
+    queries (its one row, at a decode step), or, where it has none, causal (a query sees
+    the rows up to its own token); the marked rows (`hidden` [B, L]) hidden."""
+    keys = hidden.shape[1]
+    if mask is None:
+        at = torch.arange(keys, device=positions.device)
+        seen = at <= positions[:, None, :, None] + (keys - tokens)
+    else:
+        seen = _seen(mask)
+        if seen.shape[-2] != 1:
+            seen = select_rows(seen, positions)
+    return seen & ~hidden[:, None, None, :]
+
+
+def compact_rows_mask(mask: torch.Tensor | None, positions: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """Without a cache: the mask (True: attended) of the K routed rows per sequence
+    ([B, K] `positions`, routed first, in order, then fillers of `weight` 0) among
+    themselves: causal in that order, the fillers hidden as keys, and the model's mask's
+    part of those rows and columns where it has one."""
+    b, k = positions.shape
+    at = torch.arange(k, device=positions.device)
+    seen = (at[None, :] <= at[:, None])[None, None] & (weight.view(b, 1, 1, k) != 0)
+    return seen if mask is None else seen & select_mask(_seen(mask), positions)
