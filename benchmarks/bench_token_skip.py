@@ -17,6 +17,10 @@
     of the saving the routing realizes once the MLP is not tiny next to its fixed cost.
 (e) On that Llama at 1024 tokens: the MLPs, the attention blocks (keys all and selected)
     and whole layers of layers 1 and 2 routed at capacity 0.5, per-token thresholds.
+(f) On that Llama, batches of 4 sequences: generate()'s prefill and decode step with the
+    blocks of (e) routed, where each sequence routes its own number of tokens
+    (Mixture-of-Depths proper pads each to the most any routes, and its layer's cache
+    keeps marked rows of the skipped tokens).
 """
 
 from __future__ import annotations
@@ -113,9 +117,9 @@ def _variants(layers: int, encoder: bool) -> list[tuple[str, dict]]:
                     {"capacity": 0.75, "blocks": ["attention"]}))
         out.append((f"capacity 0.75, layers {middle}, attention and MLP",
                     {"capacity": 0.75, "blocks": ["attention", "mlp"]}))
-        out.append((f"capacity 0.75, layers {middle}, attention only, keys selected (batch 1)",
+        out.append((f"capacity 0.75, layers {middle}, attention only, keys selected",
                     {"capacity": 0.75, "blocks": ["attention"], "keys": "selected"}))
-        out.append((f"capacity 0.75, layers {middle}, whole layers (batch 1)",
+        out.append((f"capacity 0.75, layers {middle}, whole layers",
                     {"capacity": 0.75, "blocks": ["layer"]}))
     if encoder:  # attention blocks too (the work column counts MLP work only)
         for keys in ("all", "selected"):
@@ -136,11 +140,9 @@ def part_a(quick: bool) -> str:
         rows = [["unmodified", 1.0, *metrics(model).values()]]
         for label, knobs in _variants(layers, encoder):
             compiled = _compiled(model, {"token_skip": knobs, "calibration": calib})
-            one = not encoder and (knobs.get("keys") == "selected" or  # built for batch 1
-                                   "layer" in knobs.get("blocks", ()))
             with torch.no_grad():
-                compiled(batches[0][:1] if one else batches[0])
-            result = metrics(compiled, 1) if one else metrics(compiled)
+                compiled(batches[0])
+            result = metrics(compiled)
             if "attention" in knobs.get("blocks", ()):
                 assert _routed("attention"), "no attention block was routed"
             routed = {**_routed("mlp"), **_routed("layer")}
@@ -311,6 +313,63 @@ def part_e(quick: bool) -> str:
                    "share realized vs effc"], rows))
 
 
+def part_f(quick: bool) -> str:
+    """generate() at batch 4 on the Llama of (e) (width 512, random weights: time only), the
+    blocks of layers 1 and 2 routed at capacity 0.5: the prefill's time, and a decode
+    step's, (generate of 17 tokens - generate of 1) / 16, each against effc with no pass."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    d, tokens, batch, new = (256, 128, 4, 9) if quick else (512, 512, 4, 17)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=d * 11 // 4,
+                         num_hidden_layers=4, num_attention_heads=d // 64,
+                         num_key_value_heads=d // 64, max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (batch, tokens))
+    plain_forward = model.forward
+    torch._dynamo.reset()
+    effc.reset()
+    torch._dynamo.config.recompile_limit = 64  # every setting's graphs share model.forward
+    settings = [("effc, no pass", {}, None)] + ATTENTION_SETTINGS
+    forwards, fns = {}, {}
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    for label, knobs, _ in settings:
+        forwards[label] = torch.compile(plain_forward, backend="effc", options=(
+            {"token_skip": {"capacity": 0.5, **knobs}} if knobs else {}))
+
+        def run(n, label=label):
+            model.forward = forwards[label]
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+        with torch.inference_mode():
+            out = run(new)
+        if knobs:
+            assert sorted(_routed(knobs["blocks"][0])) == [1, 2], f"{label}: not routed"
+            assert out.shape == (batch, tokens + new)
+        fns[f"{label}:1"] = (lambda r: lambda: r(1))(run)
+        fns[f"{label}:n"] = (lambda r: lambda: r(new))(run)
+    times = time_interleaved(fns, repeats=3 if quick else 9)
+    model.forward = plain_forward
+    base_pre, base_step = times["effc, no pass:1"], (
+        times["effc, no pass:n"] - times["effc, no pass:1"]) / (new - 1)
+    full = _routed_flops(cfg, tokens, "mlp", 1.0, 0)
+    rows = [["effc, no pass", 1.0, base_pre * 1e3, 1.0, base_step * 1e3, 1.0]]
+    for label, _, kind in ATTENTION_SETTINGS:
+        pre = times[f"{label}:1"]
+        step = (times[f"{label}:n"] - pre) / (new - 1)
+        rows.append([label, _routed_flops(cfg, tokens, kind, 0.5, 2) / full, pre * 1e3,
+                     pre / base_pre, step * 1e3, step / base_step])
+    return (f"(f) generate() at batch {batch}, {tokens}-token prompts, blocks of layers 1 and "
+            f"2 routed at capacity 0.5 (per-token thresholds, each sequence its own count), "
+            f"width {d} (Llama from config, 4 layers, random weights), {machine()}\n\n"
+            f"Medians of {3 if quick else 9} interleaved runs. Prefill: generate() of one "
+            f"token; decode step: (generate() of {new} tokens - of one) / {new - 1}. FLOP "
+            f"ratio: the prefill's, one sequence routing exactly half its tokens (the batch "
+            f"runs each sequence on as many rows as the one routing the most).\n\n" +
+            table(["routed blocks", "prefill FLOP ratio", "prefill ms", "prefill vs effc",
+                   "decode step ms", "decode step vs effc"], rows))
+
+
 def part_c(quick: bool) -> str:
     """CUDA only: the gather/scatter kernels vs torch's, and a routed MLP block vs a whole one
     (T=4096 tokens, d=4096, SwiGLU 11008, capacity 0.5), timed with triton.testing.do_bench."""
@@ -352,8 +411,8 @@ def part_c(quick: bool) -> str:
 
 
 def main() -> None:
-    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e},
-              "token_skip")
+    run_parts(__doc__, {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e,
+                        "f": part_f}, "token_skip")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_s
                                         reshape_sizes, same_size, size_expr)
 from effc.passes.token_skip_math import (cached_rows_mask, causal_rows, compact_rows_mask,
                                         select_along, select_mask, select_rows,
-                                        skipped_keys, spread_rows)
+                                        marked_rows, spread_rows)
 
 
 def is_causal(gm: fx.GraphModule) -> bool:
@@ -386,10 +386,10 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
     tokens (K rows each, at `positions`, fillers of `weight` 0). With a cache, the layer
     keeps a row per token, as every layer does (the model's mask, built for the first
     layer's cache, then fits this one): the routed rows' keys and values go to their
-    tokens' rows, and every other row holds a marked key (token_skip_math.mark_skipped),
-    which this and every later step hides; the attention reads the keys with the marker
-    cleared, and the model's mask of the routed queries with the marked rows hidden. Without
-    a cache, the routed rows attend among themselves, causally, fillers hidden.
+    tokens' rows, and every other row is a marked one (token_skip_math.spread_rows), which
+    this and every later step hides: the attention takes the model's mask of the routed
+    queries with the marked rows hidden. Without a cache, the routed rows attend among
+    themselves, causally, fillers hidden.
     RuntimeError where the cache is not one [batch, heads, tokens, head size] tensor each
     for keys and values."""
     attn = attention_node(site)
@@ -407,9 +407,9 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
     elif any(len(j) != 1 for j in joins):
         raise RuntimeError("the attention's keys or values do not join one cache each")
     else:
-        with graph.inserting_before(joins[0][0]):
+        with graph.inserting_before(site.branch[0]):
             tokens = graph.call_method("size", (site.stream, -2))
-        for (cat,), marked in zip(joins, (True, False)):
+        for (cat,), keys in zip(joins, (True, False)):
             v = node_value(cat)
             if not isinstance(v, torch.Tensor) or v.dim() != 4 or \
                     node_arg(cat, 1, "dim", 0) % 4 != 2:
@@ -421,16 +421,10 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
                 raise RuntimeError(f"{cat.name}: cannot tell the new rows from the cached ones")
             with graph.inserting_before(cat):
                 parts[new[0]] = graph.call_function(spread_rows, (
-                    parts[new[0]], positions, weight, tokens, marked))
+                    parts[new[0]], positions, weight, tokens, keys))
             cat.args = (parts,) + tuple(cat.args[1:])
-        cat = joins[0][0]
-        with graph.inserting_after(cat):
-            clean = graph.call_method("nan_to_num", (cat,), {"nan": 0.0})
-            copy_node_meta(clean, cat)
-        with graph.inserting_after(clean):
-            hidden = graph.call_function(skipped_keys, (cat,))
-        cat.replace_all_uses_with(clean, delete_user_cb=lambda u: u.op != "output" and u
-                                  is not clean and u is not hidden)
+        with graph.inserting_after(joins[1][0]):
+            hidden = graph.call_function(marked_rows, (joins[1][0],))
         with graph.inserting_before(attn):
             mask = graph.call_function(cached_rows_mask, (mask, positions, hidden, tokens))
     _set_arg(attn, 3, "attn_mask", mask)

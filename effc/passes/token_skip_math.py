@@ -189,9 +189,14 @@ def causal_rows(positions: torch.Tensor, keys: int) -> torch.Tensor:
 # Mixture-of-Depths proper at batch > 1: sequences route different numbers of tokens, but
 # a cache tensor holds as many rows for each. A routed layer's cache keeps a row per token
 # (so the model's mask, whose columns count the first layer's cache, fits it too); a token
-# that does not go through the layer writes a key marked NaN, which the layer hides on this
-# and every later step, and so "writes no keys and values". The model's code, which traced
-# the cache's shapes, sees keys of the usual width and length.
+# that does not go through the layer writes a marked row, which the layer hides on this and
+# every later step, and so "writes no keys and values". The marker is in-band, so that the
+# model's code, which traced the cache's shapes, sees the usual ones: a zero key, and a
+# value whose first two entries in the first head are MARK and the rest zero. Harmless to
+# any reader (a zero key, a near-zero value: never a NaN or an overflow), and no computed
+# row holds it in practice (two entries equal to one odd constant, exactly).
+MARK = -1.2345e-4
+
 
 def routed_of(weight: torch.Tensor) -> torch.Tensor:
     """The rows of per_sequence's [batch * K] layout that hold routed tokens (weight 1), in
@@ -209,18 +214,20 @@ def spread_rows(rows: torch.Tensor, positions: torch.Tensor, weight: torch.Tenso
                 tokens: int, keys: bool) -> torch.Tensor:
     """A routed layer's new cache rows [B, H, tokens, d] from its K rows per sequence
     [B, H, K, d] at `positions` [B, K]: the routed rows at their tokens; every other row
-    (a filler's, weight 0, or a token the layer skipped) a marked key (NaN) if `keys`, else
-    a zero value."""
+    (a filler's, weight 0, or a token the layer skipped) a marked one: a zero key (`keys`),
+    or a value marked with MARK."""
     b, h, _, d = rows.shape
-    fill = float("nan") if keys else 0.0
-    rows = rows.masked_fill(weight.view(b, 1, -1, 1) == 0, fill)
-    out = rows.new_full((b, h, tokens, d), fill)
+    blank = rows.new_zeros(1, h, 1, d)
+    if not keys:
+        blank[0, 0, 0, :2] = MARK
+    rows = torch.where(weight.view(b, 1, -1, 1) == 0, blank, rows)
+    out = blank.expand(b, h, tokens, d).clone()
     return out.scatter(2, positions.view(b, 1, -1, 1).expand(b, h, -1, d), rows)
 
 
-def skipped_keys(keys: torch.Tensor) -> torch.Tensor:
-    """[B, L]: the rows of a routed layer's keys [B, H, L, d] that hold the marker."""
-    return keys[:, 0, :, 0].isnan()
+def marked_rows(values: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the rows of a routed layer's cached values [B, H, L, d] that hold the marker."""
+    return (values[:, 0, :, :2] == torch.tensor(MARK, dtype=values.dtype)).all(-1)
 
 
 def cached_rows_mask(mask: torch.Tensor | None, positions: torch.Tensor,

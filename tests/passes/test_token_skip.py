@@ -21,7 +21,7 @@ from effc.compiler.graph_facts import GraphFacts, copy_graph_module
 from effc.passes.residual_sites import residual_sites
 from effc.passes.token_skip import _Plan, find_sites, route_site
 from effc.passes.token_skip_attention import queries_problem
-from effc.passes.token_skip_math import Router
+from effc.passes.token_skip_math import Router, marked_rows
 
 
 class _CountRows(TorchDispatchMode):
@@ -247,10 +247,10 @@ def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_a
 def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kind, blocks):
     """Mixture-of-Depths proper at batch 3 (one sequence left-padded), whose sequences route
     different numbers of tokens: the routed layer's cache keeps a row per token, those of
-    tokens it skipped marked and hidden; every sequence gets the tokens and scores it gets
-    alone (batch 1, where skipped tokens write no rows at all), generate() without the
-    cache agrees, and each unpadded sequence's unmarked rows are the rows its batch-1 cache
-    holds."""
+    tokens it skipped marked (a zero key, a marked value) and hidden; every sequence gets
+    the tokens and scores it gets alone (batch 1, where skipped tokens write no rows at
+    all), generate() without the cache agrees, and each unpadded sequence's unmarked rows
+    are the rows its batch-1 cache holds."""
     model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
     ids = torch.randint(3, 96, (3, 8))
@@ -272,9 +272,10 @@ def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kin
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
     layers = batch.past_key_values.layers
     assert [layer.keys.shape[-2] for layer in layers] == [13] * 3  # 8 + 6 - 1 tokens
-    marked = layers[1].keys[:, 0, :, 0].isnan()
-    assert not layers[0].keys.isnan().any() and not layers[2].keys.isnan().any()
+    marked = marked_rows(layers[1].values)
+    assert not marked_rows(layers[0].values).any() and not marked_rows(layers[2].values).any()
     assert marked[0].any() and len(set(marked.sum(1).tolist())) > 1
+    assert not layers[1].keys.transpose(1, 2)[marked].any()  # marked rows: zero keys
     torch._dynamo.reset()  # the same routing plans (effc keeps them), compiled afresh
     for b in range(3):
         alone = ids[b:b + 1, mask[b].bool()]
@@ -640,6 +641,7 @@ def test_a_trained_router_routes_decoders_per_token_and_stays_causal(tmp_path):
     ("llama", {"blocks": ["mlp"]}, 2, {}),
     ("llama", {"blocks": ["attention"]}, 2, {}),                      # queries on routed rows
     ("llama", {"blocks": ["layer"]}, 1, {}),                          # Mixture-of-Depths proper
+    ("llama", {"blocks": ["layer"]}, 2, {}),                          # ... at batch > 1
     ("bert", {"blocks": ["attention"], "keys": "selected"}, 2, {}),  # the mask's routed part
     ("vit", {"blocks": ["layer"]}, 2, {}),
     ("llama", {"blocks": ["mlp"]}, 2, {"low_rank": {"rank_ratio": 0.5}}),  # a later pass's op

@@ -2,9 +2,9 @@
 
 import torch
 
-from effc.passes.token_skip_math import (arank, cached_rows_mask, compact_rows_mask,
+from effc.passes.token_skip_math import (MARK, arank, cached_rows_mask, compact_rows_mask,
                                         fit_router, kept_tokens, overlap, per_sequence,
-                                        routed_of, select_along, skipped_keys, spread_rows,
+                                        marked_rows, routed_of, select_along, spread_rows,
                                         threshold)
 
 
@@ -63,9 +63,9 @@ def _routing():
     return routed, routed.reshape(-1).nonzero().view(-1)
 
 
-def test_spread_rows_puts_routed_rows_at_their_tokens_and_marks_every_other_key():
+def test_spread_rows_puts_routed_rows_at_their_tokens_and_marks_every_other_row():
     """A routed layer's new cache rows at batch > 1: the routed rows at their tokens' rows;
-    fillers and skipped tokens hold marked keys (NaN) and zero values."""
+    fillers and skipped tokens hold zero keys and marked values (MARK twice, then zeros)."""
     torch.manual_seed(0)
     routed, index = _routing()
     positions, weight, _ = per_sequence(index, 3, 6)
@@ -74,13 +74,18 @@ def test_spread_rows_puts_routed_rows_at_their_tokens_and_marks_every_other_key(
     keys = spread_rows(rows, positions, weight, 6, True)
     values = spread_rows(rows, positions, weight, 6, False)
     assert keys.shape == values.shape == (3, 2, 6, 5)
-    assert torch.equal(skipped_keys(keys), ~routed)
-    assert torch.equal(keys.isnan().all(-1).all(1), ~routed)  # whole rows, every head
+    assert torch.equal(marked_rows(values), ~routed)
+    blank = torch.zeros(2, 5)
+    blank[0, :2] = MARK
     for b in range(3):
         at = positions[b, :int(routed[b].sum())]  # routed first, in order
         assert torch.equal(keys[b][:, at], rows[b, :, :len(at)])
         assert torch.equal(values[b][:, at], rows[b, :, :len(at)])
-        assert not values[b][:, ~routed[b]].any()
+        assert not keys[b][:, ~routed[b]].any()
+        assert all(torch.equal(values[b][:, t], blank) for t in (~routed[b]).nonzero().view(-1))
+    for dtype in (torch.float16, torch.bfloat16):  # the marker survives the dtype
+        assert torch.equal(marked_rows(spread_rows(rows.to(dtype), positions, weight, 6, False)),
+                           ~routed)
     # the routed rows of the [B * K] layout, in the order of the flat indices
     assert torch.equal(positions.reshape(-1)[routed_of(weight)] + torch.arange(3).repeat_interleave(
         4)[routed_of(weight)] * 6, index)
