@@ -409,6 +409,7 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
     else:
         with graph.inserting_before(site.branch[0]):
             tokens = graph.call_method("size", (site.stream, -2))
+        compact = []
         for (cat,), keys in zip(joins, (True, False)):
             v = node_value(cat)
             if not isinstance(v, torch.Tensor) or v.dim() != 4 or \
@@ -419,16 +420,52 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
             new = [i for i, p in enumerate(parts) if p in members]
             if len(new) != 1:
                 raise RuntimeError(f"{cat.name}: cannot tell the new rows from the cached ones")
+            rows = parts[new[0]]
             with graph.inserting_before(cat):
                 parts[new[0]] = graph.call_function(spread_rows, (
-                    parts[new[0]], positions, weight, tokens, keys))
+                    rows, positions, weight, tokens, keys))
             cat.args = (parts,) + tuple(cat.args[1:])
-        with graph.inserting_after(joins[1][0]):
-            hidden = graph.call_function(marked_rows, (joins[1][0],))
-        with graph.inserting_before(attn):
-            mask = graph.call_function(cached_rows_mask, (mask, positions, hidden, tokens))
+            compact.append((cat, rows, [p for i, p in enumerate(parts) if i != new[0]]))
+        if _attend_compact(site, attn, compact):  # a prefill: no cached rows yet
+            if mask is None:
+                return  # is_causal: the routed rows come first in each sequence, in order
+            with graph.inserting_before(attn):
+                mask = graph.call_function(compact_rows_mask, (mask, positions, weight))
+        else:
+            with graph.inserting_after(joins[1][0]):
+                hidden = graph.call_function(marked_rows, (joins[1][0],))
+            with graph.inserting_before(attn):
+                mask = graph.call_function(cached_rows_mask, (mask, positions, hidden, tokens))
     _set_arg(attn, 3, "attn_mask", mask)
     _set_arg(attn, 5, "is_causal", False)
+
+
+def _attend_compact(site: ResidualSite, attn: fx.Node, compact: list) -> bool:
+    """A prefill (every cache's past part is empty, as the graph built it): the attention
+    takes the routed layer's K rows per sequence (`compact`: (cache's cat, its new rows, its
+    other parts)) instead of the cache's, so that its work is K x K, not K x T; the views
+    between (repeat_kv's expand and reshape) are freed of the token count. False, with the
+    graph as it was, where a past part may hold rows or the views cannot be freed."""
+    if not all(isinstance(node_value(p), torch.Tensor) and node_value(p).numel() == 0 and
+               p.op == "call_function" for _, _, others in compact for p in others):
+        return False
+    members = set(site.branch)
+    paths = []
+    for cat, rows, _ in compact:
+        (i,) = [i for i in (1, 2) if cat in _within(attn.args[i], members)]
+        paths.append((cat, rows, [n for n in site.branch if n in _within(attn.args[i], members)
+                                  and n is not cat and n is not attn]))
+    saved = {n: (n.args, n.kwargs) for _, _, path in paths for n in path + [attn]}
+    try:
+        for cat, rows, path in paths:
+            for n in path + [attn]:
+                n.replace_input_with(cat, rows)
+            free_query_rows([rows] + path, 2)
+    except RuntimeError:
+        for n, (args, kwargs) in saved.items():
+            n.args, n.kwargs = args, kwargs
+        return False
+    return True
 
 
 def _follow(n: fx.Node, val, out, b, k):
