@@ -121,6 +121,24 @@ def allocate(sites: Sequence[SiteOptions], *, max_params: float | None = None,
     return {k: hulls[k][i] for k, i in pos.items()}
 
 
+def _batch_split(sample: Sequence[Any], facts: GraphFacts) -> list[tuple]:
+    """`sample` cut along its batch into calls of the graph's batch size, where every tensor
+    of both has one size on dim 0 and the graph's divides the sample's (a model calibrated
+    on batches of 8 and compiled for one sequence); else []."""
+    mine = {v.shape[0] for v in sample if isinstance(v, torch.Tensor) and v.dim()}
+    graph = {gi.value.shape[0] for gi in facts.inputs if gi.kind == "input"
+             and isinstance(gi.value, torch.Tensor) and gi.value.dim()}
+    if len(mine) != 1 or len(graph) != 1 or any(
+            isinstance(v, torch.Tensor) and not v.dim() for v in sample):
+        return []
+    (b,), (g,) = mine, graph
+    if not isinstance(g, int) or g >= b or b % g or any(
+            isinstance(v, int) and not isinstance(v, bool) and v == b for v in sample):
+        return []
+    return [tuple(v[i:i + g] if isinstance(v, torch.Tensor) else v for v in sample)
+            for i in range(0, b, g)]
+
+
 class EndToEnd:
     """Runs a graph on sample inputs with some weights replaced; measures its outputs' error.
 
@@ -139,17 +157,24 @@ class EndToEnd:
         self.forwards = 0
         self.calls, self.reference = [], []
         fakes = {n.name: node_value(n) for n in gm.graph.nodes if n.op == "placeholder"}
+        self.skipped = 0
         for sample in samples:
-            args = self._fit(facts, sample, fakes)
-            if args is None:
-                continue
-            try:  # a graph traced for other sizes may not run on this sample
-                ref = self._outputs(args, {})
-            except Exception:  # noqa: BLE001 - any failure means: this sample does not fit
-                continue
-            self.calls.append(args)
-            self.reference.append(ref)
-        self.skipped = len(samples) - len(self.calls)
+            if not self._add(sample, fakes):  # as it is, or split into the graph's batches
+                parts = _batch_split(sample, facts)
+                added = sum(self._add(p, fakes) for p in parts)
+                self.skipped += added == 0
+
+    def _add(self, sample: Sequence[Any], fakes: dict[str, Any]) -> bool:
+        args = self._fit(self.facts, sample, fakes)
+        if args is None:
+            return False
+        try:  # a graph traced for other sizes may not run on this sample
+            ref = self._outputs(args, {})
+        except Exception:  # noqa: BLE001 - any failure means: this sample does not fit
+            return False
+        self.calls.append(args)
+        self.reference.append(ref)
+        return True
 
     @staticmethod
     def _fit(facts: GraphFacts, sample: Sequence[Any], fakes: dict[str, Any]
