@@ -171,32 +171,26 @@ class Reshaping(nn.Module):
         return self.fc(x).reshape(x.shape[0] * 2, 32)
 
 
-def test_samples_of_other_shapes_fall_back_to_the_call_being_compiled():
-    model = Reshaping().eval()
-    with torch.no_grad():
-        model.fc.weight.copy_(_spectral(64, -1.5, 0))
-    calib = effc.calibrate(model, [torch.randn(16, 64) for _ in range(6)], progress=False)
-    torch._dynamo.reset()
-    _, rep = _run(model, torch.randn(5, 64), {"low_rank": True, "calibration": calib})
-    assert any("none of the calibration's 4 sample inputs of this graph runs on it" in w
-               for w in rep.graphs[0].warnings)
-    note = next(n for n in rep.graphs[0].notes if "output SQNR" in n)
-    assert "measured on the inputs of the call being compiled" in note
-    assert float(note.split("output SQNR ")[1].split(" dB")[0]) >= 25.0
-
-
-def test_samples_of_a_larger_batch_run_split_into_the_graphs_batches():
-    """Calibrated on batches of 16, compiled for 4 (a graph that bakes its batch size): each
+@pytest.mark.parametrize("batch", [5, 4])
+def test_samples_of_other_shapes_fall_back_or_split_into_the_graphs_batches(batch):
+    """Calibrated on batches of 16, compiled for a graph that bakes its batch size: for 5,
+    no sample runs, and the call being compiled is measured; for 4, which divides 16, each
     sample runs as four calls of 4."""
     model = Reshaping().eval()
     with torch.no_grad():
         model.fc.weight.copy_(_spectral(64, -1.5, 0))
     calib = effc.calibrate(model, [torch.randn(16, 64) for _ in range(6)], progress=False)
     torch._dynamo.reset()
-    _, rep = _run(model, torch.randn(4, 64), {"low_rank": True, "calibration": calib})
-    assert rep.graphs[0].warnings == []
+    _, rep = _run(model, torch.randn(batch, 64), {"low_rank": True, "calibration": calib})
     note = next(n for n in rep.graphs[0].notes if "output SQNR" in n)
-    assert "measured on 16 calibration sample calls" in note
+    if batch == 4:
+        assert rep.graphs[0].warnings == []
+        assert "measured on 16 calibration sample calls" in note
+        return
+    assert any("none of the calibration's 4 sample inputs of this graph runs on it" in w
+               for w in rep.graphs[0].warnings)
+    assert "measured on the inputs of the call being compiled" in note
+    assert float(note.split("output SQNR ")[1].split(" dB")[0]) >= 25.0
 
 
 def test_one_calibration_serves_two_compiles_of_one_model():

@@ -46,6 +46,16 @@ def _llama(layers=4, seed=0):
     return tf.LlamaForCausalLM(cfg).eval()
 
 
+def _decoder(kind):
+    """A 3-layer Llama or GPT-2 (so that a middle layer exists)."""
+    return _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)  # generate()'s arguments in these tests
+
+
 def _compile(model, options):
     torch._dynamo.reset()
     effc.reset()
@@ -188,8 +198,7 @@ def test_generate_routing_decoder_attention_matches_generate_without_the_cache(k
     computes what whole-sequence forwards compute (attention and MLP blocks, 2 sequences).
     Left-padded: the decode steps' attention gets a padding mask with one row (the query's),
     which is not another per-token tensor; every decode graph routes its attention too."""
-    model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
-        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+    model = _decoder(kind)
     ids = torch.randint(3, 96, (2, 8))
     mask = torch.ones_like(ids)
     if padded:
@@ -197,8 +206,7 @@ def test_generate_routing_decoder_attention_matches_generate_without_the_cache(k
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5,
                                                       "blocks": ["attention", "mlp"]}})
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
-                  return_dict_in_generate=True, attention_mask=mask)
+    kwargs = dict(GREEDY, attention_mask=mask)
     with torch.inference_mode():
         cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
@@ -222,14 +230,12 @@ def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_a
     layer: a skipped token writes no keys and values in the routed layer, whose cache holds
     fewer tokens than the others, and decoding with that cache computes what whole-sequence
     forwards compute."""
-    model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
-        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+    model = _decoder(kind)
     ids = torch.randint(3, 96, (1, 8))
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": [blocks],
                                                       "keys": "selected"}})
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(GREEDY)
     with torch.inference_mode():
         cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
@@ -251,16 +257,14 @@ def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kin
     the tokens and scores it gets alone (batch 1, where skipped tokens write no rows at
     all), generate() without the cache agrees, and each unpadded sequence's unmarked rows
     are the rows its batch-1 cache holds."""
-    model = _llama(layers=3) if kind == "llama" else tf.GPT2LMHeadModel(tf.GPT2Config(
-        vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
+    model = _decoder(kind)
     ids = torch.randint(3, 96, (3, 8))
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": [blocks],
                                                       "keys": "selected"}})
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(GREEDY)
     with torch.inference_mode():
         batch = model.generate(ids, attention_mask=mask, **kwargs)
         recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
@@ -301,8 +305,7 @@ def test_generate_with_the_cache_matches_generate_without_it(kind):
     ids = torch.randint(3, 96, (2, 8))
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5}})
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(GREEDY)
     with torch.inference_mode():
         cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
