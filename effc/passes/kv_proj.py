@@ -51,7 +51,7 @@ from effc.compiler.report import SiteRow
 from effc.passes.base import Pass, PassResult
 from effc.passes.kv_proj_math import choose_ranks, pca_basis, pca_errors, rank_options
 from effc.passes.attention_sites import (MATMULS, NOT_HEADS, SDPA, heads_part, merge_chain,
-                                         strip_to)
+                                         strip_to, unequal_attention)
 from effc.passes.kv_proj_weights import (Fold, fold_in, fold_value_out, freeze_derived,
                                          store_of, worth_it)
 
@@ -231,27 +231,6 @@ def _width(found, sdpa: fx.Node) -> int:
     if found is not None:
         return node_value(found[1]).shape[-1]
     return node_value(sdpa.args[0]).shape[-1]
-
-
-def unequal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      attn_mask: torch.Tensor | None = None, scale: float = 1.0
-                      ) -> torch.Tensor:
-    """softmax(scale q k^T + mask) v for decode steps whose keys and values differ in width.
-    SDPA's fused kernels need one width, and its fallback took 1.3-1.7x this one's time on a
-    2-core CPU (one query, 256-8k cached tokens). Grouped queries read their KV head in place
-    when there is no mask; scores and softmax are computed in fp32 for half types."""
-    b, h, t, _ = q.shape
-    g = k.shape[1]
-    if h != g and attn_mask is None:
-        out = unequal_attention(q.reshape(b, g, h // g * t, q.shape[-1]), k, v, scale=scale)
-        return out.reshape(b, h, t, v.shape[-1])
-    if h != g:
-        k, v = k.repeat_interleave(h // g, 1), v.repeat_interleave(h // g, 1)
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
-    return scores.softmax(-1).to(v.dtype) @ v
 
 
 def _widths(sdpa: fx.Node, keys, values) -> tuple[int | None, int, int]:

@@ -4,7 +4,8 @@ A site is an add whose one operand (the update) is computed from the other (the 
 branch that reads at least one weight, found on targets, not module classes, so Hugging Face
 decoders, encoders and ViTs and plain modules look alike. The branch is every node between
 the stream and the update that depends on the stream. Its kind is "attention" when it holds an
-attention (scaled_dot_product_attention, or a softmax), else "mlp". A branch can run on a subset
+attention (scaled_dot_product_attention, a softmax, or one an earlier pass put in their place),
+else "mlp". A branch can run on a subset
 of the tokens only if it is closed (none of its values is used outside it) and reads no other
 per-token tensor; otherwise `why` says what stops it.
 """
@@ -22,13 +23,23 @@ import torch.nn.functional as F
 
 from effc.compiler.calibration.observer import ADDS, module_of
 from effc.compiler.graph_facts import GraphFacts, node_value
-from effc.passes.attention_sites import SDPA
+from effc.passes.attention_sites import SDPA, unequal_attention
 
 ATTENTION = SDPA + (F.softmax, torch.softmax)  # SDPA first: token_skip reads ATTENTION[:2]
 CONVS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"),
             ("call_function", torch.reshape)}
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def mixes_tokens(node: fx.Node) -> bool:
+    """An attention: SDPA or a softmax, or one an earlier pass put in SDPA's place (kv_proj's
+    unequal_attention, effc's attention ops: TokenSelect's, binary attention)."""
+    if node.op != "call_function":
+        return False
+    t = node.target
+    return t in ATTENTION or t is unequal_attention or (
+        isinstance(t, torch._ops.OpOverload) and t.namespace == "effc" and "attention" in t.name())
 
 
 def layer_index(name: str) -> int | None:
@@ -147,8 +158,7 @@ def residual_sites(gm: fx.GraphModule, facts: GraphFacts) -> list[ResidualSite]:
             weights = list(dict.fromkeys(weights))
             matrices = [w for w in weights if facts.weights[w].value.dim() >= 2]
             name = module_of((matrices or weights)[-1])
-            kind = "attention" if any(n.op == "call_function" and n.target in ATTENTION
-                                      for n in branch) else "mlp"
+            kind = "attention" if any(mixes_tokens(n) for n in branch) else "mlp"
             sites.append(ResidualSite(node, stream, update, branch, kind, name,
                                       layer_index(name), weights,
                                       _problem(branch, members, node, stream, facts)))

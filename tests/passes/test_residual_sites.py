@@ -89,3 +89,34 @@ def test_a_convolutional_branch_is_found_and_says_why_it_cannot_be_routed():
     (site,) = _sites(_ConvResidual(), {"x": torch.randn(2, 8, 6, 6)})
     assert site.weights[0] == "expand.weight" and "holds a convolution" in site.why
 
+
+
+@pytest.mark.parametrize("replacement", ["unequal_attention", "select_attention"])
+def test_an_attention_an_earlier_pass_replaced_is_still_an_attention_site(replacement):
+    """kv_proj puts unequal_attention or effc.select_attention in SDPA's place: the block
+    still mixes tokens, so it must not be taken for an MLP (routing it as one would mix the
+    rows of different tokens and sequences)."""
+    import effc.kernels.select_attention  # noqa: F401  (registers the op)
+    from effc.passes.attention_sites import SDPA, unequal_attention
+
+    target = unequal_attention if replacement == "unequal_attention" else \
+        torch.ops.effc.select_attention.default
+    found = []
+
+    def backend(gm, example):
+        g = copy_graph_module(gm)
+        for n in g.graph.nodes:
+            if n.op == "call_function" and n.target in SDPA:
+                n.target = target
+                n.args, n.kwargs = n.args[:3], {}
+                if replacement == "select_attention":  # scale, top_k, initial, recent
+                    n.args = n.args + (0.5, 4, 1, 2)
+        g.recompile()
+        found.extend(residual_sites(g, GraphFacts(g, example)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    model, inputs = hf_model("bert")
+    with torch.no_grad():
+        torch.compile(model.eval(), backend=backend)(**inputs)
+    assert [s.kind for s in found] == ["attention", "mlp"] * 2
