@@ -248,10 +248,13 @@ def test_keys_selected_writes_only_the_routed_tokens_to_the_cache_and_generate_a
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("padded", [True, False], ids=["left_padded", "unpadded"])
 @pytest.mark.parametrize("blocks", ["attention", "layer"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kind, blocks):
-    """Mixture-of-Depths proper at batch 3 (one sequence left-padded), whose sequences route
+def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kind, blocks,
+                                                                             padded):
+    """Mixture-of-Depths proper at batch 3 (one sequence left-padded, or none: the model then
+    gives no mask, and the attention is causal by is_causal), whose sequences route
     different numbers of tokens: the routed layer's cache keeps a row per token, those of
     tokens it skipped marked (a zero key, a marked value) and hidden; every sequence gets
     the tokens and scores it gets alone (batch 1, where skipped tokens write no rows at
@@ -260,14 +263,16 @@ def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kin
     model = _decoder(kind)
     ids = torch.randint(3, 96, (3, 8))
     mask = torch.ones_like(ids)
-    ids[1, :3], mask[1, :3] = 0, 0
+    if padded:
+        ids[1, :3], mask[1, :3] = 0, 0
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": [blocks],
                                                       "keys": "selected"}})
-    kwargs = dict(GREEDY)
+    kwargs = dict(GREEDY, attention_mask=mask) if padded else dict(GREEDY)
     with torch.inference_mode():
-        batch = model.generate(ids, attention_mask=mask, **kwargs)
-        recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+        batch = model.generate(ids, **kwargs)
+        recomputed = model.generate(ids, use_cache=False, **kwargs)
+    kwargs = dict(GREEDY)  # for each sequence alone
     assert {r.details["kind"] for r in _rows()} == {blocks}
     for g in effc.report().graphs:  # the prefill's and every decode step's graph routes it
         assert any(s.decision == "rewritten" for p in g.passes for s in p.sites), g
@@ -288,7 +293,7 @@ def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kin
         assert torch.equal(one.sequences[0, alone.shape[1]:], batch.sequences[b, 8:])
         for a, c in zip(batch.scores, one.scores):
             assert (a[b] - c[0]).abs().max() <= 1e-4 * c[0].abs().max()
-        if b != 1:
+        if b != 1 or not padded:
             rows = one.past_key_values.layers[1].keys
             assert rows.shape[-2] == int((~marked[b]).sum()) < 13
             torch.testing.assert_close(layers[1].keys[b:b + 1, :, ~marked[b]], rows,
