@@ -11,9 +11,10 @@ their positions (`compact_branch`); at batch 1 only they append keys and values 
 cache; at batch B, whose sequences route different numbers, each sequence runs as many rows
 as the one that routes the most, and the layer's cache keeps a row per token, the skipped
 ones marked and hidden on every later step (`_marked_attention`). In an encoder, its
-padding mask keeps the routed tokens' rows and columns (`routed_masks`). The nodes that then see fewer rows are freed of the token count by
-following it (by the product of the sizes before it, which reshapes keep), so a count equal
-to a head size or head count is never mistaken for it.
+padding mask keeps the routed tokens' rows and columns (`routed_masks`). The nodes that then
+see fewer rows are freed of the token count by following it (by the product of the sizes
+before it, which reshapes keep), so a count equal to a head size or head count is never
+mistaken for it.
 """
 
 from __future__ import annotations
@@ -388,8 +389,8 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
     layer's cache, then fits this one): the routed rows' keys and values go to their
     tokens' rows, and every other row is a marked one (token_skip_math.spread_rows), which
     this and every later step hides: the attention takes the model's mask of the routed
-    queries with the marked rows hidden. Without a cache, the routed rows attend among
-    themselves, causally, fillers hidden.
+    queries with the marked rows hidden (without a mask: causal, as in a decoder). Without a
+    cache, the routed rows attend among themselves, causally, fillers hidden.
     RuntimeError where the cache is not one [batch, heads, tokens, head size] tensor each
     for keys and values."""
     attn = attention_node(site)
@@ -427,8 +428,8 @@ def _marked_attention(graph: fx.Graph, site: ResidualSite, cats: list[fx.Node],
             cat.args = (parts,) + tuple(cat.args[1:])
             compact.append((cat, rows, [p for i, p in enumerate(parts) if i != new[0]]))
         if _attend_compact(site, attn, compact):  # a prefill: no cached rows yet
-            if mask is None:
-                return  # is_causal: the routed rows come first in each sequence, in order
+            if mask is None and node_arg(attn, 5, "is_causal", False):
+                return  # the routed rows come first in each sequence, in order
             with graph.inserting_before(attn):
                 mask = graph.call_function(compact_rows_mask, (mask, positions, weight))
         else:
