@@ -121,10 +121,13 @@ def allocate(sites: Sequence[SiteOptions], *, max_params: float | None = None,
     return {k: hulls[k][i] for k, i in pos.items()}
 
 
+MAX_SPLIT = 8  # calls one sample is split into at most (each is run for a reference)
+
+
 def _batch_split(sample: Sequence[Any], facts: GraphFacts) -> list[tuple]:
     """`sample` cut along its batch into calls of the graph's batch size, where every tensor
     of both has one size on dim 0 and the graph's divides the sample's (a model calibrated
-    on batches of 8 and compiled for one sequence); else []."""
+    on batches of 8 and compiled for one sequence), at most MAX_SPLIT of them; else []."""
     mine = {v.shape[0] for v in sample if isinstance(v, torch.Tensor) and v.dim()}
     graph = {gi.value.shape[0] for gi in facts.inputs if gi.kind == "input"
              and isinstance(gi.value, torch.Tensor) and gi.value.dim()}
@@ -136,7 +139,7 @@ def _batch_split(sample: Sequence[Any], facts: GraphFacts) -> list[tuple]:
             isinstance(v, int) and not isinstance(v, bool) and v == b for v in sample):
         return []
     return [tuple(v[i:i + g] if isinstance(v, torch.Tensor) else v for v in sample)
-            for i in range(0, b, g)]
+            for i in range(0, min(b, g * MAX_SPLIT), g)]
 
 
 class EndToEnd:
