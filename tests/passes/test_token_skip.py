@@ -52,6 +52,15 @@ def _decoder(kind):
         vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4)).eval()
 
 
+def _prompts(batch, padded):
+    """`batch` prompts of 8 tokens; `padded`: the second one left-padded by 3."""
+    ids = torch.randint(3, 96, (batch, 8))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)  # generate()'s arguments in these tests
 
@@ -199,10 +208,7 @@ def test_generate_routing_decoder_attention_matches_generate_without_the_cache(k
     Left-padded: the decode steps' attention gets a padding mask with one row (the query's),
     which is not another per-token tensor; every decode graph routes its attention too."""
     model = _decoder(kind)
-    ids = torch.randint(3, 96, (2, 8))
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :3], mask[1, :3] = 0, 0
+    ids, mask = _prompts(2, padded)
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5,
                                                       "blocks": ["attention", "mlp"]}})
@@ -261,10 +267,7 @@ def test_keys_selected_with_several_sequences_generates_what_each_does_alone(kin
     all), generate() without the cache agrees, and each unpadded sequence's unmarked rows
     are the rows its batch-1 cache holds."""
     model = _decoder(kind)
-    ids = torch.randint(3, 96, (3, 8))
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :3], mask[1, :3] = 0, 0
+    ids, mask = _prompts(3, padded)
     forward = model.forward
     model.forward = _compile(forward, {"token_skip": {"capacity": 0.5, "blocks": [blocks],
                                                       "keys": "selected"}})
