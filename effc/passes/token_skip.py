@@ -176,11 +176,12 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
                                     (scores, float(plan.capacity), plan.threshold))
         batched = site.kind in ("attention", "layer")  # attention mixes tokens: keep rows
         # of a sequence together
-        if each_own:
+        if each_own or at_attention:  # per-sequence positions, padded: sequences differ
             seqs = graph.call_function(per_sequence, (
                 index, graph.call_method("size", (site.stream, 0)), tokens))
-            positions, fill = (graph.call_function(operator.getitem, (seqs, i))
-                               for i in range(2))
+            positions, fill, flat = (graph.call_function(operator.getitem, (seqs, i))
+                                     for i in range(3))
+        if each_own:
             rows = graph.call_function(select_rows, (site.stream, positions))
             routed = graph.call_function(routed_of, (fill,))
         elif not at_attention:
@@ -188,12 +189,8 @@ def _route_site(gm: fx.GraphModule, site: ResidualSite, plan: _Plan, ctx,
             head = (graph.call_method("size", (site.stream, 0)),) if batched else \
                 (1,) * (len(lead) - 1)
             rows = graph.call_method("reshape", (rows, head + (-1, d)))
-    if at_attention:  # per-sequence positions, padded: a batch's sequences differ
-        with graph.inserting_before(first):
-            seqs = graph.call_function(per_sequence, (
-                index, graph.call_method("size", (site.stream, 0)), tokens))
-            positions, fill, index = (graph.call_function(operator.getitem, (seqs, i))
-                                      for i in range(3))
+    if at_attention:  # the fillers' rows are scattered too, with weight 0
+        index = flat
         queries_at_attention(graph, site, positions, lead)
     elif compact:  # a decoder's block on its routed tokens alone: they alone write the cache
         compact_branch(graph, site, rows, index, *((positions, fill) if each_own else ()))

@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from effc.compiler.graph_facts import ValueCapture, copy_node_meta, node_arg, node_value
+from effc.compiler.graph_facts import ValueCapture, node_arg, node_value
 from effc.passes.budget import EndToEnd
 from effc.passes.residual_sites import (ATTENTION, ResidualSite, flatten_token_sizes,
                                         reshape_sizes, same_size, size_expr)
@@ -217,14 +217,7 @@ def queries_on_routed_rows(graph: fx.Graph, site: ResidualSite, attn: fx.Node,
                          for a in n.all_input_nodes):
         return None
 
-    def pick(a, at, side, out):
-        if at >= 1 and side.dim() == out.dim():  # a batch axis (B or 1) leads
-            return graph.call_function(select_along, (a, at, positions))
-        if isinstance(b, int) and b == 1:
-            return graph.call_function(torch.index_select, (
-                a, at, graph.call_method("reshape", (positions, (-1,)))))
-        raise RuntimeError(f"{a.name}: a per-token input without a batch axis")
-
+    pick = _per_sequence_pick(graph, positions, b)
     with graph.inserting_before(attn):
         rows = graph.call_function(select_rows, (start, positions))
         env, before = {start: rows}, {rows: b}
@@ -245,6 +238,21 @@ def queries_on_routed_rows(graph: fx.Graph, site: ResidualSite, attn: fx.Node,
     except RuntimeError:
         return None
     return env.get(attn.args[0])
+
+
+def _per_sequence_pick(graph: fx.Graph, positions: fx.Node, batch):
+    """`_select_side_inputs`' pick for routed rows at `positions` [B, K] per sequence: a
+    per-token input from outside the block (RoPE's cos, sin) at those positions along its
+    token axis `at`, per sequence where a batch axis (B or 1) leads, else at batch 1 as a
+    flat index; RuntimeError otherwise."""
+    def pick(a, at, side, out):
+        if at >= 1 and side.dim() == out.dim():
+            return graph.call_function(select_along, (a, at, positions))
+        if isinstance(batch, int) and batch == 1:
+            return graph.call_function(torch.index_select, (
+                a, at, graph.call_method("reshape", (positions, (-1,)))))
+        raise RuntimeError(f"{a.name}: a per-token input without a batch axis")
+    return pick
 
 
 def _divides(a, b) -> bool:
@@ -346,14 +354,9 @@ def compact_branch(graph: fx.Graph, site: ResidualSite, rows: fx.Node, index: fx
     before = {site.stream: node_value(site.stream).shape[0]}  # the batch is before the tokens
     attn = attention_node(site)
     cats = []
-    if positions is None:
-        pick = lambda a, at, side, out: graph.call_function(  # noqa: E731
-            torch.index_select, (a, at, index))
-    else:
-        def pick(a, at, side, out):
-            if at >= 1 and side.dim() == out.dim():  # a batch axis (B or 1) leads
-                return graph.call_function(select_along, (a, at, positions))
-            raise RuntimeError(f"{a.name}: a per-token input without a batch axis")
+    pick = (_per_sequence_pick(graph, positions, before[site.stream]) if positions is not None
+            else lambda a, at, side, out: graph.call_function(torch.index_select,
+                                                              (a, at, index)))
     for n in site.branch:
         n.args = fx.node.map_arg(n.args, lambda a: rows if a is site.stream else a)
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: rows if a is site.stream else a)
